@@ -1,0 +1,18 @@
+"""hf_r8 (learnit::r8 for Hugging Face): closed-loop LR/momentum control for transformers.Trainer and TRL."""
+
+from hf_r8.callback import R8Callback
+from hf_r8.config import R8Config, available_presets
+from hf_r8.controller import Controller, Event, GroupSpec, Observation
+from hf_r8.decision import Decision
+
+__all__ = [
+    "Controller",
+    "Decision",
+    "Event",
+    "GroupSpec",
+    "Observation",
+    "R8Callback",
+    "R8Config",
+    "available_presets",
+]
+__version__ = "0.1.0"

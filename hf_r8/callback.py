@@ -1,0 +1,278 @@
+"""`R8Callback`: the adaptive controller wired into `transformers.Trainer` (wiring only).
+
+Per optimizer step, in the Trainer's own event order:
+
+* `on_step_begin`: start collecting this step's loss and gradient norm (see `taps.py`);
+* `on_pre_optimizer_step`: feed the controller the previous step's signals (already on the host,
+  so no device sync waits on this step), then write `schedule_lr * gain` into every parameter
+  group and into the scheduler's `_last_lr`, so the logged `learning_rate` is the LR used;
+* `on_optimizer_step` / `on_step_end`: give the scheduler its own value back before it steps;
+  reduce this step's signals across processes and start their copy to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.optimization import GreedyLR
+from transformers.trainer_callback import ExportableState
+
+from hf_r8.config import R8Config
+from hf_r8.controller import Controller, Event, GroupSpec, Observation
+from hf_r8.decision import Decision
+from hf_r8.distributed import sum_across_processes
+from hf_r8.taps import TrainerTaps, find_trainer
+
+logger = logging.getLogger(__name__)
+
+# Schedulers stepped on eval metrics read `param_groups[0]["lr"]` for logging and chain from it.
+_METRIC_SCHEDULERS = (ReduceLROnPlateau, GreedyLR)
+_MAX_EVENTS_KEPT = 10_000
+
+
+class R8Callback(TrainerCallback, ExportableState):
+    """Adapts the learning rate (and optionally momentum) of a `transformers.Trainer` online.
+
+    The Trainer's schedule (`lr_scheduler_type`, warmup) stays the base: the LR used at each
+    optimizer step is the schedule's value times the controller's gain, within safe bounds.
+    Adaptation starts after the Trainer's warmup. Decisions, with their reasons, are kept in
+    `events` and logged; `r8/*` metrics reach every reporter and `state.log_history`. The
+    controller state is saved with every checkpoint and restored by `resume_from_checkpoint`
+    (no `restore_callback_states_from_checkpoint` needed).
+
+    Args:
+        config: an `R8Config`, its dict form, or None for the `default` preset.
+
+    Example:
+        ```python
+        from transformers import Trainer
+        from hf_r8 import R8Callback
+
+        trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[R8Callback()])
+        trainer.train()
+        ```
+    """
+
+    def __init__(self, config: R8Config | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = R8Config.from_preset("default")
+        elif isinstance(config, dict):
+            config = R8Config.from_dict(config)
+        elif not isinstance(config, R8Config):
+            raise ValueError(f"config={config!r}: must be an R8Config, a dict or None")
+        self.config = config
+        self.controller: Controller | None = None
+        self.events: deque[Event] = deque(maxlen=_MAX_EVENTS_KEPT)
+        self.r8_state: dict[str, Any] | None = None
+        self._trainer = None
+        self._taps: TrainerTaps | None = None
+        self._pending: torch.Tensor | None = None
+        self._pending_step = 0
+        self._copy_event: torch.cuda.Event | None = None
+        self._schedule_lrs: list[float] = []
+        self._events_since_log = 0
+        self._decision_since_log = 0
+
+    @classmethod
+    def from_preset(cls, name: str) -> R8Callback:
+        return cls(R8Config.from_preset(name))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> R8Callback:
+        return cls(R8Config.from_yaml(path))
+
+    def bind(self, trainer: Any) -> R8Callback:
+        """Name the Trainer explicitly (subclasses that own the loop); otherwise it is found at train start."""
+        self._trainer = trainer
+        return self
+
+    # ------------------------------------------------------------------------------------ events
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
+        trainer = self._trainer if self._trainer is not None else find_trainer(self)
+        if optimizer is None or not getattr(optimizer, "param_groups", None):
+            raise ValueError(f"optimizer={optimizer!r}: R8Callback needs a torch optimizer with param_groups")
+        self.controller = Controller(self.config, self._group_specs(optimizer, trainer.model), state.max_steps,
+                                     args.get_warmup_steps(state.max_steps))
+        self._pending = None
+        if state.global_step > 0:
+            self._restore(state)
+        self._taps = TrainerTaps(trainer, self._add_log_metrics)
+        self._taps.install()
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._taps.start_step()
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
+        self._consume_pending()
+        self._apply(optimizer, lr_scheduler)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
+        if not isinstance(_unwrap(lr_scheduler), _METRIC_SCHEDULERS):
+            self._restore_schedule(optimizer)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
+        if isinstance(_unwrap(lr_scheduler), _METRIC_SCHEDULERS):
+            self._restore_schedule(optimizer)
+        self._stage_signals(state.global_step, args.device)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._taps is not None:
+            self._taps.remove()
+            self._taps = None
+
+    # -------------------------------------------------------------------------------- the wiring
+    def _group_specs(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None) -> list[GroupSpec]:
+        names = {id(param): name for name, param in model.named_parameters()} if model is not None else {}
+        patterns = self.config.moe.router_patterns
+        specs = []
+        for group in optimizer.param_groups:
+            base_lr = float(group.get("initial_lr", group["lr"]))
+            param_names = [names.get(id(param), "") for param in group["params"]]
+            is_router = bool(param_names) and all(any(p in name for p in patterns) for name in param_names)
+            specs.append(GroupSpec(base_lr, _read_momentum(group), is_router))
+        return specs
+
+    def _consume_pending(self) -> None:
+        if self._pending is None:
+            return
+        if self._copy_event is not None:
+            self._copy_event.synchronize()
+        loss_sum, loss_count, grad_sum, grad_count = self._pending.tolist()
+        self._pending = None
+        observation = Observation(
+            step=self._pending_step,
+            loss=loss_sum / loss_count if loss_count > 0 else None,
+            grad_norm=grad_sum / grad_count if grad_count > 0 else None,
+        )
+        for event in self.controller.observe(observation):
+            self.events.append(event)
+            self._events_since_log += 1
+            if event.rule == "decision" and event.group == 0:
+                self._decision_since_log = Decision(event.action).code
+            logger.info("r8 step %d group %d %s: %s -> %s (%s)", event.step, event.group, event.action,
+                        f"{event.old_value:.4g}", f"{event.new_value:.4g}", event.reason)
+
+    def _apply(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
+        self._schedule_lrs = []
+        used = []
+        for index, group in enumerate(optimizer.param_groups):
+            schedule_lr = float(group["lr"])
+            self._schedule_lrs.append(schedule_lr)
+            lr = self.controller.compose_lr(index, schedule_lr)
+            _write_lr(group, lr)
+            used.append(lr)
+            momentum = self.controller.momentum(index)
+            if momentum is not None:
+                _write_momentum(group, momentum)
+        scheduler = _unwrap(lr_scheduler)
+        if isinstance(getattr(scheduler, "_last_lr", None), list):
+            scheduler._last_lr = used
+
+    def _restore_schedule(self, optimizer: torch.optim.Optimizer) -> None:
+        for group, schedule_lr in zip(optimizer.param_groups, self._schedule_lrs, strict=False):
+            _write_lr(group, schedule_lr)
+        self._schedule_lrs = []
+
+    def _stage_signals(self, step: int, device: torch.device) -> None:
+        """Reduce this step's signals across processes on device; copy them to host without waiting."""
+        taps = self._taps
+        zero = torch.zeros((), device=device)
+        loss = taps.step_loss.to(device) if taps.step_loss is not None else None
+        grad = None
+        if taps.grad_norm is not None:
+            grad = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
+        packed = torch.stack([
+            loss if loss is not None else zero, zero + (loss is not None),
+            grad.float() if grad is not None else zero, zero + (grad is not None),
+        ]).float()
+        packed = sum_across_processes(packed)
+        self._pending_step = step
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            self._copy_event = torch.cuda.Event()
+            self._copy_event.record()
+            self._pending = host
+        else:
+            self._copy_event = None
+            self._pending = packed.cpu()
+
+    def _add_log_metrics(self, logs: dict[str, float]) -> None:
+        if self.controller is None:
+            return
+        metrics = self.controller.metrics()
+        gains = [group.lr_gain for group in self.controller.groups]
+        if len(set(gains)) > 1:
+            metrics.update({f"lr_gain/group_{i}": gain for i, gain in enumerate(gains)})
+        # The most recent non-HOLD decision since the previous log, so a log every N steps misses none.
+        metrics["decision"] = float(self._decision_since_log)
+        metrics["events"] = float(self._events_since_log)
+        self._events_since_log = self._decision_since_log = 0
+        logs.update({f"r8/{key}": value for key, value in metrics.items() if math.isfinite(value)})
+
+    # ---------------------------------------------------------------------------- checkpointing
+    def state(self) -> dict[str, Any]:
+        """Saved into trainer_state.json with every checkpoint (the stateful-callback interface)."""
+        if self.controller is None:
+            return {"args": {"config": self.config.to_dict()}, "attributes": {"r8_state": self.r8_state}}
+        pending = None
+        if self._pending is not None:
+            if self._copy_event is not None:
+                self._copy_event.synchronize()
+            pending = {"step": self._pending_step, "values": self._pending.tolist()}
+        r8_state = {"controller": self.controller.state_dict(), "pending": pending}
+        return {"args": {"config": self.config.to_dict()}, "attributes": {"r8_state": r8_state}}
+
+    def _restore(self, state: TrainerState) -> None:
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        r8_state = (saved or {}).get("attributes", {}).get("r8_state")
+        if r8_state is None:
+            logger.warning("Resuming at step %d without saved R8Callback state: the controller starts fresh.",
+                           state.global_step)
+            return
+        self.controller.load_state_dict(r8_state["controller"])
+        pending = r8_state.get("pending")
+        if pending is not None:
+            self._pending_step = pending["step"]
+            self._pending = torch.tensor(pending["values"], dtype=torch.float32)
+            self._copy_event = None
+
+
+def _unwrap(scheduler: Any) -> Any:
+    """The torch scheduler inside Accelerate's `AcceleratedScheduler`, if wrapped."""
+    return getattr(scheduler, "scheduler", scheduler)
+
+
+def _read_momentum(group: dict[str, Any]) -> float | None:
+    if "betas" in group:
+        return float(group["betas"][0])
+    if "momentum" in group:
+        return float(group["momentum"])
+    return None
+
+
+def _write_momentum(group: dict[str, Any], momentum: float) -> None:
+    if "betas" in group:
+        group["betas"] = (momentum, *tuple(group["betas"])[1:])
+    elif "momentum" in group:
+        group["momentum"] = momentum
+
+
+def _write_lr(group: dict[str, Any], lr: float) -> None:
+    if torch.is_tensor(group["lr"]):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr

@@ -1,0 +1,538 @@
+"""`R8Config`: every knob of hf_r8 as a tree of dataclasses, validated at construction.
+
+Each section is a small dataclass whose fields carry a one-line docstring (the comment under
+the field). A bad value raises ``ValueError`` naming the field, the value and the allowed range
+as soon as the section is built, so a typo in a YAML preset fails before training starts.
+Presets live in ``configs/*.yaml`` (shipped inside the package as ``hf_r8/configs``).
+
+This module knows nothing of torch or transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+LR_RULES = ("decision", "trend", "variance", "loss_decay", "grad_norm", "cyclical", "plateau")
+REWARD_RULES = ("scaling", "trend", "variance")
+BLENDABLE_RULES = LR_RULES + tuple(f"reward_{rule}" for rule in REWARD_RULES)
+MOMENTUM_RULES = ("none", "inverse", "exp", "relative", "normalized", "reward")
+
+
+def _fail(section: str, name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{section}.{name}={value!r}: must be {allowed}")
+
+
+class _Section:
+    """Shared validation helpers; `SECTION` is the name used in error messages."""
+
+    SECTION: ClassVar[str] = ""
+
+    def _greater(self, name: str, bound: float, *, inclusive: bool = False) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        ok = ok and (value >= bound if inclusive else value > bound)
+        if not ok:
+            _fail(self.SECTION, name, value, f"{'>=' if inclusive else '>'} {bound}")
+
+    def _between(self, name: str, low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+        if not ok:
+            interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            _fail(self.SECTION, name, value, f"in {interval}")
+
+    def _positive_int(self, name: str, *, allow_none: bool = False) -> None:
+        value = getattr(self, name)
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(self.SECTION, name, value, "an integer >= 1" + (" or null" if allow_none else ""))
+
+    def _non_negative_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            _fail(self.SECTION, name, value, "an integer >= 0")
+
+
+@dataclass
+class SignalConfig(_Section):
+    """How raw per-step numbers become statistics."""
+
+    SECTION: ClassVar[str] = "signals"
+    window: int | None = None
+    """Steps per statistics window; None derives min(50, total_steps // 20), at least 5."""
+    ema_beta: float = 0.9
+    """Smoothing of the loss EMA: ema = beta * ema + (1 - beta) * loss."""
+
+    def __post_init__(self) -> None:
+        self._positive_int("window", allow_none=True)
+        if self.window is not None and self.window < 2:
+            _fail(self.SECTION, "window", self.window, "an integer >= 2 or null")
+        self._between("ema_beta", 0.0, 1.0, open_high=True)
+
+
+@dataclass
+class DecisionConfig(_Section):
+    """The windowed decision engine: INCREASE / DECREASE / HOLD / SPIKE_DECREASE."""
+
+    SECTION: ClassVar[str] = "decision"
+    increase_threshold: float = 0.02
+    """Window-over-window relative improvement above which the LR may grow."""
+    plateau_threshold: float = 0.001
+    """Relative improvement below which a window counts as a plateau."""
+    spike_threshold: float = 1.2
+    """Loss ratio (window mean over previous mean, or newest loss over EMA) that counts as a spike."""
+    spike_z: float = 3.0
+    """A single-step spike also needs a z-score above this against the rolling window."""
+    stability_threshold: float = 0.3
+    """Growth needs the window's coefficient of variation below this."""
+    instability_threshold: float = 0.5
+    """A coefficient of variation above this forces a decrease."""
+    increase_factor: float = 1.1
+    """LR gain multiplier on INCREASE."""
+    decrease_factor: float = 0.7
+    """LR gain multiplier on DECREASE (plateau after patience, or instability)."""
+    spike_factor: float = 0.5
+    """LR gain multiplier on SPIKE_DECREASE (the emergency brake)."""
+    patience_windows: int = 2
+    """Plateau windows in a row before a DECREASE."""
+    cooldown_steps: int = 20
+    """Steps after any adjustment during which window decisions HOLD."""
+    spike_cooldown_steps: int = 10
+    """Steps after a brake before the next single-step brake may fire."""
+
+    def __post_init__(self) -> None:
+        self._greater("increase_threshold", 0.0)
+        self._greater("plateau_threshold", 0.0, inclusive=True)
+        self._greater("spike_threshold", 1.0)
+        self._greater("spike_z", 0.0)
+        self._greater("stability_threshold", 0.0)
+        threshold = self.instability_threshold
+        if not (isinstance(threshold, (int, float)) and threshold > self.stability_threshold):
+            _fail(self.SECTION, "instability_threshold", self.instability_threshold,
+                  f"> stability_threshold ({self.stability_threshold})")
+        self._greater("increase_factor", 1.0)
+        self._between("decrease_factor", 0.0, 1.0, open_low=True, open_high=True)
+        self._between("spike_factor", 0.0, 1.0, open_low=True, open_high=True)
+        self._positive_int("patience_windows")
+        self._non_negative_int("cooldown_steps")
+        self._non_negative_int("spike_cooldown_steps")
+
+
+@dataclass
+class TrendConfig(_Section):
+    """Per-step trend rule: gain x up_factor while the loss EMA improves, x down_factor otherwise."""
+
+    SECTION: ClassVar[str] = "trend"
+    up_factor: float = 1.02
+    """Multiplier u > 1 when the loss EMA improved by more than min_rel_improve."""
+    down_factor: float = 0.98
+    """Multiplier d < 1 otherwise."""
+    min_rel_improve: float = 1e-4
+    """Relative EMA improvement that counts as progress."""
+
+    def __post_init__(self) -> None:
+        self._greater("up_factor", 1.0)
+        self._between("down_factor", 0.0, 1.0, open_low=True, open_high=True)
+        self._greater("min_rel_improve", 0.0, inclusive=True)
+
+
+@dataclass
+class VarianceConfig(_Section):
+    """Variance damping: level = 1 / (base + scale * cv^2) of the rolling window."""
+
+    SECTION: ClassVar[str] = "variance"
+    base: float = 1.0
+    """Denominator floor; 1 means no damping on a perfectly smooth loss."""
+    scale: float = 4.0
+    """Lambda: how hard relative variance (cv^2) damps the LR."""
+
+    def __post_init__(self) -> None:
+        self._greater("base", 0.0)
+        self._greater("scale", 0.0, inclusive=True)
+
+
+@dataclass
+class LossDecayConfig(_Section):
+    """Loss decay: level = 1 / (1 + k * loss_ema)."""
+
+    SECTION: ClassVar[str] = "loss_decay"
+    k: float = 0.1
+    """How strongly a high loss lowers the LR."""
+
+    def __post_init__(self) -> None:
+        self._greater("k", 0.0, inclusive=True)
+
+
+@dataclass
+class GradNormConfig(_Section):
+    """Gradient-norm rule: shrink when the norm jumps, grow when its EMA collapses."""
+
+    SECTION: ClassVar[str] = "grad_norm"
+    fast_beta: float = 0.5
+    """EMA smoothing of the fast grad-norm average."""
+    slow_beta: float = 0.95
+    """EMA smoothing of the slow (reference) grad-norm average."""
+    jump_ratio: float = 2.5
+    """Newest norm above jump_ratio x slow EMA: shrink."""
+    collapse_ratio: float = 0.3
+    """Fast EMA below collapse_ratio x slow EMA: grow."""
+    shrink_factor: float = 0.8
+    """Gain multiplier on a jump."""
+    grow_factor: float = 1.1
+    """Gain multiplier on a collapse."""
+    cooldown_steps: int = 10
+    """Steps between two firings of this rule."""
+    min_samples: int = 10
+    """Finite norms needed before the rule may fire."""
+
+    def __post_init__(self) -> None:
+        self._between("fast_beta", 0.0, 1.0, open_high=True)
+        self._between("slow_beta", 0.0, 1.0, open_high=True)
+        self._greater("jump_ratio", 1.0)
+        self._between("collapse_ratio", 0.0, 1.0, open_low=True, open_high=True)
+        self._between("shrink_factor", 0.0, 1.0, open_low=True, open_high=True)
+        self._greater("grow_factor", 1.0)
+        self._non_negative_int("cooldown_steps")
+        self._positive_int("min_samples")
+
+
+@dataclass
+class CyclicalConfig(_Section):
+    """Cosine warm restarts overlay: level falls from 1 to eta_min_scale over T_i steps, then restarts."""
+
+    SECTION: ClassVar[str] = "cyclical"
+    T0: int = 200
+    """Length of the first cycle in steps."""
+    T_mult: int = 2
+    """Each cycle is T_mult times longer than the previous."""
+    eta_min_scale: float = 0.1
+    """Level at the bottom of a cycle."""
+
+    def __post_init__(self) -> None:
+        self._positive_int("T0")
+        self._positive_int("T_mult")
+        self._between("eta_min_scale", 0.0, 1.0, open_high=True)
+
+
+@dataclass
+class PlateauConfig(_Section):
+    """Patience/cooldown big drop: no new best loss EMA for `patience` steps -> gain x big_drop."""
+
+    SECTION: ClassVar[str] = "plateau"
+    patience: int = 100
+    """Steps without a new best loss EMA before the drop."""
+    big_drop: float = 0.5
+    """Gain multiplier of the drop."""
+    cooldown: int = 50
+    """Steps after a drop during which no new drop is counted."""
+    min_rel_improve: float = 1e-3
+    """Relative improvement over the best EMA that counts as a new best."""
+
+    def __post_init__(self) -> None:
+        self._positive_int("patience")
+        self._between("big_drop", 0.0, 1.0, open_low=True, open_high=True)
+        self._non_negative_int("cooldown")
+        self._greater("min_rel_improve", 0.0, inclusive=True)
+
+
+@dataclass
+class RewardConfig(_Section):
+    """Reward-driven LR rules for RL fine-tuning (reward replaces or joins the loss)."""
+
+    SECTION: ClassVar[str] = "reward"
+    rules: list[str] = field(default_factory=list)
+    """Active reward rules, any of: scaling, trend, variance."""
+    ema_beta: float = 0.9
+    """Smoothing of the reward EMA."""
+    center: float = 0.0
+    """Reward at which `scaling` leaves the LR at 1x."""
+    span: float = 1.0
+    """center - span maps to ~0x, center + span to ~2x the LR (scaling)."""
+    up_factor: float = 1.03
+    """`trend`: gain multiplier when the reward EMA rose."""
+    down_factor: float = 0.9
+    """`trend`: gain multiplier when it did not."""
+    variance_scale: float = 1.0
+    """`variance`: level = 1 / (1 + variance_scale * var(reward) / span^2)."""
+
+    def __post_init__(self) -> None:
+        unknown = [rule for rule in self.rules if rule not in REWARD_RULES]
+        if unknown or len(set(self.rules)) != len(self.rules):
+            _fail(self.SECTION, "rules", self.rules, f"a list of distinct names from {list(REWARD_RULES)}")
+        self._between("ema_beta", 0.0, 1.0, open_high=True)
+        self._between("center", -math.inf, math.inf, open_low=True, open_high=True)
+        self._greater("span", 0.0)
+        self._greater("up_factor", 1.0)
+        self._between("down_factor", 0.0, 1.0, open_low=True, open_high=True)
+        self._greater("variance_scale", 0.0, inclusive=True)
+
+
+@dataclass
+class MomentumConfig(_Section):
+    """Momentum law, written to `momentum` (SGD-like) or `betas[0]` (Adam-like)."""
+
+    SECTION: ClassVar[str] = "momentum"
+    rule: str = "none"
+    """One of: none, inverse, exp, relative, normalized, reward."""
+    loss_scale: float = 1.0
+    """`inverse`: mu = 1 - 1/(1 + a*loss); `exp`: mu = 1 - exp(-a*loss); this is a."""
+    relative_gain: float = 1.0
+    """`relative`: mu *= 1 + relative_gain * window improvement rate."""
+    cv_reference: float = 0.5
+    """`normalized`: mu = max - (max - min) * min(1, cv / cv_reference)."""
+    reward_up: float = 0.01
+    """`reward`: mu += reward_up when the reward EMA rose."""
+    reward_down: float = 0.99
+    """`reward`: mu *= reward_down when it did not."""
+    min: float = 0.0
+    """Lowest momentum ever written."""
+    max: float = 0.999
+    """Highest momentum ever written."""
+
+    def __post_init__(self) -> None:
+        if self.rule not in MOMENTUM_RULES:
+            _fail(self.SECTION, "rule", self.rule, f"one of {list(MOMENTUM_RULES)}")
+        self._greater("loss_scale", 0.0)
+        self._greater("relative_gain", 0.0, inclusive=True)
+        self._greater("cv_reference", 0.0)
+        self._between("reward_up", 0.0, 1.0)
+        self._between("reward_down", 0.0, 1.0, open_low=True)
+        self._between("min", 0.0, 1.0, open_high=True)
+        self._between("max", 0.0, 1.0, open_high=True)
+        if self.max < self.min:
+            _fail(self.SECTION, "max", self.max, f">= momentum.min ({self.min})")
+
+
+@dataclass
+class ExplorationConfig(_Section):
+    """Exploration strength sigma: raised on plateaus, cut on instability (noise applied elsewhere)."""
+
+    SECTION: ClassVar[str] = "exploration"
+    enabled: bool = False
+    """Run the sigma law at all."""
+    sigma_init: float = 1e-3
+    """Starting sigma."""
+    sigma_min: float = 1e-5
+    """Lowest sigma."""
+    sigma_max: float = 1e-2
+    """Highest sigma."""
+    raise_factor: float = 1.5
+    """Multiplier on a plateau window."""
+    cut_factor: float = 0.5
+    """Multiplier on an unstable window or a spike."""
+
+    def __post_init__(self) -> None:
+        self._greater("sigma_min", 0.0, inclusive=True)
+        self._greater("sigma_max", self.sigma_min)
+        self._between("sigma_init", self.sigma_min, self.sigma_max)
+        self._greater("raise_factor", 1.0)
+        self._between("cut_factor", 0.0, 1.0, open_low=True, open_high=True)
+
+
+@dataclass
+class BlendConfig(_Section):
+    """How several active rules combine: sum of weighted log-factors."""
+
+    SECTION: ClassVar[str] = "blend"
+    weights: dict[str, float] = field(default_factory=dict)
+    """Per-rule weight (rule name, reward rules as reward_<name> -> weight >= 0); missing rules weigh 1."""
+    stability_shift: float = 0.5
+    """0: fixed weights. s > 0: damping rules weigh up to (1+s) when unstable, growth rules (1+s) when stable."""
+
+    def __post_init__(self) -> None:
+        for name, weight in self.weights.items():
+            if name not in BLENDABLE_RULES:
+                _fail(self.SECTION, "weights", name, f"a rule name from {list(BLENDABLE_RULES)}")
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+                _fail(self.SECTION, f"weights.{name}", weight, ">= 0")
+        self._between("stability_shift", 0.0, 1.0)
+
+
+@dataclass
+class BoundsConfig(_Section):
+    """Absolute safety bounds and the per-step rate limit."""
+
+    SECTION: ClassVar[str] = "bounds"
+    lr_min: float | None = None
+    """Floor of the controller's LR; None derives base_lr / 100."""
+    lr_max: float | None = None
+    """Ceiling of the LR; None derives base_lr * 20."""
+    max_change_per_step: float = 0.5
+    """The gain never moves by more than this fraction in one step (0.5: within x0.5..x1.5)."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr_min", "lr_max"):
+            if getattr(self, name) is not None:
+                self._greater(name, 0.0)
+        if self.lr_min is not None and self.lr_max is not None and self.lr_max <= self.lr_min:
+            _fail(self.SECTION, "lr_max", self.lr_max, f"> bounds.lr_min ({self.lr_min})")
+        self._between("max_change_per_step", 0.0, 1.0, open_low=True, open_high=True)
+
+
+@dataclass
+class MoEConfig(_Section):
+    """Gentler control of router/gate parameter groups (or of every group when no router group exists)."""
+
+    SECTION: ClassVar[str] = "moe"
+    enabled: bool = False
+    """Apply the MoE profile."""
+    router_patterns: list[str] = field(default_factory=lambda: ["router", "gate"])
+    """A parameter group whose every parameter name contains one of these is a router group."""
+    gain_min: float = 0.1
+    """Lowest LR gain of a router group."""
+    gain_max: float = 2.0
+    """Highest LR gain of a router group."""
+    increase_factor: float = 1.05
+    """Replaces decision.increase_factor (and caps every growth factor) for router groups."""
+    decrease_factor: float = 0.85
+    """Replaces decision.decrease_factor (and floors every damping factor) for router groups."""
+    max_change_per_step: float = 0.15
+    """Rate limit for router groups."""
+
+    def __post_init__(self) -> None:
+        if not self.router_patterns or not all(isinstance(p, str) and p for p in self.router_patterns):
+            _fail(self.SECTION, "router_patterns", self.router_patterns, "a non-empty list of non-empty strings")
+        self._between("gain_min", 0.0, 1.0, open_low=True)
+        self._greater("gain_max", 1.0, inclusive=True)
+        self._greater("increase_factor", 1.0)
+        self._between("decrease_factor", 0.0, 1.0, open_low=True, open_high=True)
+        self._between("max_change_per_step", 0.0, 1.0, open_low=True, open_high=True)
+
+
+_SECTIONS: dict[str, type] = {
+    "signals": SignalConfig,
+    "decision": DecisionConfig,
+    "trend": TrendConfig,
+    "variance": VarianceConfig,
+    "loss_decay": LossDecayConfig,
+    "grad_norm": GradNormConfig,
+    "cyclical": CyclicalConfig,
+    "plateau": PlateauConfig,
+    "reward": RewardConfig,
+    "momentum": MomentumConfig,
+    "exploration": ExplorationConfig,
+    "blend": BlendConfig,
+    "bounds": BoundsConfig,
+    "moe": MoEConfig,
+}
+
+
+@dataclass
+class R8Config:
+    """Everything hf_r8 reads. Build it in code, from a preset, or from YAML.
+
+    Example:
+        ```python
+        config = R8Config.from_preset("conservative")
+        config = R8Config(rules=["decision", "variance"], decision=DecisionConfig(patience_windows=3))
+        ```
+    """
+
+    rules: list[str] = field(default_factory=lambda: ["decision", "grad_norm"])
+    """Active LR rules, any of: decision, trend, variance, loss_decay, grad_norm, cyclical, plateau."""
+    warmup_steps: int | None = None
+    """Adaptation starts after this many optimizer steps; None takes the Trainer's warmup."""
+    signals: SignalConfig = field(default_factory=SignalConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    trend: TrendConfig = field(default_factory=TrendConfig)
+    variance: VarianceConfig = field(default_factory=VarianceConfig)
+    loss_decay: LossDecayConfig = field(default_factory=LossDecayConfig)
+    grad_norm: GradNormConfig = field(default_factory=GradNormConfig)
+    cyclical: CyclicalConfig = field(default_factory=CyclicalConfig)
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rules, list) or any(rule not in LR_RULES for rule in self.rules) or (
+            len(set(self.rules)) != len(self.rules)
+        ):
+            raise ValueError(f"rules={self.rules!r}: must be a list of distinct names from {list(LR_RULES)}")
+        if self.warmup_steps is not None and (
+            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
+        ):
+            raise ValueError(f"warmup_steps={self.warmup_steps!r}: must be an integer >= 0 or null")
+        for name, section_type in _SECTIONS.items():
+            if not isinstance(getattr(self, name), section_type):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a {section_type.__name__}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> R8Config:
+        """Build from nested plain data; unknown keys raise a ValueError naming them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"R8Config: expected a mapping, got {type(data).__name__}")
+        top_level = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - top_level)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}: allowed keys are {sorted(top_level)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _SECTIONS:
+                kwargs[key] = _section_from_dict(key, _SECTIONS[key], value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested data (JSON/YAML safe); `from_dict(to_dict())` rebuilds an equal config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> R8Config:
+        """Load a YAML file; a preset may name a `base` preset it starts from."""
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        base_name = data.pop("base", None)
+        if base_name is None:
+            return cls.from_dict(data)
+        return cls.from_dict(_deep_merge(cls.from_preset(base_name).to_dict(), data))
+
+    @classmethod
+    def from_preset(cls, name: str) -> R8Config:
+        """One of the shipped presets: see `available_presets()`."""
+        path = PRESETS_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ValueError(f"preset={name!r}: must be one of {available_presets()}")
+        return cls.from_yaml(path)
+
+
+def available_presets() -> list[str]:
+    """Names of the YAML presets shipped with hf_r8."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def _section_from_dict(name: str, section_type: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}={data!r}: must be a mapping of {section_type.__name__} fields")
+    allowed = {f.name for f in dataclasses.fields(section_type)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{name}.{key}' for key in unknown]}: "
+                         f"allowed keys in {name} are {sorted(allowed)}")
+    return section_type(**data)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "weights":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

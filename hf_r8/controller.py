@@ -1,0 +1,403 @@
+"""The controller: from per-step signals (loss, grad norm, reward) to an LR gain, momentum and sigma.
+
+Each optimizer step the caller hands an `Observation`; the controller updates its statistics and,
+after the warmup hand-off, every parameter group's state:
+
+    step factor = rate_limit(blend(step rules))          # decision engine, trend, grad_norm, plateau, reward trend
+    running gain = clip(running gain * step factor, gain_min, gain_max)
+    lr_gain     = clip(running gain * blend(level rules), gain_min, gain_max)   # variance, loss_decay, cyclical, reward
+
+The LR actually used is `compose_lr(group, schedule_lr)`: the base schedule's value times the gain,
+never pushed below lr_min (unless the schedule itself is lower) nor above lr_max. With every rule
+off the controller is the identity. Everything here is plain Python: no torch, no transformers;
+`state_dict()` is JSON-safe and `load_state_dict()` restores it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hf_r8.config import R8Config
+from hf_r8.decision import Decision, DecisionEngine
+from hf_r8.rules import (
+    Proposal,
+    blend,
+    cosine_restart_level,
+    loss_decay_level,
+    loss_momentum,
+    next_sigma,
+    normalized_momentum,
+    relative_momentum,
+    reward_momentum,
+    reward_scaling_level,
+    reward_trend_factor,
+    reward_variance_level,
+    trend_factor,
+    variance_level,
+)
+from hf_r8.signals import (
+    Ema,
+    LossStatistics,
+    LossStep,
+    RewardStatistics,
+    WindowSummary,
+    is_finite_number,
+    relative_improvement,
+)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class GroupSpec:
+    """What the controller needs to know about one optimizer parameter group."""
+
+    base_lr: float
+    """The group's peak LR (the schedule's value after warmup)."""
+    momentum: float | None = None
+    """Its momentum (`momentum` or `betas[0]`), or None when the optimizer has none."""
+    is_router: bool = False
+    """True for an MoE router/gate group."""
+
+
+@dataclass
+class Observation:
+    """Signals of one optimizer step. Any of them may be missing (None) or non-finite."""
+
+    step: int
+    loss: float | None = None
+    grad_norm: float | None = None
+    reward: float | None = None
+
+
+@dataclass
+class Event:
+    """One decision, with the value before and after and why."""
+
+    step: int
+    group: int
+    rule: str
+    action: str
+    old_value: float
+    new_value: float
+    reason: str
+    quantity: str = "lr_gain"
+
+
+@dataclass
+class GroupState:
+    """Per-group controller state: plain numbers."""
+
+    running_gain: float = 1.0
+    lr_gain: float = 1.0
+    momentum: float | None = None
+    engine: DecisionEngine = field(default_factory=DecisionEngine)
+    steps_since_grad_rule: int = 1_000_000_000
+    plateau_best: float | None = None
+    plateau_steps: int = 0
+    plateau_cooldown: int = 0
+    cycle_position: int = 0
+    cycle_length: int = 0
+    trend_direction: int = 0
+
+
+class Controller:
+    """Adaptive LR/momentum/sigma controller for a list of parameter groups.
+
+    Args:
+        config: the full `R8Config`.
+        groups: one `GroupSpec` per optimizer parameter group.
+        total_steps: planned optimizer steps (derives the statistics window); None if unknown.
+        warmup_steps: steps during which signals are gathered but nothing adapts; overrides
+            `config.warmup_steps` when that is None.
+    """
+
+    def __init__(self, config: R8Config, groups: list[GroupSpec], total_steps: int | None = None,
+                 warmup_steps: int = 0) -> None:
+        if not groups:
+            raise ValueError("groups: the optimizer has no parameter groups")
+        self.config = config
+        self.specs = list(groups)
+        self.warmup_steps = config.warmup_steps if config.warmup_steps is not None else warmup_steps
+        self.window = config.signals.window or max(5, min(50, (total_steps or 1000) // 20))
+        self.loss = LossStatistics(self.window, config.signals.ema_beta)
+        self.reward = RewardStatistics(self.window, config.reward.ema_beta)
+        self.grad_fast = Ema(config.grad_norm.fast_beta)
+        self.grad_slow = Ema(config.grad_norm.slow_beta)
+        self.sigma = config.exploration.sigma_init if config.exploration.enabled else 0.0
+        self.step = 0
+        self.last_window = None
+        no_router_group = not any(spec.is_router for spec in self.specs)
+        self.router_profile = [config.moe.enabled and (spec.is_router or no_router_group) for spec in self.specs]
+        self.gain_bounds = [self._gain_bounds(i) for i in range(len(self.specs))]
+        self.groups = [GroupState(momentum=spec.momentum, cycle_length=config.cyclical.T0) for spec in self.specs]
+
+    # ----------------------------------------------------------------------------------- bounds
+    def lr_bounds(self, index: int) -> tuple[float, float]:
+        """Absolute (lr_min, lr_max) of a group: configured, or base/100 and base*20."""
+        bounds, base = self.config.bounds, self.specs[index].base_lr
+        lr_min = bounds.lr_min if bounds.lr_min is not None else base / 100.0
+        lr_max = bounds.lr_max if bounds.lr_max is not None else base * 20.0
+        return lr_min, lr_max
+
+    def _gain_bounds(self, index: int) -> tuple[float, float]:
+        base = self.specs[index].base_lr
+        if not (is_finite_number(base) and base > 0):
+            return 1.0, 1.0
+        lr_min, lr_max = self.lr_bounds(index)
+        gain_min, gain_max = lr_min / base, lr_max / base
+        if self.router_profile[index]:
+            gain_min, gain_max = max(gain_min, self.config.moe.gain_min), min(gain_max, self.config.moe.gain_max)
+        return gain_min, max(gain_min, gain_max)
+
+    def compose_lr(self, index: int, schedule_lr: float) -> float:
+        """LR to use: schedule_lr * lr_gain, kept within [min(lr_min, schedule_lr), lr_max]."""
+        lr_min, lr_max = self.lr_bounds(index)
+        composed = schedule_lr * self.groups[index].lr_gain
+        return min(lr_max, max(min(lr_min, schedule_lr), composed))
+
+    # ---------------------------------------------------------------------------------- stepping
+    def observe(self, observation: Observation) -> list[Event]:
+        """Consume one step's signals; adapt every group once past warmup. Returns the decisions made."""
+        self.step = observation.step
+        loss_step = self.loss.update(observation.loss) if observation.loss is not None else None
+        if loss_step is not None and loss_step.closed_window is not None:
+            self.last_window = loss_step.closed_window
+        grad_jump, grad_collapse = self._update_grad_norm(observation.grad_norm)
+        reward_updated = is_finite_number(observation.reward)
+        if reward_updated:
+            self.reward.update(observation.reward)
+        if observation.step <= self.warmup_steps:
+            return []
+        instability = min(1.0, self.loss.rolling_cv() / self.config.decision.instability_threshold)
+        events: list[Event] = []
+        for index in range(len(self.groups)):
+            events += self._adapt_group(index, loss_step, grad_jump, grad_collapse, reward_updated, instability)
+        events += self._adapt_sigma(loss_step, events)
+        return events
+
+    def _update_grad_norm(self, grad_norm: float | None) -> tuple[bool, bool]:
+        if not is_finite_number(grad_norm) or grad_norm < 0:
+            return False, False
+        config = self.config.grad_norm
+        ready = self.grad_slow.count >= config.min_samples
+        jump = ready and grad_norm > config.jump_ratio * self.grad_slow.value
+        self.grad_fast.update(grad_norm)
+        self.grad_slow.update(grad_norm)
+        collapse = ready and not jump and self.grad_fast.value < config.collapse_ratio * self.grad_slow.value
+        return jump, collapse
+
+    def _adapt_group(self, index: int, loss_step: LossStep | None, grad_jump: bool, grad_collapse: bool,
+                     reward_updated: bool, instability: float) -> list[Event]:
+        config, group = self.config, self.groups[index]
+        rules = set(config.rules)
+        step_proposals = self._step_proposals(index, loss_step, grad_jump, grad_collapse, reward_updated)
+        level_proposals = self._level_proposals(index, loss_step)
+
+        max_change = config.moe.max_change_per_step if self.router_profile[index] else config.bounds.max_change_per_step
+        step_factor = min(1.0 + max_change, max(1.0 - max_change, blend(step_proposals, config.blend, instability)))
+        gain_min, gain_max = self.gain_bounds[index]
+        old_gain = group.lr_gain
+        group.running_gain = min(gain_max, max(gain_min, group.running_gain * step_factor))
+        level = blend(level_proposals, config.blend, instability)
+        new_gain = group.running_gain * level
+        group.lr_gain = min(gain_max, max(gain_min, new_gain)) if math.isfinite(new_gain) else group.lr_gain
+        if "cyclical" in rules:
+            self._advance_cycle(group)
+        self._adapt_momentum(index, loss_step, reward_updated)
+        return [Event(self.step, index, p.rule, p.action, old_gain, group.lr_gain, p.reason)
+                for p in step_proposals if p.action]
+
+    def _step_proposals(self, index: int, loss_step: LossStep | None, grad_jump: bool, grad_collapse: bool,
+                        reward_updated: bool) -> list[Proposal]:
+        config, group = self.config, self.groups[index]
+        rules = set(config.rules)
+        proposals: list[Proposal] = []
+        if "decision" in rules:
+            verdict = group.engine.on_step(loss_step, config.decision)
+            if verdict is not None:
+                factor = self._decision_factor(index, verdict.decision)
+                if factor != 1.0:
+                    proposals.append(Proposal("decision", factor, verdict.decision.value, verdict.reason,
+                                              blendable=verdict.decision is not Decision.SPIKE_DECREASE))
+        has_ema_step = loss_step is not None and loss_step.finite and loss_step.ema_before is not None
+        if "trend" in rules and has_ema_step:
+            factor = trend_factor(loss_step.ema_before, loss_step.ema, config.trend)
+            direction = 1 if factor > 1.0 else -1
+            # Only a change of direction is a decision worth an event; the rule acts every step.
+            action = "" if direction == group.trend_direction else f"trend_{'up' if direction > 0 else 'down'}"
+            reason = f"loss EMA {'improving' if direction > 0 else 'not improving'} ({loss_step.ema:.4g})"
+            group.trend_direction = direction
+            proposals.append(Proposal("trend", factor, action, reason))
+        if "grad_norm" in rules:
+            group.steps_since_grad_rule += 1
+            if (grad_jump or grad_collapse) and group.steps_since_grad_rule > config.grad_norm.cooldown_steps:
+                group.steps_since_grad_rule = 0
+                slow = self.grad_slow.value
+                if grad_jump:
+                    proposals.append(Proposal("grad_norm", config.grad_norm.shrink_factor, "grad_norm_jump",
+                                              f"norm > {config.grad_norm.jump_ratio} x EMA {slow:.4g}"))
+                else:
+                    proposals.append(Proposal("grad_norm", config.grad_norm.grow_factor, "grad_norm_collapse",
+                                              f"fast EMA {self.grad_fast.value:.4g} < "
+                                              f"{config.grad_norm.collapse_ratio} x slow EMA {slow:.4g}"))
+        if "plateau" in rules and has_ema_step:
+            proposals += self._plateau_proposal(group, loss_step.ema)
+        if "trend" in config.reward.rules and reward_updated and self.reward.rose() is not None:
+            rose = self.reward.rose()
+            proposals.append(Proposal("reward_trend", reward_trend_factor(rose, config.reward),
+                                      f"reward_{'up' if rose else 'down'}", f"reward EMA {self.reward.ema.value:.4g}"))
+        return proposals
+
+    def _decision_factor(self, index: int, decision: Decision) -> float:
+        config = self.config.decision
+        moe = self.router_profile[index]
+        if decision is Decision.INCREASE:
+            return self.config.moe.increase_factor if moe else config.increase_factor
+        if decision is Decision.DECREASE:
+            return self.config.moe.decrease_factor if moe else config.decrease_factor
+        if decision is Decision.SPIKE_DECREASE:
+            return config.spike_factor
+        return 1.0
+
+    def _plateau_proposal(self, group: GroupState, loss_ema: float) -> list[Proposal]:
+        config = self.config.plateau
+        if group.plateau_best is None or relative_improvement(group.plateau_best, loss_ema) > config.min_rel_improve:
+            group.plateau_best, group.plateau_steps = loss_ema, 0
+            return []
+        group.plateau_steps += 1
+        if group.plateau_cooldown > 0:
+            group.plateau_cooldown -= 1
+            return []
+        if group.plateau_steps < config.patience:
+            return []
+        group.plateau_steps, group.plateau_cooldown = 0, config.cooldown
+        return [Proposal("plateau", config.big_drop, "plateau_drop",
+                         f"no new best loss EMA ({group.plateau_best:.4g}) for {config.patience} steps")]
+
+    def _level_proposals(self, index: int, loss_step: LossStep | None) -> list[Proposal]:
+        config, group = self.config, self.groups[index]
+        rules = set(config.rules)
+        proposals: list[Proposal] = []
+        if "variance" in rules:
+            proposals.append(Proposal("variance", variance_level(self.loss.rolling_cv(), config.variance)))
+        if "loss_decay" in rules and self.loss.ema.value is not None:
+            proposals.append(Proposal("loss_decay", loss_decay_level(self.loss.ema.value, config.loss_decay)))
+        if "cyclical" in rules:
+            level = cosine_restart_level(group.cycle_position, group.cycle_length, config.cyclical)
+            proposals.append(Proposal("cyclical", level))
+        if self.reward.ema.value is not None:
+            if "scaling" in config.reward.rules:
+                proposals.append(Proposal("reward_scaling", reward_scaling_level(self.reward.ema.value, config.reward)))
+            if "variance" in config.reward.rules:
+                proposals.append(Proposal("reward_variance", reward_variance_level(self.reward.variance(),
+                                                                                   config.reward)))
+        return proposals
+
+    def _advance_cycle(self, group: GroupState) -> None:
+        group.cycle_position += 1
+        if group.cycle_position >= group.cycle_length:
+            group.cycle_position = 0
+            group.cycle_length *= self.config.cyclical.T_mult
+
+    def _adapt_momentum(self, index: int, loss_step: LossStep | None, reward_updated: bool) -> None:
+        config, group = self.config.momentum, self.groups[index]
+        if config.rule == "none" or group.momentum is None:
+            return
+        momentum = group.momentum
+        window = loss_step.closed_window if loss_step is not None else None
+        if config.rule in ("inverse", "exp") and self.loss.ema.value is not None:
+            momentum = loss_momentum(config.rule, self.loss.ema.value, config)
+        elif config.rule == "relative" and window is not None:
+            momentum = relative_momentum(momentum, window, config)
+        elif config.rule == "normalized" and len(self.loss.rolling) >= 2:
+            momentum = normalized_momentum(self.loss.rolling_cv(), config)
+        elif config.rule == "reward" and reward_updated and self.reward.rose() is not None:
+            momentum = reward_momentum(momentum, self.reward.rose(), config)
+        if math.isfinite(momentum):
+            group.momentum = min(config.max, max(config.min, momentum))
+
+    def _adapt_sigma(self, loss_step: LossStep | None, events: list[Event]) -> list[Event]:
+        exploration = self.config.exploration
+        if not exploration.enabled or loss_step is None or loss_step.closed_window is None:
+            return []
+        spiked = any(event.action == Decision.SPIKE_DECREASE.value for event in events) or not loss_step.finite
+        decision = self.config.decision
+        new_sigma, reason = next_sigma(self.sigma, loss_step.closed_window, spiked, decision.instability_threshold,
+                                       decision.plateau_threshold, exploration)
+        if reason is None or new_sigma == self.sigma:
+            return []
+        event = Event(self.step, -1, "exploration", "sigma", self.sigma, new_sigma, reason, quantity="sigma")
+        self.sigma = new_sigma
+        return [event]
+
+    # ----------------------------------------------------------------------------------- queries
+    def lr_gain(self, index: int = 0) -> float:
+        return self.groups[index].lr_gain
+
+    def momentum(self, index: int = 0) -> float | None:
+        """Momentum to write, or None when the rule is off or the group has no momentum."""
+        if self.config.momentum.rule == "none":
+            return None
+        return self.groups[index].momentum
+
+    def metrics(self) -> dict[str, float]:
+        """Scalar statistics for loggers (group 0 for per-group values)."""
+        values: dict[str, float] = {
+            "lr_gain": self.groups[0].lr_gain,
+            "loss_cv": self.loss.rolling_cv(),
+            "nonfinite_losses": float(self.loss.nonfinite_count),
+        }
+        optional = {
+            "loss_ema": self.loss.ema.value,
+            "loss_slope": self.last_window.slope if self.last_window else None,
+            "improvement_rate": self.last_window.improvement_rate if self.last_window else None,
+            "grad_norm_ema": self.grad_slow.value,
+            "reward_ema": self.reward.ema.value,
+            "momentum": self.momentum(0),
+            "sigma": self.sigma if self.config.exploration.enabled else None,
+        }
+        values.update({key: float(value) for key, value in optional.items() if value is not None})
+        return values
+
+    # ----------------------------------------------------------------------------- serialization
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that evolves, as JSON-safe plain data."""
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "window": self.window,
+            "warmup_steps": self.warmup_steps,
+            "sigma": self.sigma,
+            "last_window": asdict(self.last_window) if self.last_window else None,
+            "loss": self.loss.state_dict(),
+            "reward": self.reward.state_dict(),
+            "grad_fast": self.grad_fast.state_dict(),
+            "grad_slow": self.grad_slow.state_dict(),
+            "groups": [asdict(group) for group in self.groups],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"controller state version {state.get('version')!r}: expected {STATE_VERSION}")
+        if len(state["groups"]) != len(self.groups):
+            raise ValueError(f"controller state has {len(state['groups'])} parameter groups, "
+                             f"the optimizer has {len(self.groups)}")
+        self.step = state["step"]
+        self.window = state["window"]
+        self.warmup_steps = state["warmup_steps"]
+        self.sigma = state["sigma"]
+        self.last_window = WindowSummary(**state["last_window"]) if state["last_window"] else None
+        self.loss = LossStatistics(self.window, self.config.signals.ema_beta)
+        self.loss.load_state_dict(state["loss"])
+        self.reward = RewardStatistics(self.window, self.config.reward.ema_beta)
+        self.reward.load_state_dict(state["reward"])
+        self.grad_fast.load_state_dict(state["grad_fast"])
+        self.grad_slow.load_state_dict(state["grad_slow"])
+        for group, saved in zip(self.groups, state["groups"], strict=True):
+            saved = dict(saved)
+            group.engine.load_state_dict(saved.pop("engine"))
+            for key, value in saved.items():
+                setattr(group, key, value)

@@ -1,0 +1,117 @@
+"""The windowed decision engine: INCREASE / DECREASE / HOLD / SPIKE_DECREASE.
+
+Every `window` steps the engine compares the closed window with the previous one:
+
+1. SPIKE_DECREASE  if mean > previous_mean * spike_threshold
+2. DECREASE        if cv > instability_threshold                         (oscillating)
+3. INCREASE        if improvement_rate > increase_threshold and cv < stability_threshold and slope < 0
+4. DECREASE        if improvement_rate < plateau_threshold for `patience_windows` windows in a row
+5. HOLD            otherwise, and always within `cooldown_steps` of the last adjustment
+
+Between windows it watches every single loss for the emergency brake: a non-finite loss, or a
+loss above spike_threshold x EMA whose z-score exceeds spike_z, is a SPIKE_DECREASE at once
+(at most once per `spike_cooldown_steps`). Pure Python; one engine per parameter group.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from hf_r8.config import DecisionConfig
+from hf_r8.signals import LossStep, WindowSummary
+
+
+class Decision(str, enum.Enum):
+    INCREASE = "increase"
+    DECREASE = "decrease"
+    HOLD = "hold"
+    SPIKE_DECREASE = "spike_decrease"
+
+    @property
+    def code(self) -> int:
+        """Numeric form for scalar loggers: +1 increase, 0 hold, -1 decrease, -2 spike."""
+        return {"increase": 1, "hold": 0, "decrease": -1, "spike_decrease": -2}[self.value]
+
+
+@dataclass
+class Verdict:
+    decision: Decision
+    reason: str
+
+
+@dataclass
+class DecisionEngine:
+    """Per-group engine state: plain counters that round-trip through JSON."""
+
+    plateau_windows: int = 0
+    steps_since_adjustment: int = 1_000_000_000
+    steps_since_brake: int = 1_000_000_000
+
+    def on_step(self, loss_step: LossStep | None, config: DecisionConfig) -> Verdict | None:
+        """Advance one optimizer step; return a non-HOLD verdict, a HOLD at window close, or None."""
+        self.steps_since_adjustment += 1
+        self.steps_since_brake += 1
+        if loss_step is None:
+            return None
+        brake = self._single_step_spike(loss_step, config)
+        if brake is not None:
+            return brake
+        if loss_step.closed_window is None:
+            return None
+        return self._window_decision(loss_step.closed_window, config)
+
+    def _single_step_spike(self, loss_step: LossStep, config: DecisionConfig) -> Verdict | None:
+        if self.steps_since_brake < config.spike_cooldown_steps:
+            return None
+        if not loss_step.finite:
+            reason = "non-finite loss"
+        elif loss_step.spike_ratio > config.spike_threshold and loss_step.z_score > config.spike_z:
+            reason = (f"loss spike: {loss_step.spike_ratio:.2f}x the EMA "
+                      f"(> {config.spike_threshold}), z={loss_step.z_score:.1f} (> {config.spike_z})")
+        else:
+            return None
+        return self._adjusted(Verdict(Decision.SPIKE_DECREASE, reason), brake=True)
+
+    def _window_decision(self, window: WindowSummary, config: DecisionConfig) -> Verdict:
+        if self.steps_since_adjustment < config.cooldown_steps:
+            return Verdict(Decision.HOLD, f"cooldown ({self.steps_since_adjustment}/{config.cooldown_steps} steps)")
+        previous = window.previous_mean
+        if previous is not None and previous > 0 and window.mean > previous * config.spike_threshold:
+            self.plateau_windows = 0
+            reason = f"window loss spike: mean {window.mean:.4g} > {config.spike_threshold} x previous {previous:.4g}"
+            return self._adjusted(Verdict(Decision.SPIKE_DECREASE, reason), brake=True)
+        if window.cv > config.instability_threshold:
+            self.plateau_windows = 0
+            reason = f"unstable: cv={window.cv:.3f} > {config.instability_threshold}"
+            return self._adjusted(Verdict(Decision.DECREASE, reason))
+        if (window.improvement_rate > config.increase_threshold and window.cv < config.stability_threshold
+                and window.slope < 0):
+            self.plateau_windows = 0
+            reason = (f"improving: rate={window.improvement_rate:.4f} > {config.increase_threshold}, "
+                      f"cv={window.cv:.3f}, slope={window.slope:.3g}")
+            return self._adjusted(Verdict(Decision.INCREASE, reason))
+        if previous is not None and window.improvement_rate < config.plateau_threshold:
+            self.plateau_windows += 1
+            if self.plateau_windows >= config.patience_windows:
+                self.plateau_windows = 0
+                reason = (f"plateau: improvement rate {window.improvement_rate:.4f} < {config.plateau_threshold} "
+                          f"for {config.patience_windows} windows")
+                return self._adjusted(Verdict(Decision.DECREASE, reason))
+            return Verdict(Decision.HOLD, f"plateau window {self.plateau_windows}/{config.patience_windows}")
+        self.plateau_windows = 0
+        return Verdict(Decision.HOLD, f"steady: rate={window.improvement_rate:.4f}, cv={window.cv:.3f}")
+
+    def _adjusted(self, verdict: Verdict, *, brake: bool = False) -> Verdict:
+        self.steps_since_adjustment = 0
+        if brake:
+            self.steps_since_brake = 0
+        return verdict
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

@@ -1,0 +1,209 @@
+"""Plain-number statistics of the training signals: EMAs, windows, slope, z-score.
+
+Numbers in, numbers out: no torch, no transformers. Non-finite values never enter any statistic;
+callers are told they were non-finite and decide what that means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+# A coefficient of variation is capped here so that a loss hovering at 0 (e.g. GRPO) stays finite.
+MAX_CV = 1e6
+_TINY = 1e-12
+
+
+def is_finite_number(value: float | None) -> bool:
+    """True for a real, finite number (not None, NaN or +-inf)."""
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population standard deviation, computed on rescaled values so huge inputs cannot overflow."""
+    count = len(values)
+    if count == 0:
+        return 0.0, 0.0
+    scale = max(abs(v) for v in values) or 1.0
+    scaled = [v / scale for v in values]
+    mean = math.fsum(scaled) / count
+    variance = math.fsum((v - mean) ** 2 for v in scaled) / count
+    return mean * scale, math.sqrt(variance) * scale
+
+
+def coefficient_of_variation(mean: float, std: float) -> float:
+    """std / |mean|, capped at MAX_CV (a mean near 0 would otherwise explode it)."""
+    if std == 0.0:
+        return 0.0
+    return min(MAX_CV, std / max(abs(mean), _TINY))
+
+
+def least_squares_slope(values: list[float]) -> float:
+    """Slope of the least-squares line through (i, values[i]): negative while the loss falls."""
+    count = len(values)
+    if count < 2:
+        return 0.0
+    scale = max(abs(v) for v in values) or 1.0
+    x_mean = (count - 1) / 2
+    y_mean = math.fsum(values) / count / scale
+    numerator = math.fsum((i - x_mean) * (v / scale - y_mean) for i, v in enumerate(values))
+    denominator = math.fsum((i - x_mean) ** 2 for i in range(count))
+    return numerator / denominator * scale
+
+
+def relative_improvement(previous: float, current: float) -> float:
+    """(previous - current) / |previous|: positive when the value fell; 0 when previous is ~0."""
+    if abs(previous) < _TINY:
+        return 0.0
+    return (previous - current) / abs(previous)
+
+
+class Ema:
+    """Exponential moving average: value = beta * value + (1 - beta) * x; the first x initializes it."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+        self.value: float | None = None
+        self.count = 0
+
+    def update(self, x: float) -> float:
+        self.value = x if self.value is None else self.beta * self.value + (1.0 - self.beta) * x
+        self.count += 1
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state["value"]
+        self.count = state["count"]
+
+
+@dataclass
+class WindowSummary:
+    """Statistics of one closed, non-overlapping window of losses."""
+
+    mean: float
+    std: float
+    cv: float
+    slope: float
+    previous_mean: float | None
+    improvement_rate: float
+    """(previous_mean - mean) / |previous_mean|; 0 for the first window."""
+
+
+@dataclass
+class LossStep:
+    """What one new loss did to the statistics."""
+
+    finite: bool
+    ema_before: float | None
+    ema: float | None
+    z_score: float
+    """(loss - rolling mean) / rolling std, measured before the loss entered the window."""
+    spike_ratio: float
+    """loss / EMA before the loss entered it (1 when undefined)."""
+    closed_window: WindowSummary | None
+
+
+class LossStatistics:
+    """Loss EMA, a rolling window (CV, z-score) and non-overlapping windows for the decision engine."""
+
+    def __init__(self, window: int, ema_beta: float) -> None:
+        self.window = window
+        self.ema = Ema(ema_beta)
+        self.rolling: deque[float] = deque(maxlen=window)
+        self.current_window: list[float] = []
+        self.previous_window_mean: float | None = None
+        self.nonfinite_count = 0
+
+    def update(self, loss: float | None) -> LossStep:
+        if not is_finite_number(loss):
+            self.nonfinite_count += 1
+            value = self.ema.value
+            return LossStep(False, value, value, 0.0, 1.0, None)
+        ema_before = self.ema.value
+        z_score = self._z_score(loss)
+        spike_ratio = loss / ema_before if ema_before is not None and ema_before > _TINY else 1.0
+        self.ema.update(loss)
+        self.rolling.append(loss)
+        self.current_window.append(loss)
+        closed = self._close_window() if len(self.current_window) >= self.window else None
+        return LossStep(True, ema_before, self.ema.value, z_score, spike_ratio, closed)
+
+    def rolling_cv(self) -> float:
+        """Coefficient of variation of the rolling window (0 with fewer than 2 losses)."""
+        if len(self.rolling) < 2:
+            return 0.0
+        return coefficient_of_variation(*mean_and_std(list(self.rolling)))
+
+    def _z_score(self, loss: float) -> float:
+        if len(self.rolling) < 2:
+            return 0.0
+        mean, std = mean_and_std(list(self.rolling))
+        if std <= _TINY * max(abs(mean), 1.0):
+            return 0.0
+        return max(-MAX_CV, min(MAX_CV, (loss - mean) / std))
+
+    def _close_window(self) -> WindowSummary:
+        values = self.current_window
+        mean, std = mean_and_std(values)
+        previous = self.previous_window_mean
+        improvement = 0.0 if previous is None else relative_improvement(previous, mean)
+        summary = WindowSummary(mean, std, coefficient_of_variation(mean, std), least_squares_slope(values),
+                                previous, improvement)
+        self.previous_window_mean = mean
+        self.current_window = []
+        return summary
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ema": self.ema.state_dict(),
+            "rolling": list(self.rolling),
+            "current_window": list(self.current_window),
+            "previous_window_mean": self.previous_window_mean,
+            "nonfinite_count": self.nonfinite_count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.rolling = deque(state["rolling"], maxlen=self.window)
+        self.current_window = list(state["current_window"])
+        self.previous_window_mean = state["previous_window_mean"]
+        self.nonfinite_count = state["nonfinite_count"]
+
+
+class RewardStatistics:
+    """Reward EMA, its previous value (for trends) and a rolling window (for variance)."""
+
+    def __init__(self, window: int, ema_beta: float) -> None:
+        self.window = window
+        self.ema = Ema(ema_beta)
+        self.previous_ema: float | None = None
+        self.rolling: deque[float] = deque(maxlen=window)
+
+    def update(self, reward: float) -> None:
+        self.previous_ema = self.ema.value
+        self.ema.update(reward)
+        self.rolling.append(reward)
+
+    def variance(self) -> float:
+        if len(self.rolling) < 2:
+            return 0.0
+        return mean_and_std(list(self.rolling))[1] ** 2
+
+    def rose(self) -> bool | None:
+        """Did the last reward lift the EMA? None before two rewards arrived."""
+        if self.previous_ema is None or self.ema.value is None:
+            return None
+        return self.ema.value > self.previous_ema
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict(), "previous_ema": self.previous_ema, "rolling": list(self.rolling)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.previous_ema = state["previous_ema"]
+        self.rolling = deque(state["rolling"], maxlen=self.window)

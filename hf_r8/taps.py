@@ -1,0 +1,93 @@
+"""Taps into a running `transformers.Trainer`: the per-step loss, the gradient norm, and its logs.
+
+No callback event carries the per-step loss or the gradient norm the Trainer computes, and keys a
+user callback adds in `on_log` reach neither the reporters (they run first) nor `log_history`.
+So `TrainerTaps` wraps three methods *on the one Trainer instance* (the class is untouched) and
+removes the wrappers when training ends:
+
+* `training_step`: its return value (the micro-batch loss, already scaled for gradient accumulation
+  and token averaging) is summed on device, giving exactly the loss the Trainer would log for the
+  step, NaN included (the Trainer's own NaN filter runs after);
+* `_get_grad_norm`: its return value is the pre-clip global gradient norm (a device tensor);
+* `log`: training logs get the callback's `r8/*` metrics before reporters and history see them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+
+def find_trainer(callback: object) -> Trainer:
+    """The Trainer whose callback handler holds `callback`, found among the callers' frames.
+
+    A stock `Trainer(callbacks=[cb])` never hands itself to its callbacks; the event that is
+    running right now was called from one of its methods, so `self` in a caller frame is it.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer) and any(cb is callback for cb in candidate.callback_handler.callbacks):
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError(
+        f"{type(callback).__name__} must run inside transformers.Trainer: pass it as Trainer(callbacks=[...]) "
+        "or call .bind(trainer) before trainer.train()"
+    )
+
+
+class TrainerTaps:
+    """Instance-level wrappers on one Trainer (see the module docstring)."""
+
+    def __init__(self, trainer: Trainer, add_log_metrics: Callable[[dict[str, float]], None]) -> None:
+        self.trainer = trainer
+        self.add_log_metrics = add_log_metrics
+        self.step_loss: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | float | None = None
+        self._installed: list[str] = []
+
+    def install(self) -> None:
+        trainer = self.trainer
+        original_training_step = trainer.training_step
+        original_log = trainer.log
+
+        def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = original_training_step(*args, **kwargs)
+            if torch.is_tensor(loss):
+                micro = loss.detach().float().reshape(-1).mean()
+                self.step_loss = micro if self.step_loss is None else self.step_loss + micro
+            return loss
+
+        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "learning_rate" in logs:
+                self.add_log_metrics(logs)
+            return original_log(logs, *args, **kwargs)
+
+        self._wrap("training_step", training_step)
+        self._wrap("log", log)
+        if hasattr(trainer, "_get_grad_norm"):
+            original_get_grad_norm = trainer._get_grad_norm
+
+            def get_grad_norm(*args: Any, **kwargs: Any) -> torch.Tensor | float | None:
+                self.grad_norm = original_get_grad_norm(*args, **kwargs)
+                return self.grad_norm
+
+            self._wrap("_get_grad_norm", get_grad_norm)
+
+    def _wrap(self, name: str, wrapper: Callable[..., Any]) -> None:
+        setattr(self.trainer, name, wrapper)
+        self._installed.append(name)
+
+    def remove(self) -> None:
+        """Drop the instance attributes, so the class methods answer again."""
+        for name in self._installed:
+            self.trainer.__dict__.pop(name, None)
+        self._installed = []
+
+    def start_step(self) -> None:
+        self.step_loss = None
+        self.grad_norm = None
