@@ -2,7 +2,7 @@
 
 Every `window` steps the engine compares the closed window with the previous one:
 
-1. SPIKE_DECREASE  if mean > previous_mean * spike_threshold
+1. SPIKE_DECREASE  if mean > previous_mean * spike_threshold (waits only for `spike_cooldown_steps`)
 2. DECREASE        if cv > instability_threshold                         (oscillating)
 3. INCREASE        if improvement_rate > increase_threshold and cv < stability_threshold and slope < 0
 4. DECREASE        if improvement_rate < plateau_threshold for `patience_windows` windows in a row
@@ -75,13 +75,15 @@ class DecisionEngine:
         return self._adjusted(Verdict(Decision.SPIKE_DECREASE, reason), brake=True)
 
     def _window_decision(self, window: WindowSummary, config: DecisionConfig) -> Verdict:
-        if self.steps_since_adjustment < config.cooldown_steps:
-            return Verdict(Decision.HOLD, f"cooldown ({self.steps_since_adjustment}/{config.cooldown_steps} steps)")
         previous = window.previous_mean
-        if previous is not None and previous > 0 and window.mean > previous * config.spike_threshold:
+        spiked = previous is not None and previous > 0 and window.mean > previous * config.spike_threshold
+        # A brake only waits for the previous brake, never for the cooldown of ordinary adjustments.
+        if spiked and self.steps_since_brake >= config.spike_cooldown_steps:
             self.plateau_windows = 0
             reason = f"window loss spike: mean {window.mean:.4g} > {config.spike_threshold} x previous {previous:.4g}"
             return self._adjusted(Verdict(Decision.SPIKE_DECREASE, reason), brake=True)
+        if self.steps_since_adjustment < config.cooldown_steps:
+            return Verdict(Decision.HOLD, f"cooldown ({self.steps_since_adjustment}/{config.cooldown_steps} steps)")
         if window.cv > config.instability_threshold:
             self.plateau_windows = 0
             reason = f"unstable: cv={window.cv:.3f} > {config.instability_threshold}"

@@ -28,6 +28,9 @@ from hf_r8.config import (
 )
 from hf_r8.signals import WindowSummary, relative_improvement
 
+# A factor of 0 (reward scaling at center - span) means "as low as the bounds allow".
+_SMALLEST_FACTOR = 1e-12
+
 
 @dataclass
 class Proposal:
@@ -100,7 +103,7 @@ def blend(proposals: list[Proposal], config: BlendConfig, instability: float) ->
             weight *= (1.0 + tilt) if proposal.factor < 1.0 else (1.0 - tilt)
         else:
             weight = 1.0
-        log_total += weight * math.log(proposal.factor)
+        log_total += weight * math.log(max(proposal.factor, _SMALLEST_FACTOR))
     return math.exp(log_total)
 
 

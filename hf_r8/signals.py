@@ -192,7 +192,8 @@ class RewardStatistics:
     def variance(self) -> float:
         if len(self.rolling) < 2:
             return 0.0
-        return mean_and_std(list(self.rolling))[1] ** 2
+        std = mean_and_std(list(self.rolling))[1]
+        return std * std if std < 1e150 else math.inf  # squaring a huge std would overflow
 
     def rose(self) -> bool | None:
         """Did the last reward lift the EMA? None before two rewards arrived."""

@@ -1,0 +1,235 @@
+"""R8Callback on a stock transformers.Trainer: real runs of a tiny GPT-2 for a few dozen steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, get_scheduler
+
+from hf_r8 import R8Callback, R8Config
+from tests.conftest import ScriptedLossModel, training_args
+
+pytestmark = pytest.mark.integration
+
+
+class UsedLearningRates(TrainerCallback):
+    """Records the LR each param group has when `optimizer.step()` actually runs (a step pre-hook)."""
+
+    def __init__(self):
+        self.used: list[list[float]] = []
+        self.momenta: list[list[float | None]] = []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.register_step_pre_hook(self._record)
+
+    def _record(self, optimizer, args, kwargs):
+        self.used.append([float(group["lr"]) for group in optimizer.param_groups])
+        self.momenta.append([group["betas"][0] if "betas" in group else group.get("momentum")
+                             for group in optimizer.param_groups])
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def train(model, dataset, tmp_path, callbacks, **args):
+    trainer = Trainer(model=model, args=training_args(tmp_path, **args), train_dataset=dataset, callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def healthy(step):
+    return 1.0 + 4.0 * math.exp(-step / 20)
+
+
+def test_lr_used_equals_lr_logged_equals_schedule_times_gain(model, lm_dataset, tmp_path):
+    r8, recorder = R8Callback.from_preset("aggressive"), UsedLearningRates()
+    scripted = ScriptedLossModel(model, healthy)
+    trainer = train(scripted, lm_dataset, tmp_path, [r8, recorder], max_steps=60, warmup_steps=5,
+                    lr_scheduler_type="cosine")
+    used = [lrs[0] for lrs in recorder.used]
+    logged_lrs = logged(trainer, "learning_rate")
+    gains = logged(trainer, "r8/lr_gain")
+    assert len(used) == len(logged_lrs) == len(gains) == 60
+    assert used == pytest.approx(logged_lrs, rel=1e-12)
+
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_scheduler("cosine", reference, num_warmup_steps=5, num_training_steps=60)
+    lr_min, lr_max = r8.controller.lr_bounds(0)
+    expected = []
+    for gain in gains:
+        schedule_lr = reference.param_groups[0]["lr"]
+        expected.append(min(lr_max, max(min(lr_min, schedule_lr), schedule_lr * gain)))
+        reference.step()
+        schedule.step()
+    assert used == pytest.approx(expected, rel=1e-12)
+    assert max(gains) > 1.1, "the controller never acted: the test would prove nothing"
+    assert all(lrs[0] == lrs[1] for lrs in recorder.used)  # both Trainer param groups get the same gain
+
+
+def test_healthy_training_lr_rises_then_settles(model, lm_dataset, tmp_path):
+    r8 = R8Callback()
+    trainer = train(ScriptedLossModel(model, healthy), lm_dataset, tmp_path, [r8], max_steps=100)
+    gains = logged(trainer, "r8/lr_gain")
+    assert gains[0] == 1.0
+    assert max(gains[:60]) > 1.2
+    assert all(later >= earlier for earlier, later in zip(gains, gains[1:], strict=False))
+    assert len(set(gains[75:])) == 1, "the gain should have settled once improvement slowed"
+    assert {event.action for event in r8.events if event.rule == "decision"} == {"increase"}
+
+
+def test_stuck_training_lr_falls_after_patience(model, lm_dataset, tmp_path):
+    r8 = R8Callback()
+    trainer = train(ScriptedLossModel(model, lambda step: 3.0 + 0.01 * (step % 2)), lm_dataset, tmp_path, [r8],
+                    max_steps=45)
+    gains = logged(trainer, "r8/lr_gain")
+    decisions = [(event.step, event.action) for event in r8.events if event.group == 0]
+    assert decisions[0] == (15, "decrease"), "patience: two plateau windows of 5 steps before the first cut"
+    assert gains[:15] == [1.0] * 15
+    assert gains[15] < 1.0 and gains[-1] < gains[15]
+    assert "plateau" in r8.events[0].reason
+
+
+def test_diverging_training_hits_the_spike_brake(model, lm_dataset, tmp_path):
+    def diverging(step):
+        return 2.0 - 0.01 * step + 0.02 * (step % 2) if step <= 30 else 2.0 * 1.5 ** (step - 30)
+
+    r8 = R8Callback()
+    trainer = train(ScriptedLossModel(model, diverging), lm_dataset, tmp_path, [r8], max_steps=45)
+    gains = logged(trainer, "r8/lr_gain")
+    brakes = [event.step for event in r8.events if event.action == "spike_decrease" and event.group == 0]
+    assert brakes == [31, 41], "brake at once, then again after spike_cooldown_steps while it still diverges"
+    assert gains[31] == pytest.approx(0.5 * gains[30], rel=1e-12)  # used from step 32 on
+    assert gains[-1] == pytest.approx(0.25 * gains[30], rel=1e-12)
+
+
+def test_moe_profile_bounds_are_tighter_and_changes_gentler(tokenizer, lm_dataset, tmp_path):
+    from hf_r8.offline import tiny_gpt2
+
+    def gains_for(preset):
+        callback = R8Callback.from_preset(preset)
+        model = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+        script = ScriptedLossModel(model, lambda step: 10.0 * 0.97 ** step)
+        trainer = train(script, lm_dataset, tmp_path / preset, [callback], max_steps=120)
+        bounds = {"default": (0.01, 20.0), "moe": (0.1, 2.0)}[preset]
+        assert callback.controller.gain_bounds == [pytest.approx(bounds)] * 2
+        return logged(trainer, "r8/lr_gain")
+
+    default, moe = gains_for("default"), gains_for("moe")
+    moe_steps = [b / a for a, b in zip(moe, moe[1:], strict=False)]
+    default_steps = [b / a for a, b in zip(default, default[1:], strict=False)]
+    assert 1.0 < max(moe) <= 2.0 and max(moe) < max(default)
+    assert max(moe_steps) <= 1.15 and max(moe_steps) < max(default_steps)
+    assert min(moe_steps) >= 0.85
+
+
+def test_nan_loss_does_not_poison_the_controller(model, lm_dataset, tmp_path):
+    r8 = R8Callback()
+    trainer = train(ScriptedLossModel(model, lambda step: float("nan") if step == 20 else 3.0 - 0.01 * step),
+                    lm_dataset, tmp_path, [r8], max_steps=30)
+    assert r8.controller.loss.nonfinite_count == 1
+    assert all(math.isfinite(value) for value in logged(trainer, "r8/loss_ema"))
+    assert all(math.isfinite(value) and value > 0 for value in logged(trainer, "learning_rate"))
+    assert any(event.reason == "non-finite loss" for event in r8.events)
+
+
+def test_per_step_loss_needs_no_logging_every_step(model, lm_dataset, tmp_path, tokenizer):
+    from hf_r8.offline import tiny_gpt2
+
+    every_step = R8Callback()
+    trainer = train(model, lm_dataset, tmp_path / "a", [every_step], max_steps=12, gradient_accumulation_steps=2)
+    sparse = R8Callback()
+    twin = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    train(twin, lm_dataset, tmp_path / "b", [sparse], max_steps=12, gradient_accumulation_steps=2, logging_steps=50)
+    losses = logged(trainer, "loss")
+    # the last step's signal is still pending when training ends (it is consumed one step later)
+    assert list(every_step.controller.loss.rolling) == pytest.approx(losses[-6:-1], rel=1e-5)
+    assert list(sparse.controller.loss.rolling) == pytest.approx(list(every_step.controller.loss.rolling), rel=1e-6)
+    assert every_step.controller.grad_slow.count == 11
+
+
+@pytest.mark.parametrize("restore_flag", [False, True])
+def test_resume_reproduces_lr_trajectory(tokenizer, lm_dataset, tmp_path, restore_flag):
+    from hf_r8.offline import tiny_gpt2
+
+    def fresh_model():
+        return tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, seed=1)
+
+    common = dict(max_steps=40, learning_rate=3e-3, save_strategy="steps", save_steps=20, warmup_steps=4,
+                  lr_scheduler_type="linear", restore_callback_states_from_checkpoint=restore_flag)
+    uninterrupted = train(fresh_model(), lm_dataset, tmp_path / "a", [R8Callback.from_preset("aggressive")],
+                          **common)
+    resumed = Trainer(model=fresh_model(), args=training_args(tmp_path / "b", **common), train_dataset=lm_dataset,
+                      callbacks=[R8Callback.from_preset("aggressive")])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-20"))
+
+    def trajectory(trainer, key):
+        history = trainer.state.log_history
+        return [(entry["step"], entry[key]) for entry in history if key in entry and entry["step"] > 20]
+
+    gains = trajectory(uninterrupted, "r8/lr_gain")
+    assert len({gain for _, gain in gains}) > 1, "no decision after the checkpoint: the test would prove nothing"
+    assert trajectory(resumed, "r8/lr_gain") == gains
+    resumed_lrs, uninterrupted_lrs = trajectory(resumed, "learning_rate"), trajectory(uninterrupted, "learning_rate")
+    assert [step for step, _ in resumed_lrs] == [step for step, _ in uninterrupted_lrs] == list(range(21, 41))
+    assert [lr for _, lr in resumed_lrs] == pytest.approx([lr for _, lr in uninterrupted_lrs], rel=1e-9)
+
+
+def test_metrics_reach_tensorboard_and_log_history(model, lm_dataset, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    recorder = UsedLearningRates()
+    trainer = train(model, lm_dataset, tmp_path, [R8Callback(), recorder], max_steps=20, logging_steps=5,
+                    report_to=["tensorboard"])
+    assert all("r8/lr_gain" in entry and "r8/decision" in entry for entry in trainer.state.log_history
+               if "loss" in entry)
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/r8/lr_gain", "train/r8/loss_ema", "train/r8/decision", "train/r8/grad_norm_ema"} <= set(tags)
+    assert [event.step for event in events.Scalars("train/r8/lr_gain")] == [5, 10, 15, 20]
+    tb_lrs = [event.value for event in events.Scalars("train/learning_rate")]
+    assert tb_lrs == pytest.approx([recorder.used[step - 1][0] for step in (5, 10, 15, 20)], rel=1e-6)
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam", "adagrad"])
+def test_momentum_is_written_only_where_the_optimizer_has_one(model, lm_dataset, tmp_path, optimizer_name):
+    optimizer = {
+        "sgd": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+        "adam": lambda params: torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95)),
+        "adagrad": lambda params: torch.optim.Adagrad(params, lr=1e-2),
+    }[optimizer_name](model.parameters())
+    config = R8Config(momentum=R8Config().momentum.__class__(rule="inverse", loss_scale=0.1))
+    r8, recorder = R8Callback(config), UsedLearningRates()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=8), train_dataset=lm_dataset,
+                      callbacks=[r8, recorder], optimizers=(optimizer, None))
+    trainer.train()
+    momenta = [values[0] for values in recorder.momenta]
+    if optimizer_name == "adagrad":
+        assert momenta == [None] * 8 and "momentum" not in optimizer.param_groups[0]
+        return
+    assert momenta[0] == 0.9  # nothing observed yet
+    assert momenta[-1] != 0.9 and 0.0 <= momenta[-1] <= 0.999
+    loss_ema = r8.controller.loss.ema.value
+    assert momenta[-1] == pytest.approx(1 - 1 / (1 + 0.1 * loss_ema), rel=0.05)
+    if optimizer_name == "adam":
+        assert optimizer.param_groups[0]["betas"][1] == 0.95
+
+
+def test_bad_config_fails_at_construction():
+    with pytest.raises(ValueError, match="decision.increase_factor=0.5: must be > 1"):
+        R8Callback({"decision": {"increase_factor": 0.5}})
+    with pytest.raises(ValueError, match="config='default': must be an R8Config"):
+        R8Callback("default")
+
+
+def test_callback_outside_a_trainer_explains_itself():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    callback = R8Callback()
+    with pytest.raises(RuntimeError, match="must run inside transformers.Trainer"):
+        callback.on_train_begin(TrainingArguments(output_dir="unused", use_cpu=True), TrainerState(),
+                                TrainerControl(), optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]))

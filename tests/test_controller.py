@@ -1,0 +1,364 @@
+"""The control law, driven by hand-made loss / grad-norm / reward sequences with exact expectations."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_r8.config import (
+    BlendConfig,
+    BoundsConfig,
+    CyclicalConfig,
+    DecisionConfig,
+    ExplorationConfig,
+    GradNormConfig,
+    LossDecayConfig,
+    MoEConfig,
+    MomentumConfig,
+    PlateauConfig,
+    R8Config,
+    RewardConfig,
+    SignalConfig,
+    TrendConfig,
+    VarianceConfig,
+)
+from hf_r8.controller import Controller, GroupSpec, Observation
+from hf_r8.rules import Proposal, blend
+
+BASE_LR = 1e-3
+
+
+def make(rules, *, groups=None, window=5, shift=0.0, **sections) -> Controller:
+    """A controller with fixed weights (shift 0) unless a test is about blending."""
+    config = R8Config(rules=rules, signals=sections.pop("signals", SignalConfig(window=window)),
+                      blend=sections.pop("blend", BlendConfig(stability_shift=shift)), **sections)
+    return Controller(config, groups or [GroupSpec(BASE_LR, momentum=0.9)], total_steps=1000)
+
+
+def feed(controller, losses=None, grad_norms=None, rewards=None, start=1):
+    """Observe a sequence; returns the gain of group 0 after each step, and all events."""
+    length = len(next(seq for seq in (losses, grad_norms, rewards) if seq is not None))
+    gains, events = [], []
+    for offset in range(length):
+        events += controller.observe(Observation(
+            start + offset,
+            loss=None if losses is None else losses[offset],
+            grad_norm=None if grad_norms is None else grad_norms[offset],
+            reward=None if rewards is None else rewards[offset],
+        ))
+        gains.append(controller.lr_gain(0))
+    return gains, events
+
+
+def test_all_rules_off_is_the_identity():
+    controller = make([])
+    feed(controller, losses=[5.0, 1.0, float("nan"), 100.0, 3.0] * 10, grad_norms=[1.0, 50.0] * 25)
+    for schedule_lr in (0.0, 1e-7, 3e-4, BASE_LR):
+        assert controller.compose_lr(0, schedule_lr) == schedule_lr
+    assert controller.momentum(0) is None
+
+
+def test_trend_rule_multiplies_by_up_then_down():
+    controller = make(["trend"], signals=SignalConfig(window=5, ema_beta=0.5))
+    gains, events = feed(controller, losses=[4.0, 2.0, 3.0, 3.0])
+    # step 2: EMA 4 -> 3 (improved) x1.02; step 3: EMA 3 -> 3 x0.98; step 4: again x0.98.
+    assert gains == pytest.approx([1.0, 1.02, 1.02 * 0.98, 1.02 * 0.98 * 0.98], rel=1e-12)
+    assert [event.action for event in events] == ["trend_up", "trend_down"]
+
+
+def test_variance_rule_damps_by_relative_variance():
+    controller = make(["variance"], variance=VarianceConfig(base=1.0, scale=4.0))
+    gains, _ = feed(controller, losses=[1.0, 3.0])
+    # rolling window [1, 3]: mean 2, std 1, cv 0.5 -> 1 / (1 + 4 * 0.25) = 0.5
+    assert gains == pytest.approx([1.0, 0.5], rel=1e-12)
+
+
+def test_loss_decay_rule():
+    controller = make(["loss_decay"], loss_decay=LossDecayConfig(k=0.1))
+    gains, _ = feed(controller, losses=[10.0])
+    assert gains == pytest.approx([1.0 / (1.0 + 0.1 * 10.0)], rel=1e-12)
+
+
+def test_grad_norm_rule_shrinks_on_jump_and_respects_cooldown():
+    controller = make(["grad_norm"], grad_norm=GradNormConfig(min_samples=3, jump_ratio=2.5, shrink_factor=0.8,
+                                                              cooldown_steps=10))
+    gains, events = feed(controller, grad_norms=[1.0, 1.0, 1.0, 5.0, 5.0])
+    assert gains == pytest.approx([1.0, 1.0, 1.0, 0.8, 0.8], rel=1e-12)
+    assert [event.action for event in events] == ["grad_norm_jump"]
+
+
+def test_grad_norm_rule_grows_when_the_norm_collapses():
+    controller = make(["grad_norm"], grad_norm=GradNormConfig(min_samples=3, collapse_ratio=0.3, grow_factor=1.1,
+                                                              cooldown_steps=0))
+    gains, events = feed(controller, grad_norms=[1.0, 1.0, 1.0, 0.01, 0.01])
+    # fast EMA (beta .5) 0.2575 < 0.3 x slow EMA 0.903 only at step 5
+    assert gains == pytest.approx([1.0, 1.0, 1.0, 1.0, 1.1], rel=1e-12)
+    assert events[0].action == "grad_norm_collapse"
+
+
+def test_cyclical_rule_follows_cosine_warm_restarts():
+    controller = make(["cyclical"], cyclical=CyclicalConfig(T0=4, T_mult=2, eta_min_scale=0.1))
+    gains, _ = feed(controller, losses=[1.0] * 6)
+
+    def level(position, length):
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * position / length))
+
+    expected = [level(0, 4), level(1, 4), level(2, 4), level(3, 4), level(0, 8), level(1, 8)]
+    assert gains == pytest.approx(expected, rel=1e-12)
+
+
+def improving_losses(steps, rate_per_step=0.02):
+    return [10.0 * (1.0 - rate_per_step) ** t for t in range(steps)]
+
+
+def test_decision_engine_increases_on_steady_improvement_with_cooldown():
+    controller = make(["decision"])
+    gains, events = feed(controller, losses=improving_losses(30))
+    # first window (step 5) has no predecessor; INCREASE at 10, cooldown of 20 steps, INCREASE at 30
+    assert [(event.step, event.action) for event in events] == [(10, "increase"), (30, "increase")]
+    assert gains[9] == pytest.approx(1.1, rel=1e-12)
+    assert gains[-1] == pytest.approx(1.1 ** 2, rel=1e-12)
+    assert all(event.reason.startswith("improving") for event in events)
+
+
+def test_decision_engine_decreases_after_plateau_patience():
+    controller = make(["decision"], decision=DecisionConfig(patience_windows=2))
+    gains, events = feed(controller, losses=[3.0, 3.01] * 20)
+    # plateau windows at 10 and 15 -> DECREASE at 15; cooldown holds 20..30; plateau at 35, 40 -> DECREASE
+    assert [(event.step, event.action) for event in events] == [(15, "decrease"), (40, "decrease")]
+    assert gains[-1] == pytest.approx(0.7 ** 2, rel=1e-12)
+
+
+def test_decision_engine_brakes_on_a_single_step_spike():
+    controller = make(["decision"])
+    gains, events = feed(controller, losses=[1.0, 1.02] * 10 + [3.0])
+    assert events[-1].action == "spike_decrease" and events[-1].step == 21
+    assert gains[-1] == pytest.approx(0.5 * gains[-2], rel=1e-12)
+
+
+def test_nan_loss_brakes_but_never_enters_the_statistics():
+    controller = make(["decision", "variance"])
+    feed(controller, losses=[2.0, 2.1] * 5)
+    ema_before = controller.loss.ema.value
+    window_before = list(controller.loss.rolling)
+    gains, events = feed(controller, losses=[float("nan"), float("inf")], start=11)
+    assert controller.loss.ema.value == ema_before
+    assert list(controller.loss.rolling) == window_before
+    assert controller.loss.nonfinite_count == 2
+    assert events[0].action == "spike_decrease" and events[0].reason == "non-finite loss"
+    assert all(math.isfinite(gain) and gain > 0 for gain in gains)
+
+
+def test_warmup_hands_off_to_adaptation():
+    config = R8Config(rules=["trend"], blend=BlendConfig(stability_shift=0.0), signals=SignalConfig(window=5))
+    controller = Controller(config, [GroupSpec(BASE_LR)], total_steps=100, warmup_steps=10)
+    gains, _ = feed(controller, losses=improving_losses(15))
+    assert gains[:10] == [1.0] * 10
+    assert gains[10] == pytest.approx(1.02, rel=1e-12)
+
+
+def test_gain_and_lr_stay_within_bounds():
+    controller = make(["trend"], trend=TrendConfig(up_factor=1.5), bounds=BoundsConfig(lr_max=4e-3))
+    gains, _ = feed(controller, losses=improving_losses(50, 0.05))
+    assert max(gains) == pytest.approx(4.0)
+    assert controller.compose_lr(0, BASE_LR) == pytest.approx(4e-3)
+
+
+def test_auto_bounds_are_base_over_100_and_base_times_20():
+    controller = make([])
+    assert controller.lr_bounds(0) == pytest.approx((BASE_LR / 100, BASE_LR * 20))
+    assert controller.gain_bounds[0] == pytest.approx((0.01, 20.0))
+
+
+def test_rate_limit_caps_each_step():
+    controller = make(["trend"], trend=TrendConfig(up_factor=3.0), bounds=BoundsConfig(max_change_per_step=0.25))
+    gains, _ = feed(controller, losses=[4.0, 2.0])
+    assert gains[-1] == pytest.approx(1.25, rel=1e-12)
+
+
+def test_compose_never_lifts_the_schedule_above_itself_below_the_floor():
+    controller = make([])
+    assert controller.compose_lr(0, 1e-6) == 1e-6  # warmup start stays the schedule's
+    controller.groups[0].lr_gain = 0.01
+    assert controller.compose_lr(0, 1e-4) == pytest.approx(1e-5)  # the gain may not push below lr_min
+
+
+def test_moe_router_groups_get_gentler_factors_and_tighter_bounds():
+    groups = [GroupSpec(BASE_LR), GroupSpec(BASE_LR, is_router=True)]
+    controller = make(["decision"], groups=groups, moe=MoEConfig(enabled=True))
+    feed(controller, losses=improving_losses(10))
+    assert controller.lr_gain(0) == pytest.approx(1.1, rel=1e-12)
+    assert controller.lr_gain(1) == pytest.approx(1.05, rel=1e-12)
+    assert controller.gain_bounds[1] == pytest.approx((0.1, 2.0))
+    assert controller.gain_bounds[0] == pytest.approx((0.01, 20.0))
+
+
+def test_moe_profile_covers_every_group_when_no_router_group_exists():
+    controller = make(["decision"], groups=[GroupSpec(BASE_LR), GroupSpec(BASE_LR)], moe=MoEConfig(enabled=True))
+    feed(controller, losses=improving_losses(10))
+    assert controller.lr_gain(0) == controller.lr_gain(1) == pytest.approx(1.05, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("rule", "losses", "expected"),
+    [
+        ("inverse", [1.0], 0.5),
+        ("exp", [1.0], 1.0 - math.exp(-1.0)),
+        ("normalized", [1.0, 3.0], 0.5),
+        ("normalized", [2.0, 2.0], 0.9),
+    ],
+)
+def test_loss_driven_momentum_rules(rule, losses, expected):
+    momentum = MomentumConfig(rule=rule, min=0.5 if rule == "normalized" else 0.0,
+                              max=0.9 if rule == "normalized" else 0.999)
+    controller = make([], momentum=momentum)
+    feed(controller, losses=losses)
+    assert controller.momentum(0) == pytest.approx(expected, rel=1e-12)
+
+
+def test_relative_momentum_rises_with_window_improvement():
+    controller = make([], window=2, momentum=MomentumConfig(rule="relative", relative_gain=0.1))
+    feed(controller, losses=[2.0, 2.0, 1.0, 1.0])
+    assert controller.momentum(0) == pytest.approx(0.9 * (1 + 0.1 * 0.5), rel=1e-12)
+
+
+def test_reward_momentum_goes_up_then_down():
+    controller = make([], momentum=MomentumConfig(rule="reward"), reward=RewardConfig(ema_beta=0.0))
+    feed(controller, rewards=[0.0, 1.0])
+    assert controller.momentum(0) == pytest.approx(0.91, rel=1e-12)
+    feed(controller, rewards=[0.0], start=3)
+    assert controller.momentum(0) == pytest.approx(0.91 * 0.99, rel=1e-12)
+
+
+def test_momentum_is_never_written_to_an_optimizer_without_one():
+    controller = make([], groups=[GroupSpec(BASE_LR, momentum=None)], momentum=MomentumConfig(rule="inverse"))
+    feed(controller, losses=[1.0, 2.0])
+    assert controller.momentum(0) is None
+
+
+@pytest.mark.parametrize(("reward", "expected"), [(0.0, 1.0), (0.5, 1.5), (1.0, 2.0), (3.0, 2.0), (-1.0, 0.01)])
+def test_reward_scaling_maps_center_plus_minus_span_to_0_and_2x(reward, expected):
+    controller = make([], reward=RewardConfig(rules=["scaling"], ema_beta=0.0, center=0.0, span=1.0))
+    gains, _ = feed(controller, rewards=[reward])  # no loss at all: reward alone drives the LR
+    assert gains[-1] == pytest.approx(expected, rel=1e-12)
+
+
+def test_reward_trend_and_variance_rules():
+    trend = make([], reward=RewardConfig(rules=["trend"], ema_beta=0.0, up_factor=1.03, down_factor=0.9))
+    gains, events = feed(trend, rewards=[0.0, 1.0, 0.5])
+    assert gains == pytest.approx([1.0, 1.03, 1.03 * 0.9], rel=1e-12)
+    assert [event.action for event in events] == ["reward_up", "reward_down"]
+    variance = make([], reward=RewardConfig(rules=["variance"], ema_beta=0.5, span=1.0, variance_scale=1.0))
+    gains, _ = feed(variance, rewards=[0.0, 2.0])
+    assert gains[-1] == pytest.approx(0.5, rel=1e-12)  # var([0, 2]) = 1
+
+
+def test_reward_ema_smoothing():
+    controller = make([], reward=RewardConfig(rules=["scaling"], ema_beta=0.5))
+    feed(controller, rewards=[1.0, 0.0])
+    assert controller.reward.ema.value == pytest.approx(0.5)
+    assert controller.lr_gain(0) == pytest.approx(1.5, rel=1e-12)
+
+
+def test_exploration_sigma_rises_on_plateau_and_falls_on_instability():
+    plateau = make([], exploration=ExplorationConfig(enabled=True, sigma_init=1e-3))
+    _, events = feed(plateau, losses=[2.0] * 10)
+    assert plateau.sigma == pytest.approx(1.5e-3, rel=1e-12)
+    assert events[-1].quantity == "sigma" and "plateau" in events[-1].reason
+    unstable = make([], exploration=ExplorationConfig(enabled=True, sigma_init=1e-3))
+    feed(unstable, losses=[1.0, 10.0] * 5)
+    assert unstable.sigma == pytest.approx(1e-3 * 0.5 * 0.5, rel=1e-12)  # two unstable windows
+    capped = make([], exploration=ExplorationConfig(enabled=True, sigma_init=8e-3, sigma_max=1e-2))
+    feed(capped, losses=[2.0] * 30)
+    assert capped.sigma == 1e-2
+
+
+def test_blend_shifts_weight_toward_damping_when_unstable():
+    proposals = [Proposal("trend", 1.1), Proposal("variance", 0.9)]
+    config = BlendConfig(stability_shift=0.5)
+    unstable = math.exp(0.5 * math.log(1.1) + 1.5 * math.log(0.9))
+    stable = math.exp(1.5 * math.log(1.1) + 0.5 * math.log(0.9))
+    assert blend(proposals, config, instability=1.0) == pytest.approx(unstable)
+    assert blend(proposals, config, instability=0.0) == pytest.approx(stable)
+    assert blend(proposals, config, instability=0.5) == pytest.approx(1.1 * 0.9)
+    weighted = BlendConfig(stability_shift=0.0, weights={"trend": 2.0})
+    assert blend(proposals, weighted, instability=0.3) == pytest.approx(1.1 ** 2 * 0.9)
+    brake = [Proposal("decision", 0.5, blendable=False)]
+    assert blend(brake, config, instability=0.0) == pytest.approx(0.5)
+
+
+def test_several_rules_active_at_once_blend_in_log_space():
+    controller = make(["trend", "variance"], signals=SignalConfig(window=5, ema_beta=0.5),
+                      variance=VarianceConfig(scale=4.0))
+    gains, _ = feed(controller, losses=[3.0, 1.0])
+    # trend x1.02 (EMA 3 -> 2) times variance level 1/(1 + 4 * 0.25)
+    assert gains[-1] == pytest.approx(1.02 * 0.5, rel=1e-12)
+
+
+def test_state_dict_round_trips_exactly_through_json():
+    def build():
+        return make(["decision", "trend", "grad_norm", "plateau", "cyclical", "variance"], shift=0.5,
+                    momentum=MomentumConfig(rule="normalized"), exploration=ExplorationConfig(enabled=True),
+                    reward=RewardConfig(rules=["trend", "scaling"]))
+
+    losses = [5.0 * 0.98 ** t + 0.1 * (t % 3) for t in range(60)]
+    grads = [1.0 + 0.3 * (t % 4) for t in range(60)]
+    rewards = [0.01 * t for t in range(60)]
+    original = build()
+    feed(original, losses[:30], grads[:30], rewards[:30])
+    restored = build()
+    restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    assert restored.state_dict() == original.state_dict()
+    gains_a, events_a = feed(original, losses[30:], grads[30:], rewards[30:], start=31)
+    gains_b, events_b = feed(restored, losses[30:], grads[30:], rewards[30:], start=31)
+    assert gains_a == gains_b and events_a == events_b
+    assert restored.state_dict() == original.state_dict()
+
+
+def test_load_state_dict_rejects_a_different_optimizer():
+    state = make([]).state_dict()
+    other = make([], groups=[GroupSpec(BASE_LR), GroupSpec(BASE_LR)])
+    with pytest.raises(ValueError, match="parameter groups"):
+        other.load_state_dict(state)
+
+
+every_rule = R8Config(
+    rules=["decision", "trend", "variance", "loss_decay", "grad_norm", "cyclical", "plateau"],
+    reward=RewardConfig(rules=["scaling", "trend", "variance"]),
+    exploration=ExplorationConfig(enabled=True),
+    signals=SignalConfig(window=4),
+    plateau=PlateauConfig(patience=3, cooldown=1),
+    grad_norm=GradNormConfig(min_samples=2, cooldown_steps=0),
+    cyclical=CyclicalConfig(T0=5),
+)
+wild = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
+                 st.floats(min_value=-1e12, max_value=1e12), st.sampled_from([0.0, -1.0, 1e300, -1e300]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(signals=st.lists(st.tuples(wild, wild, wild), min_size=1, max_size=80),
+       momentum_rule=st.sampled_from(["inverse", "exp", "relative", "normalized", "reward"]),
+       router=st.booleans())
+def test_gains_and_momentum_stay_bounded_for_any_signals(signals, momentum_rule, router):
+    config = replace(every_rule, momentum=MomentumConfig(rule=momentum_rule, min=0.1, max=0.95),
+                     moe=MoEConfig(enabled=router))
+    controller = Controller(config, [GroupSpec(BASE_LR, 0.9), GroupSpec(BASE_LR, None, is_router=True)],
+                            total_steps=200)
+    for step, (loss, grad_norm, reward) in enumerate(signals, start=1):
+        controller.observe(Observation(step, loss, grad_norm, reward))
+        for index in range(2):
+            gain_min, gain_max = controller.gain_bounds[index]
+            gain = controller.lr_gain(index)
+            assert math.isfinite(gain) and gain_min <= gain <= gain_max
+            lr = controller.compose_lr(index, BASE_LR)
+            lr_min, lr_max = controller.lr_bounds(index)
+            assert math.isfinite(lr) and lr_min <= lr <= lr_max
+        momentum = controller.momentum(0)
+        assert momentum is not None and math.isfinite(momentum) and 0.1 <= momentum <= 0.95
+        assert controller.momentum(1) is None
+        assert 1e-5 <= controller.sigma <= 1e-2
