@@ -1,0 +1,39 @@
+"""Two real processes (torchrun, gloo on CPU): every rank sees the same averaged signals and decides the same."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).parent / "scripts" / "two_rank_training.py"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_ranks_average_signals_and_decide_the_same(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(SCRIPT), str(tmp_path)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["world_size"] == 2
+    assert rank0["controller"] == rank1["controller"]
+    assert rank0["learning_rates"] == rank1["learning_rates"]
+    assert rank0["local_losses"] != rank1["local_losses"], "ranks should see different data"
+    # The controller saw the mean over ranks (its rolling window holds the last steps but the pending one).
+    window = len(rank0["controller"]["loss"]["rolling"])
+    averaged = [(a + b) / 2 for a, b in zip(rank0["local_losses"], rank1["local_losses"], strict=True)]
+    assert rank0["controller"]["loss"]["rolling"] == pytest.approx(averaged[-1 - window:-1], rel=1e-6)
