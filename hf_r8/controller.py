@@ -243,7 +243,7 @@ class Controller:
                     proposals.append(Proposal("grad_norm", config.grad_norm.grow_factor, "grad_norm_collapse",
                                               f"fast EMA {self.grad_fast.value:.4g} < "
                                               f"{config.grad_norm.collapse_ratio} x slow EMA {slow:.4g}"))
-        if "plateau" in rules and has_ema_step:
+        if "plateau" in rules and loss_step is not None and loss_step.finite:
             proposals += self._plateau_proposal(group, loss_step.ema)
         if "trend" in config.reward.rules and reward_updated and self.reward.rose() is not None:
             rose = self.reward.rose()
@@ -267,10 +267,10 @@ class Controller:
         if group.plateau_best is None or relative_improvement(group.plateau_best, loss_ema) > config.min_rel_improve:
             group.plateau_best, group.plateau_steps = loss_ema, 0
             return []
-        group.plateau_steps += 1
-        if group.plateau_cooldown > 0:
+        if group.plateau_cooldown > 0:  # like ReduceLROnPlateau: bad steps in cooldown do not count
             group.plateau_cooldown -= 1
             return []
+        group.plateau_steps += 1
         if group.plateau_steps < config.patience:
             return []
         group.plateau_steps, group.plateau_cooldown = 0, config.cooldown

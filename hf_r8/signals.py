@@ -47,7 +47,7 @@ def least_squares_slope(values: list[float]) -> float:
         return 0.0
     scale = max(abs(v) for v in values) or 1.0
     x_mean = (count - 1) / 2
-    y_mean = math.fsum(values) / count / scale
+    y_mean = math.fsum(v / scale for v in values) / count
     numerator = math.fsum((i - x_mean) * (v / scale - y_mean) for i, v in enumerate(values))
     denominator = math.fsum((i - x_mean) ** 2 for i in range(count))
     return numerator / denominator * scale

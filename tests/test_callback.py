@@ -219,6 +219,29 @@ def test_momentum_is_written_only_where_the_optimizer_has_one(model, lm_dataset,
         assert optimizer.param_groups[0]["betas"][1] == 0.95
 
 
+def test_callback_from_yaml_and_preset(tmp_path):
+    path = tmp_path / "r8.yaml"
+    path.write_text("base: conservative\nrules: [decision]\n")
+    assert R8Callback.from_yaml(path).config.rules == ["decision"]
+    assert R8Callback.from_yaml(path).config.decision == R8Config.from_preset("conservative").decision
+    assert R8Callback(R8Config.from_preset("moe")).config.moe.enabled
+
+
+def test_metric_driven_scheduler_keeps_its_own_lr(model, lm_dataset, tmp_path):
+    r8, recorder = R8Callback.from_preset("aggressive"), UsedLearningRates()
+    scripted = ScriptedLossModel(model, healthy)
+    args = training_args(tmp_path, max_steps=40, lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps",
+                         eval_steps=10)
+    trainer = Trainer(model=scripted, args=args, train_dataset=lm_dataset, eval_dataset=lm_dataset.select(range(16)),
+                      callbacks=[r8, recorder])
+    trainer.train()
+    gains = logged(trainer, "r8/lr_gain")
+    assert max(gains) > 1.0
+    assert [lrs[0] for lrs in recorder.used] == pytest.approx(logged(trainer, "learning_rate"), rel=1e-12)
+    # between steps the optimizer holds the plateau scheduler's own value, never schedule x gain
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
 def test_bad_config_fails_at_construction():
     with pytest.raises(ValueError, match="decision.increase_factor=0.5: must be > 1"):
         R8Callback({"decision": {"increase_factor": 0.5}})

@@ -362,3 +362,13 @@ def test_gains_and_momentum_stay_bounded_for_any_signals(signals, momentum_rule,
         assert momentum is not None and math.isfinite(momentum) and 0.1 <= momentum <= 0.95
         assert controller.momentum(1) is None
         assert 1e-5 <= controller.sigma <= 1e-2
+
+
+def test_plateau_rule_drops_after_patience_then_cools_down():
+    controller = make(["plateau"], plateau=PlateauConfig(patience=3, big_drop=0.5, cooldown=2, min_rel_improve=1e-3),
+                      signals=SignalConfig(window=5, ema_beta=0.0))
+    gains, events = feed(controller, losses=[2.0] * 10)
+    # best set at step 1; steps 2-4 bring no new best -> drop at 4; 5-6 cool down; 7-9 -> drop at 9
+    assert [event.step for event in events] == [4, 9]
+    assert gains[3] == pytest.approx(0.5) and gains[-1] == pytest.approx(0.25)
+    assert events[0].action == "plateau_drop"

@@ -1,0 +1,61 @@
+"""Each path of the windowed decision engine, driven directly."""
+
+from __future__ import annotations
+
+from hf_r8.config import DecisionConfig
+from hf_r8.decision import Decision, DecisionEngine
+from hf_r8.signals import LossStep, WindowSummary
+
+CONFIG = DecisionConfig(cooldown_steps=0)
+
+
+def window(mean, previous, cv=0.01, slope=-0.1):
+    rate = 0.0 if previous is None else (previous - mean) / previous
+    return LossStep(True, mean, mean, 0.0, 1.0, WindowSummary(mean, mean * cv, cv, slope, previous, rate))
+
+
+def test_first_window_holds():
+    assert DecisionEngine().on_step(window(5.0, None), CONFIG).decision is Decision.HOLD
+
+
+def test_increase_needs_improvement_stability_and_a_falling_slope():
+    assert DecisionEngine().on_step(window(4.0, 5.0), CONFIG).decision is Decision.INCREASE
+    assert DecisionEngine().on_step(window(4.0, 5.0, cv=0.4), CONFIG).decision is Decision.HOLD
+    assert DecisionEngine().on_step(window(4.0, 5.0, slope=0.1), CONFIG).decision is Decision.HOLD
+
+
+def test_instability_forces_a_decrease():
+    verdict = DecisionEngine().on_step(window(4.0, 5.0, cv=0.6), CONFIG)
+    assert verdict.decision is Decision.DECREASE and "unstable" in verdict.reason
+
+
+def test_window_spike_brakes_even_during_cooldown():
+    engine = DecisionEngine(steps_since_adjustment=0)
+    verdict = engine.on_step(window(7.0, 5.0), DecisionConfig(cooldown_steps=20))
+    assert verdict.decision is Decision.SPIKE_DECREASE and "window loss spike" in verdict.reason
+    again = engine.on_step(window(9.0, 7.0), DecisionConfig(cooldown_steps=20, spike_cooldown_steps=10))
+    assert again.decision is Decision.HOLD  # the next brake waits for spike_cooldown_steps
+
+
+def test_cooldown_holds_ordinary_decisions():
+    engine = DecisionEngine(steps_since_adjustment=3)
+    verdict = engine.on_step(window(4.0, 5.0), DecisionConfig(cooldown_steps=20))
+    assert verdict.decision is Decision.HOLD and verdict.reason.startswith("cooldown")
+
+
+def test_plateau_counts_windows_and_resets_on_progress():
+    engine = DecisionEngine()
+    config = DecisionConfig(cooldown_steps=0, patience_windows=3)
+    assert engine.on_step(window(5.0, 5.0), config).decision is Decision.HOLD
+    assert engine.plateau_windows == 1
+    engine.on_step(window(4.9, 5.0, slope=0.1), config)  # 2% better but slope up: progress, not a plateau
+    assert engine.plateau_windows == 0
+    verdicts = [engine.on_step(window(5.0, 5.0), config).decision for _ in range(3)]
+    assert verdicts == [Decision.HOLD, Decision.HOLD, Decision.DECREASE]
+
+
+def test_steps_between_windows_return_nothing_unless_a_brake_fires():
+    engine = DecisionEngine()
+    assert engine.on_step(LossStep(True, 1.0, 1.0, 0.5, 1.01, None), CONFIG) is None
+    assert engine.on_step(None, CONFIG) is None
+    assert engine.on_step(LossStep(True, 1.0, 1.3, 4.0, 1.5, None), CONFIG).decision is Decision.SPIKE_DECREASE
