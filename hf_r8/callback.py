@@ -185,16 +185,16 @@ class R8Callback(TrainerCallback, ExportableState):
         self._schedule_lrs = []
 
     def _stage_signals(self, step: int, device: torch.device) -> None:
-        """Reduce this step's signals across processes on device; copy them to host without waiting."""
+        """Sum [loss, has_loss, grad_norm, has_grad_norm] over processes on device; copy to host without waiting."""
         taps = self._taps
-        zero = torch.zeros((), device=device)
+        zero, one = torch.zeros((), device=device), torch.ones((), device=device)
         loss = taps.step_loss.to(device) if taps.step_loss is not None else None
-        grad = None
+        grad_norm = None
         if taps.grad_norm is not None:
-            grad = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
+            grad_norm = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
         packed = torch.stack([
-            loss if loss is not None else zero, zero + (loss is not None),
-            grad.float() if grad is not None else zero, zero + (grad is not None),
+            zero if loss is None else loss, zero if loss is None else one,
+            zero if grad_norm is None else grad_norm, zero if grad_norm is None else one,
         ]).float()
         packed = sum_across_processes(packed)
         self._pending_step = step

@@ -94,7 +94,7 @@ class GroupState:
     lr_gain: float = 1.0
     momentum: float | None = None
     engine: DecisionEngine = field(default_factory=DecisionEngine)
-    steps_since_grad_rule: int = 1_000_000_000
+    steps_since_grad_rule: int = 1_000_000_000  # "long ago": no cooldown at start
     plateau_best: float | None = None
     plateau_steps: int = 0
     plateau_cooldown: int = 0
@@ -128,7 +128,7 @@ class Controller:
         self.grad_slow = Ema(config.grad_norm.slow_beta)
         self.sigma = config.exploration.sigma_init if config.exploration.enabled else 0.0
         self.step = 0
-        self.last_window = None
+        self.last_window: WindowSummary | None = None
         no_router_group = not any(spec.is_router for spec in self.specs)
         self.router_profile = [config.moe.enabled and (spec.is_router or no_router_group) for spec in self.specs]
         self.gain_bounds = [self._gain_bounds(i) for i in range(len(self.specs))]

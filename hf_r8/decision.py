@@ -46,6 +46,7 @@ class DecisionEngine:
     """Per-group engine state: plain counters that round-trip through JSON."""
 
     plateau_windows: int = 0
+    # "Long ago": a fresh engine is in no cooldown (a large int rather than inf keeps the state JSON-safe).
     steps_since_adjustment: int = 1_000_000_000
     steps_since_brake: int = 1_000_000_000
 
