@@ -31,5 +31,5 @@ def test_demo_trains_and_reports(tmp_path):
     console = Console(record=True, width=200)
     summary = run_demo(DemoSettings(steps=30, batch_size=4, output_dir=str(tmp_path)), console=console)
     text = console.export_text()
-    assert "Decisions (parameter group 0)" in text and "Training log" in text
-    assert summary["eval_loss"] < 8.0 and summary["final_lr_gain"] > 0
+    assert "R8 decisions (parameter group 0)" in text and "Training log with R8" in text
+    assert summary["r8_eval_loss"] < 8.0 and summary["baseline_eval_loss"] < 8.0 and summary["final_lr_gain"] > 0
