@@ -40,6 +40,9 @@ def find_trainer(callback: object) -> Trainer:
     )
 
 
+_TAPPED_METHODS = ("training_step", "_get_grad_norm", "log")
+
+
 class TrainerTaps:
     """Instance-level wrappers on one Trainer (see the module docstring)."""
 
@@ -48,46 +51,56 @@ class TrainerTaps:
         self.add_log_metrics = add_log_metrics
         self.step_loss: torch.Tensor | None = None
         self.grad_norm: torch.Tensor | float | None = None
-        self._installed: list[str] = []
 
     def install(self) -> None:
-        trainer = self.trainer
-        original_training_step = trainer.training_step
-        original_log = trainer.log
+        # A run that crashed never reached on_train_end: unwrap its taps so nothing is counted twice.
+        self.remove()
+        self._wrap("training_step", self._tap_training_step)
+        self._wrap("log", self._tap_log)
+        if hasattr(self.trainer, "_get_grad_norm"):
+            self._wrap("_get_grad_norm", self._tap_grad_norm)
 
+    def remove(self) -> None:
+        """Put back exactly what each tapped name was before (an instance attribute or the class method)."""
+        for name in _TAPPED_METHODS:
+            while (restore := getattr(self.trainer.__dict__.get(name), "_r8_restore", None)) is not None:
+                had_instance_attribute, original = restore
+                if had_instance_attribute:
+                    setattr(self.trainer, name, original)
+                else:
+                    del self.trainer.__dict__[name]
+
+    def start_step(self) -> None:
+        self.step_loss = None
+        self.grad_norm = None
+
+    def _wrap(self, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        original = getattr(self.trainer, name)
+        wrapper = make_wrapper(original)
+        wrapper._r8_restore = (name in self.trainer.__dict__, original)
+        setattr(self.trainer, name, wrapper)
+
+    def _tap_training_step(self, original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-            loss = original_training_step(*args, **kwargs)
+            loss = original(*args, **kwargs)
             if torch.is_tensor(loss):
                 micro = loss.detach().float().reshape(-1).mean()
                 self.step_loss = micro if self.step_loss is None else self.step_loss + micro
             return loss
 
+        return training_step
+
+    def _tap_grad_norm(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def get_grad_norm(*args: Any, **kwargs: Any) -> torch.Tensor | float | None:
+            self.grad_norm = original(*args, **kwargs)
+            return self.grad_norm
+
+        return get_grad_norm
+
+    def _tap_log(self, original: Callable[..., None]) -> Callable[..., None]:
         def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if "learning_rate" in logs:
+            if "learning_rate" in logs:  # training logs only, not evaluation metrics
                 self.add_log_metrics(logs)
-            return original_log(logs, *args, **kwargs)
+            return original(logs, *args, **kwargs)
 
-        self._wrap("training_step", training_step)
-        self._wrap("log", log)
-        if hasattr(trainer, "_get_grad_norm"):
-            original_get_grad_norm = trainer._get_grad_norm
-
-            def get_grad_norm(*args: Any, **kwargs: Any) -> torch.Tensor | float | None:
-                self.grad_norm = original_get_grad_norm(*args, **kwargs)
-                return self.grad_norm
-
-            self._wrap("_get_grad_norm", get_grad_norm)
-
-    def _wrap(self, name: str, wrapper: Callable[..., Any]) -> None:
-        setattr(self.trainer, name, wrapper)
-        self._installed.append(name)
-
-    def remove(self) -> None:
-        """Drop the instance attributes, so the class methods answer again."""
-        for name in self._installed:
-            self.trainer.__dict__.pop(name, None)
-        self._installed = []
-
-    def start_step(self) -> None:
-        self.step_loss = None
-        self.grad_norm = None
+        return log

@@ -242,6 +242,41 @@ def test_metric_driven_scheduler_keeps_its_own_lr(model, lm_dataset, tmp_path):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
 
 
+class CrashAtStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise KeyboardInterrupt("simulated crash")
+
+
+class TapDepth(TrainerCallback):
+    """How many R8 taps are stacked on `training_step` while training runs."""
+
+    def __init__(self, trainer):
+        self.trainer, self.depths = trainer, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        depth, method = 0, self.trainer.training_step
+        while hasattr(method, "_r8_restore"):
+            depth, method = depth + 1, method._r8_restore[1]
+        self.depths.append(depth)
+
+
+def test_training_again_after_a_crash_taps_the_trainer_once(model, lm_dataset, tmp_path):
+    r8, crash = R8Callback(), CrashAtStep()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=8), train_dataset=lm_dataset,
+                      callbacks=[r8, crash])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert hasattr(trainer.training_step, "_r8_restore"), "the crash left the taps in place"
+    trainer.remove_callback(crash)
+    depth = TapDepth(trainer)
+    trainer.add_callback(depth)
+    trainer.train()
+    assert depth.depths == [1] * 8
+    assert list(r8.controller.loss.rolling) == pytest.approx(logged(trainer, "loss")[-6:-1], rel=1e-5)
+    assert not {"training_step", "log", "_get_grad_norm"} & set(trainer.__dict__)
+
+
 def test_bad_config_fails_at_construction():
     with pytest.raises(ValueError, match="decision.increase_factor=0.5: must be > 1"):
         R8Callback({"decision": {"increase_factor": 0.5}})
