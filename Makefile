@@ -5,12 +5,12 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint bench bench-quick
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VENV)/bin/pip install --quiet -e ".[trl,peft,dev]"
+	$(VENV)/bin/pip install --quiet -e ".[trl,peft,dev,bench]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,3 +23,10 @@ lint: install
 
 test: lint
 	$(VENV)/bin/python -m pytest -q
+
+# LR robustness sweep (bench/README.md): quick < 10 min on 2 cores; full takes hours.
+bench-quick: install
+	$(VENV)/bin/python bench/lr_sweep.py --quick
+
+bench: install
+	$(VENV)/bin/python bench/lr_sweep.py

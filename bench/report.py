@@ -1,0 +1,126 @@
+"""Tables and plots of an LR sweep: robust fraction, median loss per LR, steps to target, divergences."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROBUST_TOLERANCE = 0.02
+
+
+def _median(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    # a diverged seed counts as +inf: the median is inf once half the seeds diverged
+    return statistics.median(finite + [math.inf] * (len(values) - len(finite))) if values else math.inf
+
+
+def summarize(runs: list[Any]) -> dict[str, dict[str, Any]]:
+    """Per task, per method: median final loss per LR, robust fraction, best LR, steps to target."""
+    by_key: dict[tuple[str, str, float], list[Any]] = defaultdict(list)
+    for run in runs:
+        by_key[(run.task, run.method, run.lr)].append(run)
+    summary: dict[str, dict[str, Any]] = {}
+    for task in sorted({run.task for run in runs}):
+        methods = sorted({run.method for run in runs if run.task == task}, key=_method_order)
+        lrs = sorted({run.lr for run in runs if run.task == task})
+        medians = {m: {lr: _median([r.final_eval_loss for r in by_key[(task, m, lr)]]) for lr in lrs} for m in methods}
+        best = min(value for per_lr in medians.values() for value in per_lr.values())
+        cosine_best_lr = min(lrs, key=lambda lr: medians.get("cosine", {}).get(lr, math.inf))
+        target = medians.get("cosine", {}).get(cosine_best_lr, math.inf)
+        rows = {}
+        for method in methods:
+            best_lr = min(lrs, key=lambda lr, m=method: medians[m][lr])
+            rows[method] = {
+                "medians": medians[method],
+                "robust_fraction": sum(v <= best * (1 + ROBUST_TOLERANCE) for v in medians[method].values()) / len(lrs),
+                "best_lr": best_lr,
+                "best_loss": medians[method][best_lr],
+                "steps_to_target": _steps_to_target(by_key[(task, method, best_lr)], target),
+                "divergences": sum(r.diverged for lr in lrs for r in by_key[(task, method, lr)]),
+                "runs": sum(len(by_key[(task, method, lr)]) for lr in lrs),
+                "extra_forward_passes": sum(r.extra_forward_passes for lr in lrs for r in by_key[(task, method, lr)]),
+                "curve": _median_curve(by_key[(task, method, best_lr)]),
+            }
+        summary[task] = {"best": best, "target": target, "cosine_best_lr": cosine_best_lr, "lrs": lrs, "rows": rows}
+    return summary
+
+
+def _median_curve(runs: list[Any]) -> tuple[list[int], list[float]]:
+    steps = runs[0].eval_steps
+    return steps, [_median([run.eval_losses[i] for run in runs if i < len(run.eval_losses)]) for i in range(len(steps))]
+
+
+def _steps_to_target(runs: list[Any], target: float) -> int | None:
+    steps, losses = _median_curve(runs)
+    return next((step for step, loss in zip(steps, losses, strict=True) if loss <= target), None)
+
+
+def _method_order(name: str) -> tuple[int, str]:
+    order = ["constant", "linear", "cosine", "plateau", "greedy", "schedulefree", "prodigy", "r8_cosine",
+             "r8_constant"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def write_report(name: str, meta: dict[str, Any], runs: list[Any], results_dir: Path) -> str:
+    summary = summarize(runs)
+    lines = [f"# LR sweep: {name}", "",
+             f"Machine: {meta['machine']}. Wall time: {meta['elapsed_s'] / 60:.1f} min for {len(runs)} runs. "
+             f"LR grid {meta['lr_grid']}, seeds {meta['seeds']}; each grid point is the median over seeds of the "
+             f"final held-out loss. Robust fraction: share of grid points within {ROBUST_TOLERANCE:.0%} of the best "
+             "median any method reached on the task. Steps to target: first evaluation at which the method's median "
+             "curve, at its own best LR, reaches the final loss of cosine at cosine's best LR.", ""]
+    lines += [f"- `{method}`: {description}" for method, description in meta["methods"].items()]
+    lines.append("")
+    for task, data in summary.items():
+        lines += [f"## {task}", "", meta["tasks"][task], "",
+                  f"Best median final loss (any method): {data['best']:.4f}. Target (cosine at lr="
+                  f"{data['cosine_best_lr']:g}): {data['target']:.4f}.", "",
+                  "| method | robust fraction | best lr | best loss | steps to target | divergences | "
+                  + " | ".join(f"lr={lr:g}" for lr in data["lrs"]) + " |",
+                  "|---" * (6 + len(data["lrs"])) + "|"]
+        for method, row in data["rows"].items():
+            steps = "never" if row["steps_to_target"] is None else str(row["steps_to_target"])
+            cells = " | ".join(f"{row['medians'][lr]:.4f}" for lr in data["lrs"])
+            lines.append(f"| {method} | {row['robust_fraction']:.2f} | {row['best_lr']:g} | {row['best_loss']:.4f} | "
+                         f"{steps} | {row['divergences']}/{row['runs']} | {cells} |")
+        extra = {m: r["extra_forward_passes"] for m, r in data["rows"].items() if r["extra_forward_passes"]}
+        if extra:
+            lines += ["", "Extra forward passes (held-out evaluation batches the method itself reads): "
+                      + ", ".join(f"{m} {n}" for m, n in extra.items()) + "."]
+        lines.append("")
+        _plot(task, data, results_dir / f"{name}_{task}.png")
+        lines += [f"![{task}]({name}_{task}.png)", ""]
+    text = "\n".join(lines)
+    (results_dir / f"{name}.md").write_text(text)
+    return text
+
+
+def _plot(task: str, data: dict[str, Any], path: Path) -> None:
+    figure, (curves, sweep) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for method, row in data["rows"].items():
+        style = "-" if method.startswith("r8") else "--"
+        steps, losses = row["curve"]
+        curves.plot(steps, losses, style, label=f"{method} (lr={row['best_lr']:g})")
+        lrs = data["lrs"]
+        sweep.plot(lrs, [min(row["medians"][lr], 50.0) for lr in lrs], style + "o", label=method, markersize=3)
+    curves.axhline(data["target"], color="gray", linewidth=0.8)
+    curves.set(title=f"{task}: held-out loss at each method's best LR (median)", xlabel="step", ylabel="eval loss")
+    sweep.axhline(data["best"] * (1 + ROBUST_TOLERANCE), color="gray", linewidth=0.8)
+    sweep.set(title=f"{task}: final held-out loss vs initial LR", xlabel="initial LR", ylabel="eval loss",
+              xscale="log")
+    top = max(data["target"] * 2, data["best"] * 1.5)
+    curves.set_ylim(data["best"] * 0.95, top)
+    sweep.set_ylim(data["best"] * 0.95, top)
+    curves.legend(fontsize=7)
+    sweep.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
