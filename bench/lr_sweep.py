@@ -9,13 +9,16 @@ Writes bench/results/lr_sweep[_quick].md (tables), .json (every run) and .png pl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,40 +83,56 @@ def run_one(task: Task, method: Method, lr: float, seed: int, output_dir: Path) 
                final if math.isfinite(final) else math.inf, diverged, runtime, extra)
 
 
+@functools.cache
+def _task(name: str, quick: bool) -> Task:
+    return TASKS[name](quick)
+
+
+def _quiet_worker() -> None:
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    logging.getLogger("hf_r8").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+
+def run_job(task_name: str, quick: bool, method_name: str, seeds: list[int]) -> list[Run]:
+    """Every LR and seed of one (task, method): the unit of work of a worker process."""
+    task = _task(task_name, quick)
+    runs = []
+    for lr in LR_GRID:
+        for seed in seeds:
+            run = run_one(task, METHODS[method_name], lr, seed, RESULTS / "tmp" / f"{os.getpid()}")
+            runs.append(run)
+            print(f"{task.name:10s} {method_name:13s} lr={lr:<7g} seed={seed} "
+                  f"eval_loss={run.final_eval_loss:.4f} {run.train_runtime:.1f}s", flush=True)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models, 150 steps, 3 seeds (< 10 min)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes, one torch thread each (default: one per core)")
     parser.add_argument("--name", default=None, help="results file stem (default lr_sweep[_quick])")
     options = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    hf_logging.set_verbosity_error()
-    logging.getLogger("hf_r8").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    _quiet_worker()
     seeds = list(range(options.seeds or (3 if options.quick else 5)))
     name = options.name or ("lr_sweep_quick" if options.quick else "lr_sweep")
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    runs: list[Run] = []
-    task_descriptions = {}
-    for task_name in options.tasks:
-        task = TASKS[task_name](options.quick)
-        task_descriptions[task.name] = task.description
-        for method_name in options.methods:
-            for lr in LR_GRID:
-                for seed in seeds:
-                    run = run_one(task, METHODS[method_name], lr, seed, RESULTS / "tmp")
-                    runs.append(run)
-                    print(f"{task.name:10s} {method_name:13s} lr={lr:<7g} seed={seed} "
-                          f"eval_loss={run.final_eval_loss:.4f} {run.train_runtime:.1f}s", flush=True)
+    jobs = [(task, options.quick, method, seeds) for task in options.tasks for method in options.methods]
+    with ProcessPoolExecutor(options.workers, initializer=_quiet_worker) as pool:
+        runs = [run for batch in pool.map(run_job, *zip(*jobs, strict=True)) for run in batch]
     elapsed = time.perf_counter() - started
     meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread, "
-                   f"torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {options.workers} worker process(es) with one "
+                   f"torch thread each, torch {torch.__version__}",
         "elapsed_s": elapsed, "quick": options.quick, "lr_grid": LR_GRID, "seeds": seeds,
-        "tasks": task_descriptions, "methods": {name: METHODS[name].description for name in options.methods},
+        "tasks": {task: _task(task, options.quick).description for task in options.tasks},
+        "methods": {method: METHODS[method].description for method in options.methods},
     }
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "runs": [asdict(run) for run in runs]}))
     print(write_report(name, meta, runs, RESULTS))

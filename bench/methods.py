@@ -58,4 +58,7 @@ METHODS = {
                         make_callbacks=_r8("default"), description="hf_r8 default preset on 10% warmup + cosine"),
     "r8_constant": Method("r8_constant", {"lr_scheduler_type": "constant"}, make_callbacks=_r8("default"),
                           description="hf_r8 default preset on a constant schedule"),
+    "r8_find_lr": Method("r8_find_lr", {"lr_scheduler_type": "constant"}, make_callbacks=_r8("find_lr"),
+                         description="hf_r8 find_lr preset (a 30-step LR range test inside the budget, weights "
+                                     "restored) on a constant schedule"),
 }

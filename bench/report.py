@@ -65,7 +65,7 @@ def _steps_to_target(runs: list[Any], target: float) -> int | None:
 
 def _method_order(name: str) -> tuple[int, str]:
     order = ["constant", "linear", "cosine", "plateau", "greedy", "schedulefree", "prodigy", "r8_cosine",
-             "r8_constant"]
+             "r8_constant", "r8_find_lr"]
     return (order.index(name) if name in order else len(order), name)
 
 
@@ -111,12 +111,13 @@ def _plot(task: str, data: dict[str, Any], path: Path) -> None:
         curves.plot(steps, losses, style, label=f"{method} (lr={row['best_lr']:g})")
         lrs = data["lrs"]
         sweep.plot(lrs, [min(row["medians"][lr], 50.0) for lr in lrs], style + "o", label=method, markersize=3)
-    curves.axhline(data["target"], color="gray", linewidth=0.8)
+    if math.isfinite(data["target"]):
+        curves.axhline(data["target"], color="gray", linewidth=0.8)
     curves.set(title=f"{task}: held-out loss at each method's best LR (median)", xlabel="step", ylabel="eval loss")
     sweep.axhline(data["best"] * (1 + ROBUST_TOLERANCE), color="gray", linewidth=0.8)
     sweep.set(title=f"{task}: final held-out loss vs initial LR", xlabel="initial LR", ylabel="eval loss",
               xscale="log")
-    top = max(data["target"] * 2, data["best"] * 1.5)
+    top = max(data["target"] * 2 if math.isfinite(data["target"]) else 0.0, data["best"] * 1.5)
     curves.set_ylim(data["best"] * 0.95, top)
     sweep.set_ylim(data["best"] * 0.95, top)
     curves.legend(fontsize=7)

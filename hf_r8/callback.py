@@ -28,6 +28,8 @@ from hf_r8.config import R8Config
 from hf_r8.controller import Controller, Event, GroupSpec, Observation
 from hf_r8.decision import Decision
 from hf_r8.distributed import sum_across_processes
+from hf_r8.range_test import LRRangeTest
+from hf_r8.snapshot import CpuSnapshot
 from hf_r8.taps import TrainerTaps, find_trainer
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,12 @@ class R8Callback(TrainerCallback, ExportableState):
         self.events: deque[Event] = deque(maxlen=_MAX_EVENTS_KEPT)
         self.r8_state: dict[str, Any] | None = None
         self._trainer = None
+        self._model: torch.nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._total_steps = 0
+        self._warmup_steps = 0
+        self._range_test: LRRangeTest | None = None
+        self._snapshot: CpuSnapshot | None = None
         self._taps: TrainerTaps | None = None
         self._pending: torch.Tensor | None = None
         self._pending_step = 0
@@ -99,11 +107,16 @@ class R8Callback(TrainerCallback, ExportableState):
         trainer = self._trainer if self._trainer is not None else find_trainer(self)
         if optimizer is None or not getattr(optimizer, "param_groups", None):
             raise ValueError(f"optimizer={optimizer!r}: R8Callback needs a torch optimizer with param_groups")
-        self.controller = Controller(self.config, self._group_specs(optimizer, trainer.model), state.max_steps,
-                                     args.get_warmup_steps(state.max_steps))
-        self._pending = None
-        if state.global_step > 0:
-            self._restore(state)
+        self._model, self._optimizer = trainer.model, optimizer
+        self._total_steps, self._warmup_steps = state.max_steps, args.get_warmup_steps(state.max_steps)
+        saved = self._saved_state(state) if state.global_step > 0 else None
+        self._build_controller(initial_gains=(saved or {}).get("initial_gains"))
+        self._pending, self._range_test, self._snapshot = None, None, None
+        if saved is not None:
+            self._restore(saved)
+        elif self.config.range_test.enabled and state.global_step == 0:
+            self._range_test = LRRangeTest(self.config.range_test)
+            self._snapshot = CpuSnapshot(self._model, optimizer)
         self._taps = TrainerTaps(trainer, self._add_log_metrics)
         self._taps.install()
 
@@ -113,7 +126,7 @@ class R8Callback(TrainerCallback, ExportableState):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
         self._consume_pending()
-        self._apply(optimizer, lr_scheduler)
+        self._apply(optimizer, lr_scheduler, step_index=state.global_step)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
@@ -124,6 +137,9 @@ class R8Callback(TrainerCallback, ExportableState):
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
         if isinstance(_unwrap(lr_scheduler), _METRIC_SCHEDULERS):
             self._restore_schedule(optimizer)
+        if self._range_test is not None and self._range_test.finished:
+            self._finish_range_test(state.global_step)
+            return
         self._stage_signals(state.global_step, args.device)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
@@ -132,16 +148,32 @@ class R8Callback(TrainerCallback, ExportableState):
             self._taps = None
 
     # -------------------------------------------------------------------------------- the wiring
-    def _group_specs(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None) -> list[GroupSpec]:
-        names = {id(param): name for name, param in model.named_parameters()} if model is not None else {}
+    def _build_controller(self, initial_gains: list[float] | None = None, warmup_steps: int | None = None) -> None:
+        names = {id(param): name for name, param in self._model.named_parameters()} if self._model else {}
         patterns = self.config.moe.router_patterns
         specs = []
-        for group in optimizer.param_groups:
+        for index, group in enumerate(self._optimizer.param_groups):
             base_lr = float(group.get("initial_lr", group["lr"]))
             param_names = [names.get(id(param), "") for param in group["params"]]
             is_router = bool(param_names) and all(any(p in name for p in patterns) for name in param_names)
-            specs.append(GroupSpec(base_lr, _read_momentum(group), is_router))
-        return specs
+            initial_gain = initial_gains[index] if initial_gains else 1.0
+            specs.append(GroupSpec(base_lr, _read_momentum(group), is_router, initial_gain))
+        self.controller = Controller(self.config, specs, self._total_steps,
+                                     self._warmup_steps if warmup_steps is None else warmup_steps)
+
+    def _finish_range_test(self, step: int) -> None:
+        """Restore the weights from before the test and rebase the controller on the chosen gain."""
+        test = self._range_test
+        self._snapshot.restore(self._model, self._optimizer)
+        gain = test.chosen_gain()
+        self._range_test, self._snapshot, self._pending = None, None, None
+        self._build_controller(initial_gains=[gain] * len(self._optimizer.param_groups),
+                               warmup_steps=max(self._warmup_steps, step))
+        outcome = "diverged" if test.diverged else "completed"
+        reason = (f"LR range test {outcome} after {step} steps: lowest smoothed loss {test.best_loss:.4g} at gain "
+                  f"{test.best_gain if test.best_gain is not None else float('nan'):.3g}; weights restored, "
+                  f"training continues at gain {gain:.3g}")
+        self._record(Event(step, -1, "range_test", "rebase", 1.0, gain, reason))
 
     def _consume_pending(self) -> None:
         if self._pending is None:
@@ -155,26 +187,36 @@ class R8Callback(TrainerCallback, ExportableState):
             loss=loss_sum / loss_count if loss_count > 0 else None,
             grad_norm=grad_sum / grad_count if grad_count > 0 else None,
         )
+        if self._range_test is not None:
+            self._range_test.observe(observation.step - 1, observation.loss)
+            return
         for event in self.controller.observe(observation):
-            self.events.append(event)
-            self._events_since_log += 1
-            if event.rule == "decision" and event.group == 0:
-                self._decision_since_log = Decision(event.action).code
-            logger.info("r8 step %d group %d %s: %s -> %s (%s)", event.step, event.group, event.action,
-                        f"{event.old_value:.4g}", f"{event.new_value:.4g}", event.reason)
+            self._record(event)
 
-    def _apply(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
+    def _record(self, event: Event) -> None:
+        self.events.append(event)
+        self._events_since_log += 1
+        if event.rule == "decision" and event.group == 0:
+            self._decision_since_log = Decision(event.action).code
+        logger.info("r8 step %d group %d %s: %s -> %s (%s)", event.step, event.group, event.action,
+                    f"{event.old_value:.4g}", f"{event.new_value:.4g}", event.reason)
+
+    def _apply(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any, step_index: int) -> None:
+        """Write the LR (and momentum) of this optimizer step; during a range test, base_lr x its gain."""
         self._schedule_lrs = []
         used = []
         for index, group in enumerate(optimizer.param_groups):
             schedule_lr = float(group["lr"])
             self._schedule_lrs.append(schedule_lr)
-            lr = self.controller.compose_lr(index, schedule_lr)
+            if self._range_test is not None:
+                lr = self.controller.specs[index].base_lr * self._range_test.gain(step_index)
+            else:
+                lr = self.controller.compose_lr(index, schedule_lr)
+                momentum = self.controller.momentum(index)
+                if momentum is not None:
+                    _write_momentum(group, momentum)
             _write_lr(group, lr)
             used.append(lr)
-            momentum = self.controller.momentum(index)
-            if momentum is not None:
-                _write_momentum(group, momentum)
         scheduler = _unwrap(lr_scheduler)
         if isinstance(getattr(scheduler, "_last_lr", None), list):
             scheduler._last_lr = used
@@ -231,10 +273,15 @@ class R8Callback(TrainerCallback, ExportableState):
             if self._copy_event is not None:
                 self._copy_event.synchronize()
             pending = {"step": self._pending_step, "values": self._pending.tolist()}
-        r8_state = {"controller": self.controller.state_dict(), "pending": pending}
+        r8_state = {
+            "controller": self.controller.state_dict(),
+            "pending": pending,
+            "initial_gains": [spec.initial_gain for spec in self.controller.specs],
+            "range_test_running": self._range_test is not None,
+        }
         return {"args": {"config": self.config.to_dict()}, "attributes": {"r8_state": r8_state}}
 
-    def _restore(self, state: TrainerState) -> None:
+    def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             saved = saved[0] if saved else None
@@ -242,6 +289,12 @@ class R8Callback(TrainerCallback, ExportableState):
         if r8_state is None:
             logger.warning("Resuming at step %d without saved R8Callback state: the controller starts fresh.",
                            state.global_step)
+        return r8_state
+
+    def _restore(self, r8_state: dict[str, Any]) -> None:
+        if r8_state.get("range_test_running"):
+            # The pre-test weights were only in RAM: the test is abandoned and training goes on at gain 1.
+            logger.warning("The checkpoint was taken during the LR range test; resuming without it.")
             return
         self.controller.load_state_dict(r8_state["controller"])
         pending = r8_state.get("pending")

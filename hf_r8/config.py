@@ -93,6 +93,9 @@ class DecisionConfig(_Section):
     """Loss ratio (window mean over previous mean, or newest loss over EMA) that counts as a spike."""
     spike_z: float = 3.0
     """A single-step spike also needs a z-score above this against the rolling window."""
+    significant_fall_t: float | None = 3.0
+    """Also INCREASE when the window's slope is this many standard errors below flat (a small but certain
+    improvement: the LR is too low). None: only `increase_threshold` counts."""
     stability_threshold: float = 0.3
     """Growth needs the window's coefficient of variation below this."""
     instability_threshold: float = 0.5
@@ -115,6 +118,8 @@ class DecisionConfig(_Section):
         self._greater("plateau_threshold", 0.0, inclusive=True)
         self._greater("spike_threshold", 1.0)
         self._greater("spike_z", 0.0)
+        if self.significant_fall_t is not None:
+            self._greater("significant_fall_t", 0.0)
         self._greater("stability_threshold", 0.0)
         threshold = self.instability_threshold
         if not (isinstance(threshold, (int, float)) and threshold > self.stability_threshold):
@@ -409,6 +414,41 @@ class MoEConfig(_Section):
         self._between("max_change_per_step", 0.0, 1.0, open_low=True, open_high=True)
 
 
+@dataclass
+class RangeTestConfig(_Section):
+    """Opt-in LR range test at the start of training (the steps count in the run's budget).
+
+    The first `steps` optimizer steps sweep the LR exponentially from gain_min to gain_max times the
+    base LR; then model and optimizer are restored from a CPU-RAM snapshot and training goes on at
+    (the gain of the lowest smoothed loss) / backoff, which becomes the controller's new base.
+    """
+
+    SECTION: ClassVar[str] = "range_test"
+    enabled: bool = False
+    """Run the test."""
+    steps: int = 30
+    """Optimizer steps spent on the test."""
+    gain_min: float = 0.01
+    """First gain of the sweep."""
+    gain_max: float = 100.0
+    """Last gain of the sweep."""
+    smoothing: float = 0.7
+    """EMA smoothing of the test's losses (bias-corrected)."""
+    divergence_ratio: float = 4.0
+    """Stop early once the smoothed loss exceeds this multiple of its minimum."""
+    backoff: float = 10.0
+    """Chosen gain = gain at the smoothed-loss minimum / backoff."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 5:
+            _fail(self.SECTION, "steps", self.steps, "an integer >= 5")
+        self._greater("gain_min", 0.0)
+        self._greater("gain_max", self.gain_min)
+        self._between("smoothing", 0.0, 1.0, open_high=True)
+        self._greater("divergence_ratio", 1.0)
+        self._greater("backoff", 1.0, inclusive=True)
+
+
 _SECTIONS: dict[str, type] = {
     "signals": SignalConfig,
     "decision": DecisionConfig,
@@ -424,6 +464,7 @@ _SECTIONS: dict[str, type] = {
     "blend": BlendConfig,
     "bounds": BoundsConfig,
     "moe": MoEConfig,
+    "range_test": RangeTestConfig,
 }
 
 
@@ -456,6 +497,7 @@ class R8Config:
     blend: BlendConfig = field(default_factory=BlendConfig)
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    range_test: RangeTestConfig = field(default_factory=RangeTestConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, list) or any(rule not in LR_RULES for rule in self.rules) or (

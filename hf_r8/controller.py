@@ -60,6 +60,8 @@ class GroupSpec:
     """Its momentum (`momentum` or `betas[0]`), or None when the optimizer has none."""
     is_router: bool = False
     """True for an MoE router/gate group."""
+    initial_gain: float = 1.0
+    """Gain to start from (an LR range test's choice); auto bounds are relative to base_lr * initial_gain."""
 
 
 @dataclass
@@ -132,12 +134,14 @@ class Controller:
         no_router_group = not any(spec.is_router for spec in self.specs)
         self.router_profile = [config.moe.enabled and (spec.is_router or no_router_group) for spec in self.specs]
         self.gain_bounds = [self._gain_bounds(i) for i in range(len(self.specs))]
-        self.groups = [GroupState(momentum=spec.momentum, cycle_length=config.cyclical.T0) for spec in self.specs]
+        self.groups = [GroupState(running_gain=spec.initial_gain, lr_gain=spec.initial_gain, momentum=spec.momentum,
+                                  cycle_length=config.cyclical.T0) for spec in self.specs]
 
     # ----------------------------------------------------------------------------------- bounds
     def lr_bounds(self, index: int) -> tuple[float, float]:
         """Absolute (lr_min, lr_max) of a group: configured, or base/100 and base*20."""
-        bounds, base = self.config.bounds, self.specs[index].base_lr
+        bounds, spec = self.config.bounds, self.specs[index]
+        base = spec.base_lr * spec.initial_gain
         lr_min = bounds.lr_min if bounds.lr_min is not None else base / 100.0
         lr_max = bounds.lr_max if bounds.lr_max is not None else base * 20.0
         return lr_min, lr_max
@@ -149,7 +153,8 @@ class Controller:
         lr_min, lr_max = self.lr_bounds(index)
         gain_min, gain_max = lr_min / base, lr_max / base
         if self.router_profile[index]:
-            gain_min, gain_max = max(gain_min, self.config.moe.gain_min), min(gain_max, self.config.moe.gain_max)
+            initial, moe = self.specs[index].initial_gain, self.config.moe
+            gain_min, gain_max = max(gain_min, moe.gain_min * initial), min(gain_max, moe.gain_max * initial)
         return gain_min, max(gain_min, gain_max)
 
     def compose_lr(self, index: int, schedule_lr: float) -> float:

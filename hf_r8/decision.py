@@ -4,7 +4,8 @@ Every `window` steps the engine compares the closed window with the previous one
 
 1. SPIKE_DECREASE  if mean > previous_mean * spike_threshold (waits only for `spike_cooldown_steps`)
 2. DECREASE        if cv > instability_threshold                         (oscillating)
-3. INCREASE        if improvement_rate > increase_threshold and cv < stability_threshold and slope < 0
+3. INCREASE        if (improvement_rate > increase_threshold or slope_t < -significant_fall_t)
+                   and cv < stability_threshold and slope < 0
 4. DECREASE        if improvement_rate < plateau_threshold for `patience_windows` windows in a row
 5. HOLD            otherwise, and always within `cooldown_steps` of the last adjustment
 
@@ -89,11 +90,13 @@ class DecisionEngine:
             self.plateau_windows = 0
             reason = f"unstable: cv={window.cv:.3f} > {config.instability_threshold}"
             return self._adjusted(Verdict(Decision.DECREASE, reason))
-        if (window.improvement_rate > config.increase_threshold and window.cv < config.stability_threshold
-                and window.slope < 0):
+        fast = window.improvement_rate > config.increase_threshold
+        certain = config.significant_fall_t is not None and window.slope_t < -config.significant_fall_t
+        if (fast or certain) and window.cv < config.stability_threshold and window.slope < 0:
             self.plateau_windows = 0
-            reason = (f"improving: rate={window.improvement_rate:.4f} > {config.increase_threshold}, "
-                      f"cv={window.cv:.3f}, slope={window.slope:.3g}")
+            why = (f"rate={window.improvement_rate:.4f} > {config.increase_threshold}" if fast
+                   else f"slope {-window.slope_t:.1f} standard errors below flat")
+            reason = f"improving: {why}, cv={window.cv:.3f}, slope={window.slope:.3g}"
             return self._adjusted(Verdict(Decision.INCREASE, reason))
         if previous is not None and window.improvement_rate < config.plateau_threshold:
             self.plateau_windows += 1

@@ -53,6 +53,26 @@ def least_squares_slope(values: list[float]) -> float:
     return numerator / denominator * scale
 
 
+def slope_t_statistic(values: list[float]) -> float:
+    """Least-squares slope over its standard error: how many standard errors the trend is away from flat.
+
+    Clipped to +-MAX_CV; a noiseless trend gives the clip value with the slope's sign, a flat one 0.
+    """
+    count = len(values)
+    if count < 3:
+        return 0.0
+    slope = least_squares_slope(values)
+    mean = math.fsum(values) / count
+    x_mean = (count - 1) / 2
+    residuals = [v - (mean + slope * (i - x_mean)) for i, v in enumerate(values)]
+    residual_variance = math.fsum(r * r for r in residuals) / (count - 2)
+    spread = math.fsum((i - x_mean) ** 2 for i in range(count))
+    standard_error = math.sqrt(residual_variance / spread) if math.isfinite(residual_variance) else math.inf
+    if standard_error <= _TINY * max(abs(slope), 1e-300):
+        return math.copysign(MAX_CV, slope) if slope != 0 else 0.0
+    return max(-MAX_CV, min(MAX_CV, slope / standard_error))
+
+
 def relative_improvement(previous: float, current: float) -> float:
     """(previous - current) / |previous|: positive when the value fell; 0 when previous is ~0."""
     if abs(previous) < _TINY:
@@ -89,6 +109,8 @@ class WindowSummary:
     std: float
     cv: float
     slope: float
+    slope_t: float
+    """slope / its standard error (negative: a significant fall)."""
     previous_mean: float | None
     improvement_rate: float
     """(previous_mean - mean) / |previous_mean|; 0 for the first window."""
@@ -153,7 +175,7 @@ class LossStatistics:
         previous = self.previous_window_mean
         improvement = 0.0 if previous is None else relative_improvement(previous, mean)
         summary = WindowSummary(mean, std, coefficient_of_variation(mean, std), least_squares_slope(values),
-                                previous, improvement)
+                                slope_t_statistic(values), previous, improvement)
         self.previous_window_mean = mean
         self.current_window = []
         return summary

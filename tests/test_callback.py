@@ -42,7 +42,8 @@ def train(model, dataset, tmp_path, callbacks, **args):
 
 
 def healthy(step):
-    return 1.0 + 4.0 * math.exp(-step / 20)
+    """Fast, then slowing improvement, with a little deterministic batch-to-batch noise (+-0.5%)."""
+    return (1.0 + 4.0 * math.exp(-step / 20)) * (1.0 + 0.005 * math.sin(1.7 * step))
 
 
 def test_lr_used_equals_lr_logged_equals_schedule_times_gain(model, lm_dataset, tmp_path):
@@ -76,8 +77,8 @@ def test_healthy_training_lr_rises_then_settles(model, lm_dataset, tmp_path):
     gains = logged(trainer, "r8/lr_gain")
     assert gains[0] == 1.0
     assert max(gains[:60]) > 1.2
-    assert all(later >= earlier for earlier, later in zip(gains, gains[1:], strict=False))
     assert len(set(gains[75:])) == 1, "the gain should have settled once improvement slowed"
+    # the decision engine only ever increased (the grad-norm rule may react to the real gradients)
     assert {event.action for event in r8.events if event.rule == "decision"} == {"increase"}
 
 

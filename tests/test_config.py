@@ -8,7 +8,7 @@ from hf_r8.config import DecisionConfig, MomentumConfig, R8Config, available_pre
 
 
 def test_every_documented_preset_ships_and_loads():
-    assert {"default", "conservative", "aggressive", "reward_rl", "moe"} <= set(available_presets())
+    assert {"default", "conservative", "aggressive", "reward_rl", "moe", "find_lr"} <= set(available_presets())
     for name in available_presets():
         config = R8Config.from_preset(name)
         assert R8Config.from_dict(config.to_dict()) == config
@@ -18,6 +18,7 @@ def test_presets_differ_where_they_should():
     assert R8Config.from_preset("moe").moe.enabled
     assert "scaling" in R8Config.from_preset("reward_rl").reward.rules
     assert R8Config.from_preset("conservative").decision.increase_factor < R8Config().decision.increase_factor
+    assert R8Config.from_preset("find_lr").range_test.enabled and not R8Config().range_test.enabled
 
 
 def test_yaml_with_base_preset_overrides_only_what_it_names(tmp_path):

@@ -119,11 +119,19 @@ def improving_losses(steps, rate_per_step=0.02):
 def test_decision_engine_increases_on_steady_improvement_with_cooldown():
     controller = make(["decision"])
     gains, events = feed(controller, losses=improving_losses(30))
-    # first window (step 5) has no predecessor; INCREASE at 10, cooldown of 20 steps, INCREASE at 30
-    assert [(event.step, event.action) for event in events] == [(10, "increase"), (30, "increase")]
-    assert gains[9] == pytest.approx(1.1, rel=1e-12)
+    # the first window (step 5) falls without noise: certain -> INCREASE; cooldown of 20 steps; INCREASE at 25
+    assert [(event.step, event.action) for event in events] == [(5, "increase"), (25, "increase")]
+    assert gains[4] == pytest.approx(1.1, rel=1e-12)
     assert gains[-1] == pytest.approx(1.1 ** 2, rel=1e-12)
     assert all(event.reason.startswith("improving") for event in events)
+
+
+def test_a_small_but_certain_fall_increases_only_with_significance_on():
+    losses = [10.0 - 0.001 * t for t in range(10)]  # 0.05% per window: far below increase_threshold
+    with_t = make(["decision"])
+    assert [event.action for event in feed(with_t, losses=losses)[1]] == ["increase"]
+    without_t = make(["decision"], decision=DecisionConfig(significant_fall_t=None))
+    assert feed(without_t, losses=losses)[1] == []
 
 
 def test_decision_engine_decreases_after_plateau_patience():

@@ -9,9 +9,9 @@ from hf_r8.signals import LossStep, WindowSummary
 CONFIG = DecisionConfig(cooldown_steps=0)
 
 
-def window(mean, previous, cv=0.01, slope=-0.1):
+def window(mean, previous, cv=0.01, slope=-0.1, slope_t=-1.0):
     rate = 0.0 if previous is None else (previous - mean) / previous
-    return LossStep(True, mean, mean, 0.0, 1.0, WindowSummary(mean, mean * cv, cv, slope, previous, rate))
+    return LossStep(True, mean, mean, 0.0, 1.0, WindowSummary(mean, mean * cv, cv, slope, slope_t, previous, rate))
 
 
 def test_first_window_holds():

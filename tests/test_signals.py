@@ -59,3 +59,14 @@ def test_non_finite_values_never_enter():
         assert not step.finite
     assert stats.ema.value == 2.0 and list(stats.rolling) == [2.0]
     assert stats.nonfinite_count == 4
+
+
+def test_slope_t_statistic_measures_how_certain_a_trend_is():
+    from hf_r8.signals import MAX_CV, slope_t_statistic
+
+    assert slope_t_statistic([5.0, 4.0, 3.0, 2.0]) == -MAX_CV  # noiseless fall: certain
+    assert slope_t_statistic([2.0, 2.0, 2.0]) == 0.0
+    noisy_flat = slope_t_statistic([1.0, 1.2, 0.9, 1.1, 1.0, 1.05])
+    assert abs(noisy_flat) < 1.0
+    falling = slope_t_statistic([1.0, 0.97, 0.95, 0.91, 0.90, 0.86])
+    assert falling < -10.0

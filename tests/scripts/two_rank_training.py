@@ -47,6 +47,7 @@ def main(output_dir: str) -> None:
         "local_losses": local.losses,
     }
     Path(output_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()  # a gloo group left open can abort the interpreter at exit
 
 
 if __name__ == "__main__":
