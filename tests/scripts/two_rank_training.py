@@ -6,6 +6,7 @@ loss of each step as seen on that rank alone, for tests/test_distributed.py to c
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -47,8 +48,10 @@ def main(output_dir: str) -> None:
         "local_losses": local.losses,
     }
     Path(output_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # both ranks have written their results
     dist.destroy_process_group()  # a gloo group left open can abort the interpreter at exit
 
 
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang prints where it is stuck instead of timing out silently
     main(sys.argv[1])
