@@ -72,8 +72,7 @@ class R8Callback(TrainerCallback, ExportableState):
         self.config = config
         self.controller: Controller | None = None
         self.events: deque[Event] = deque(maxlen=_MAX_EVENTS_KEPT)
-        self.r8_state: dict[str, Any] | None = None
-        self._trainer = None
+        self._trainer: Any = None
         self._model: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._total_steps = 0
@@ -267,7 +266,7 @@ class R8Callback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         """Saved into trainer_state.json with every checkpoint (the stateful-callback interface)."""
         if self.controller is None:
-            return {"args": {"config": self.config.to_dict()}, "attributes": {"r8_state": self.r8_state}}
+            return {"args": {"config": self.config.to_dict()}, "attributes": {"r8_state": None}}
         pending = None
         if self._pending is not None:
             if self._copy_event is not None:
