@@ -1,0 +1,85 @@
+"""BalancedQuartileSampler: the cataloging epoch, quartile mix per batch, usage preference, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hf_r8.catalog import LossCatalog
+from hf_r8.sampler import BalancedQuartileSampler, batch_counts
+
+
+def cataloged(size=64, seed=0):
+    catalog = LossCatalog(size)
+    catalog.update_exact(np.arange(size), np.random.default_rng(seed).random(size), step=1)
+    return catalog
+
+
+def test_batch_counts_use_largest_remainder():
+    assert batch_counts((0.25, 0.25, 0.25, 0.25), 8).tolist() == [2, 2, 2, 2]
+    assert batch_counts((1, 1, 1, 1), 6).tolist() == [2, 2, 1, 1]
+    assert batch_counts((0, 0, 1, 3), 8).tolist() == [0, 0, 2, 6]
+    with pytest.raises(ValueError, match="proportions"):
+        batch_counts((1, 1), 8)
+
+
+def test_first_epoch_visits_every_example_once_in_a_seeded_order():
+    sampler = BalancedQuartileSampler(LossCatalog(50), batch_size=8, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(50)) and first != list(range(50))
+    assert first == list(BalancedQuartileSampler(LossCatalog(50), batch_size=8, seed=3))
+
+
+def test_later_epochs_mix_quartiles_in_every_batch():
+    catalog = cataloged()
+    sampler = BalancedQuartileSampler(catalog, batch_size=8, seed=0)
+    sampler.set_epoch(1)
+    plan = sampler.plan().reshape(-1, 8)
+    quartiles = catalog.quartiles()
+    for batch in plan:
+        assert np.bincount(quartiles[batch], minlength=4).tolist() == [2, 2, 2, 2]
+    assert sorted(plan.reshape(-1).tolist()) == list(range(64))  # equal quartiles: everyone once
+
+
+def test_within_a_quartile_the_least_used_come_first():
+    catalog = cataloged(size=40)
+    catalog.update_exact(np.arange(0, 40, 2), catalog.ema_loss[0:40:2], step=2)  # even ones used twice
+    sampler = BalancedQuartileSampler(catalog, batch_size=4, proportions=(1, 0, 0, 0))
+    sampler.set_epoch(1)
+    plan = sampler.plan()
+    q1 = np.flatnonzero(catalog.quartiles() == 0)
+    least_used = set(q1[catalog.usage[q1] == catalog.usage[q1].min()].tolist())
+    whole_batches = -(-len(least_used) // 4) * 4  # batches are shuffled inside, so look at whole batches
+    assert least_used <= set(plan[:whole_batches].tolist())
+
+
+def test_plan_is_deterministic_per_seed_and_epoch_and_changes_with_them():
+    catalog = cataloged()
+    plans = {}
+    for seed, epoch in [(0, 1), (0, 1), (0, 2), (1, 1)]:
+        sampler = BalancedQuartileSampler(catalog, batch_size=8, seed=seed)
+        sampler.set_epoch(epoch)
+        plans.setdefault((seed, epoch), []).append(sampler.plan().tolist())
+    assert plans[(0, 1)][0] == plans[(0, 1)][1]
+    assert plans[(0, 1)][0] != plans[(0, 2)][0] and plans[(0, 1)][0] != plans[(1, 1)][0]
+
+
+def test_stabilize_serves_q1_only_for_the_next_batches():
+    catalog = cataloged()
+    sampler = BalancedQuartileSampler(catalog, batch_size=8)
+    sampler.set_epoch(1)
+    sampler.stabilize(3)
+    plan = sampler.plan().reshape(-1, 8)
+    quartiles = catalog.quartiles()
+    assert (quartiles[plan[:3]] == 0).all()
+    assert (quartiles[plan[3]] != 0).any()
+    assert sampler.stabilize_batches == 0
+
+
+def test_unseen_examples_count_as_the_hardest_quartile_and_tiny_datasets_work():
+    catalog = LossCatalog(3)
+    catalog.update_exact([0], [1.0], step=1)
+    sampler = BalancedQuartileSampler(catalog, batch_size=8)
+    sampler.set_epoch(1)
+    plan = sampler.plan()
+    assert len(plan) == 3 and set(plan.tolist()) <= {0, 1, 2}
