@@ -4,6 +4,7 @@ from hf_r8.callback import R8Callback
 from hf_r8.config import R8Config, available_presets
 from hf_r8.controller import Controller, Event, GroupSpec, Observation
 from hf_r8.decision import Decision
+from hf_r8.trainer import R8Trainer, with_r8
 
 __all__ = [
     "Controller",
@@ -13,6 +14,8 @@ __all__ = [
     "Observation",
     "R8Callback",
     "R8Config",
+    "R8Trainer",
     "available_presets",
+    "with_r8",
 ]
 __version__ = "0.1.0"

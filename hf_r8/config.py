@@ -449,6 +449,26 @@ class RangeTestConfig(_Section):
         self._greater("backoff", 1.0, inclusive=True)
 
 
+@dataclass
+class SamplerConfig(_Section):
+    """Per-example loss catalog and balanced quartile batches (R8Trainer / with_r8 only)."""
+
+    SECTION: ClassVar[str] = "sampler"
+    enabled: bool = True
+    """Own the train sampler: a cataloging epoch, then quartile-balanced batches."""
+    proportions: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
+    """Share of each batch drawn from Q1 (lowest loss) ... Q4 (highest)."""
+    catalog_alpha: float = 0.3
+    """EMA weight of a new per-example loss (and of the surprise in the batch-loss fallback)."""
+
+    def __post_init__(self) -> None:
+        values = self.proportions
+        if (not isinstance(values, list) or len(values) != 4 or
+                any(not isinstance(v, (int, float)) or v < 0 for v in values) or sum(values) <= 0):
+            _fail(self.SECTION, "proportions", values, "4 non-negative numbers with a positive sum")
+        self._between("catalog_alpha", 0.0, 1.0, open_low=True)
+
+
 _SECTIONS: dict[str, type] = {
     "signals": SignalConfig,
     "decision": DecisionConfig,
@@ -465,6 +485,7 @@ _SECTIONS: dict[str, type] = {
     "bounds": BoundsConfig,
     "moe": MoEConfig,
     "range_test": RangeTestConfig,
+    "sampler": SamplerConfig,
 }
 
 
@@ -498,6 +519,7 @@ class R8Config:
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     range_test: RangeTestConfig = field(default_factory=RangeTestConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, list) or any(rule not in LR_RULES for rule in self.rules) or (

@@ -22,3 +22,18 @@ def sum_across_processes(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def gather_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor from every process in rank order; lengths may differ between processes."""
+    if world_size() == 1:
+        return tensor
+    length = torch.tensor([tensor.numel()], device=tensor.device)
+    lengths = [torch.zeros_like(length) for _ in range(world_size())]
+    dist.all_gather(lengths, length)
+    longest = int(max(item.item() for item in lengths))
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.numel()] = tensor
+    pieces = [torch.zeros_like(padded) for _ in range(world_size())]
+    dist.all_gather(pieces, padded)
+    return torch.cat([piece[: int(size.item())] for piece, size in zip(pieces, lengths, strict=True)])

@@ -82,7 +82,11 @@ def tiny_gpt2(vocab_size: int, n_embd: int = 64, n_layer: int = 2, n_head: int =
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                         n_positions=n_positions, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    # transformers cannot infer the loss type from the name "GPT2LMHeadModel"; without it the Trainer
+    # counts num_items_in_batch without the causal shift and scales the loss by (T-1)/T.
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def load_hub_or_offline(model_name: str | None, vocab_size: int = 2048,

@@ -13,12 +13,14 @@ and Accelerate's per-process split of batches stays disjoint and complete.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from hf_r8.catalog import UNSEEN, LossCatalog
+
+PLAN_FILE_NAME = "r8_epoch_plan.npz"
 
 
 def batch_counts(proportions: Sequence[float], batch_size: int) -> np.ndarray:
@@ -37,7 +39,8 @@ class BalancedQuartileSampler(Sampler[int]):
     """Yields example indices; consecutive runs of `batch_size` form the quartile-balanced batches."""
 
     def __init__(self, catalog: LossCatalog, batch_size: int, seed: int = 0,
-                 proportions: Sequence[float] = (0.25, 0.25, 0.25, 0.25)) -> None:
+                 proportions: Sequence[float] = (0.25, 0.25, 0.25, 0.25),
+                 before_plan: Callable[[], None] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         self.catalog = catalog
@@ -46,6 +49,10 @@ class BalancedQuartileSampler(Sampler[int]):
         self.counts = batch_counts(proportions, batch_size)
         self.epoch = 0
         self.stabilize_batches = 0
+        self.before_plan = before_plan
+        """Called (on every process) before an epoch's plan: the trainer applies its pending catalog updates."""
+        self.current_epoch_plan: tuple[int, np.ndarray] | None = None
+        """(epoch, plan) of the epoch under way: saved with checkpoints, so a resumed epoch replays its plan."""
 
     def __len__(self) -> int:
         return self.catalog.size
@@ -58,7 +65,12 @@ class BalancedQuartileSampler(Sampler[int]):
         self.stabilize_batches = batches
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.plan().tolist())
+        if self.before_plan is not None:
+            self.before_plan()
+        saved = self.current_epoch_plan
+        if saved is None or saved[0] != self.epoch or self.stabilize_batches:
+            self.current_epoch_plan = (self.epoch, self.plan().astype(np.int64))
+        return iter(self.current_epoch_plan[1].tolist())
 
     def plan(self) -> np.ndarray:
         """The epoch's order of indices (length = dataset size)."""

@@ -13,7 +13,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = Path(__file__).parent / "scripts" / "two_rank_training.py"
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def free_port() -> int:
@@ -22,12 +22,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_ranks_average_signals_and_decide_the_same(tmp_path):
+def run_two_ranks(script: str, output_dir: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(SCRIPT), str(tmp_path)]
+               "--master_port", str(free_port()), str(SCRIPTS / script), str(output_dir)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_two_ranks_average_signals_and_decide_the_same(tmp_path):
+    run_two_ranks("two_rank_training.py", tmp_path)
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank0["world_size"] == 2
     assert rank0["controller"] == rank1["controller"]
@@ -37,3 +41,16 @@ def test_two_ranks_average_signals_and_decide_the_same(tmp_path):
     window = len(rank0["controller"]["loss"]["rolling"])
     averaged = [(a + b) / 2 for a, b in zip(rank0["local_losses"], rank1["local_losses"], strict=True)]
     assert rank0["controller"]["loss"]["rolling"] == pytest.approx(averaged[-1 - window:-1], rel=1e-6)
+
+
+def test_two_ranks_hold_identical_catalogs_and_split_the_cataloging_epoch(tmp_path):
+    from hf_r8.catalog import LossCatalog
+
+    run_two_ranks("two_rank_r8trainer.py", tmp_path)
+    catalogs = [LossCatalog.load(tmp_path / f"rank{rank}") for rank in (0, 1)]
+    assert catalogs[0].equals(catalogs[1])
+    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text())["seen_indices"] for rank in (0, 1)]
+    # 64 examples, 4 per rank per step: the first 8 steps are the cataloging epoch
+    epoch_one = [index for rank in (0, 1) for batch in seen[rank][:8] for index in batch]
+    assert sorted(epoch_one) == list(range(64))
+    assert catalogs[0].usage.sum() == 12 * 8 and catalogs[0].seen.all()

@@ -1,0 +1,35 @@
+"""Each example's own loss, recomputed from the logits the model already returned (no extra forward).
+
+* causal LM (labels shifted by one inside the model): token-mean cross-entropy per sequence,
+  `-100` ignored; a sequence with no target token gets NaN (the catalog skips it);
+* classification (logits `[batch, classes]`, integer labels `[batch]`): cross-entropy per example;
+* regression (logits `[batch]` or `[batch, 1]`, float labels): squared error per example.
+
+Anything else returns None, and the caller falls back to the catalog's surprise estimate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@torch.no_grad()
+def per_example_losses(logits: torch.Tensor, labels: torch.Tensor, shifts_labels: bool) -> torch.Tensor | None:
+    """A float32 tensor with one loss per example, or None when the loss cannot be recomputed."""
+    if not (torch.is_tensor(logits) and torch.is_tensor(labels)) or logits.shape[0] != labels.shape[0]:
+        return None
+    logits = logits.detach().float()
+    if logits.dim() == 3 and labels.dim() == 2 and logits.shape[1] == labels.shape[1]:
+        if shifts_labels:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        tokens = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        counted = (labels != IGNORE_INDEX).sum(dim=1)
+        return tokens.sum(dim=1) / counted  # 0/0 = NaN for a sequence without targets
+    if logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point() and logits.shape[1] > 1:
+        return F.cross_entropy(logits, labels, reduction="none")
+    if labels.is_floating_point() and logits.numel() == labels.numel():
+        return (logits.reshape(-1) - labels.float().reshape(-1)) ** 2
+    return None

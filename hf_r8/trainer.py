@@ -1,0 +1,209 @@
+"""`R8Trainer` and `with_r8(TrainerClass)`: what a callback cannot do — own the train sampler and see
+each example's loss.
+
+* `get_train_dataloader` wraps the train dataset so every item carries its index (`r8_index`, kept
+  through column removal and collators, popped before `model.forward`) and samples with
+  `BalancedQuartileSampler`: a cataloging epoch, then quartile-balanced batches.
+* `compute_loss` returns exactly the stock loss (same call, same `num_items_in_batch`) and records
+  each example's own loss, recomputed from the logits (`per_example.py`); when it cannot be, the
+  batch loss feeds the catalog's surprise estimate (said once in the log).
+* The recorded (index, loss) pairs are gathered from every process and applied to the catalog one
+  step later, so every rank holds the same catalog without waiting on the device each micro-batch.
+* The catalog is saved as `r8_catalog.npz` in each checkpoint and loaded by `train(resume_from_checkpoint=...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
+
+from hf_r8.callback import R8Callback
+from hf_r8.catalog import FILE_NAME, LossCatalog
+from hf_r8.config import R8Config
+from hf_r8.distributed import gather_across_processes
+from hf_r8.per_example import per_example_losses
+from hf_r8.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
+
+logger = logging.getLogger(__name__)
+
+INDEX_KEY = "r8_index"
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Each item of `dataset` with its position added as `r8_index`."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], INDEX_KEY: index}
+
+
+class R8TrainerMixin:
+    """The overrides `with_r8` adds to a Trainer class (see the module docstring)."""
+
+    def __init__(self, *args: Any, r8: R8Config | None = None, **kwargs: Any) -> None:
+        config = r8 if r8 is not None else R8Config.from_preset("default")
+        self.r8_callback = R8Callback(config)
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.r8_callback]
+        super().__init__(*args, **kwargs)
+        self.r8_callback.bind(self)
+        self.r8_config = config
+        self.r8_catalog: LossCatalog | None = None
+        self.r8_sampler: BalancedQuartileSampler | None = None
+        self._r8_pending: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        self._r8_fallback_logged = False
+        self._r8_resumed_plan: tuple[int, np.ndarray] | None = None
+
+    # --------------------------------------------------------------------------------- sampling
+    def _r8_owns_sampling(self) -> bool:
+        dataset = self.train_dataset
+        if not self.r8_config.sampler.enabled or dataset is None:
+            return False
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not has_length(dataset):
+            logger.warning("R8: the train dataset has no length (an IterableDataset?): stock sampling, no catalog.")
+            return False
+        if self.args.train_sampling_strategy == "group_by_length":
+            raise ValueError("train_sampling_strategy='group_by_length' cannot be combined with R8's balanced "
+                             "sampling: set R8Config.sampler.enabled=False or use the default sampling strategy")
+        return True
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        if not self._r8_owns_sampling():
+            return super().get_train_dataloader()
+        if self.r8_catalog is None or self.r8_catalog.size != len(self.train_dataset):
+            self.r8_catalog = LossCatalog(len(self.train_dataset), alpha=self.r8_config.sampler.catalog_alpha)
+        self.r8_sampler = BalancedQuartileSampler(self.r8_catalog, self._train_batch_size, seed=self.args.seed,
+                                                  proportions=self.r8_config.sampler.proportions,
+                                                  before_plan=self._r8_apply_pending)
+        self.r8_sampler.current_epoch_plan, self._r8_resumed_plan = self._r8_resumed_plan, None
+        return self._get_dataloader(dataset=IndexedDataset(self.train_dataset), description="Training",
+                                    batch_size=self._train_batch_size, sampler_fn=lambda _: self.r8_sampler,
+                                    is_training=True)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if INDEX_KEY not in self._signature_columns:
+            self._signature_columns.append(INDEX_KEY)
+
+    # ----------------------------------------------------------------------------------- losses
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        indices = inputs.pop(INDEX_KEY, None)
+        if indices is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        labels = inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        losses = None
+        if logits is not None and labels is not None:
+            losses = per_example_losses(logits, labels, self._r8_shifts_labels())
+        if losses is None and not self._r8_fallback_logged:
+            logger.warning("R8: per-example losses cannot be recomputed for this model; the catalog uses the "
+                           "batch-loss surprise estimate.")
+            self._r8_fallback_logged = True
+        self._r8_pending.append((indices.detach(), losses, loss.detach().float().reshape(-1).mean()))
+        return (loss, outputs) if return_outputs else loss
+
+    def _r8_shifts_labels(self) -> bool:
+        """Causal LMs predict token t+1 at position t: their per-example loss needs the label shift."""
+        model = self.accelerator.unwrap_model(self.model)
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        return getattr(model, "loss_function", None) is ForCausalLMLoss and not encoder_decoder
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # The previous micro-batches' losses have long been computed: applying them now does not stall.
+        self._r8_apply_pending()
+        return super().training_step(*args, **kwargs)
+
+    def _r8_apply_pending(self) -> None:
+        if self.r8_catalog is None or not self._r8_pending:
+            self._r8_pending = []
+            return
+        step = self.state.global_step
+        for indices, losses, batch_loss in self._r8_pending:
+            all_indices = gather_across_processes(indices.reshape(-1).long()).cpu().numpy()
+            if losses is not None:
+                all_losses = gather_across_processes(losses.reshape(-1)).cpu().numpy()
+                self.r8_catalog.update_exact(all_indices, all_losses, step)
+            else:
+                batch_mean = gather_across_processes(batch_loss.reshape(1)).mean().item()
+                self.r8_catalog.update_surprise(all_indices, batch_mean, step)
+        self._r8_pending = []
+
+    # --------------------------------------------------------------------------- checkpointing
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.r8_catalog is not None and self.args.should_save:
+            self._r8_apply_pending()
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.r8_catalog.save(folder)
+            if self.r8_sampler is not None and self.r8_sampler.current_epoch_plan is not None:
+                epoch, plan = self.r8_sampler.current_epoch_plan
+                np.savez(os.path.join(folder, PLAN_FILE_NAME), epoch=np.array(epoch), plan=plan)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str) and os.path.isfile(os.path.join(resume_from_checkpoint, FILE_NAME)):
+            self.r8_catalog = LossCatalog.load(resume_from_checkpoint)
+            plan_path = os.path.join(resume_from_checkpoint, PLAN_FILE_NAME)
+            if os.path.isfile(plan_path):
+                with np.load(plan_path, allow_pickle=False) as saved:
+                    self._r8_resumed_plan = (int(saved["epoch"]), saved["plan"])
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._r8_apply_pending()  # the last micro-batches of the run
+        return output
+
+    # ----------------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.r8_catalog is not None and "learning_rate" in logs:
+            logs.update({f"r8/{key}": value for key, value in self.r8_catalog.statistics().items()
+                         if np.isfinite(value)})
+        super().log(logs, *args, **kwargs)
+
+
+def with_r8(trainer_class: type[Trainer]) -> type[Trainer]:
+    """A subclass of `trainer_class` with R8's sampler, per-example losses and R8Callback.
+
+    Trainers that bring their own train sampler or dataloader (TRL's GRPO and RLOO) keep it: the
+    subclass then only adds R8Callback, and says so once.
+    """
+    own_sampling = (trainer_class.get_train_dataloader is not Trainer.get_train_dataloader
+                    or trainer_class._get_train_sampler is not Trainer._get_train_sampler)
+    if own_sampling:
+        class CallbackOnly(trainer_class):
+            def __init__(self, *args: Any, r8: R8Config | None = None, **kwargs: Any) -> None:
+                self.r8_callback = R8Callback(r8 if r8 is not None else R8Config.from_preset("default"))
+                kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.r8_callback]
+                super().__init__(*args, **kwargs)
+                self.r8_callback.bind(self)
+                logger.warning("R8: %s brings its own sampler; R8 adds its callback only (no catalog).",
+                               trainer_class.__name__)
+
+        CallbackOnly.__name__ = CallbackOnly.__qualname__ = f"{trainer_class.__name__}WithR8"
+        return CallbackOnly
+    return type(f"{trainer_class.__name__}WithR8", (R8TrainerMixin, trainer_class), {})
+
+
+class R8Trainer(R8TrainerMixin, Trainer):
+    """`transformers.Trainer` with R8: adaptive LR (R8Callback), per-example loss catalog, balanced batches.
+
+    Example:
+        ```python
+        trainer = R8Trainer(model=model, args=args, train_dataset=ds, r8=R8Config.from_preset("default"))
+        trainer.train()
+        ```
+    """
