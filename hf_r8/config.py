@@ -23,6 +23,7 @@ PRESETS_DIR = Path(__file__).parent / "configs"
 LR_RULES = ("decision", "trend", "variance", "loss_decay", "grad_norm", "cyclical", "plateau")
 REWARD_RULES = ("scaling", "trend", "variance")
 BLENDABLE_RULES = LR_RULES + tuple(f"reward_{rule}" for rule in REWARD_RULES)
+SAMPLER_MODES = ("balanced", "infobatch", "uniform")
 MOMENTUM_RULES = ("none", "inverse", "exp", "relative", "normalized", "reward")
 
 
@@ -455,7 +456,14 @@ class SamplerConfig(_Section):
 
     SECTION: ClassVar[str] = "sampler"
     enabled: bool = True
-    """Own the train sampler: a cataloging epoch, then quartile-balanced batches."""
+    """Own the train sampler (and keep the catalog); False leaves the Trainer's sampling alone."""
+    mode: str = "balanced"
+    """After the cataloging epoch: "balanced" (quartile mix per batch), "infobatch" (prune well-learned
+    examples at random, rescale the kept ones' loss) or "uniform" (a plain shuffle; the catalog is still kept)."""
+    prune_ratio: float = 0.5
+    """infobatch: chance that an example below the mean EMA loss is left out of an epoch."""
+    full_data_fraction: float = 0.125
+    """infobatch: the last share of the planned epochs trains on full data again."""
     proportions: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
     """Share of each batch drawn from Q1 (lowest loss) ... Q4 (highest)."""
     catalog_alpha: float = 0.3
@@ -466,6 +474,10 @@ class SamplerConfig(_Section):
         if (not isinstance(values, list) or len(values) != 4 or
                 any(not isinstance(v, (int, float)) or v < 0 for v in values) or sum(values) <= 0):
             _fail(self.SECTION, "proportions", values, "4 non-negative numbers with a positive sum")
+        if self.mode not in SAMPLER_MODES:
+            _fail(self.SECTION, "mode", self.mode, f"one of {list(SAMPLER_MODES)}")
+        self._between("prune_ratio", 0.0, 1.0, open_high=True)
+        self._between("full_data_fraction", 0.0, 1.0)
         self._between("catalog_alpha", 0.0, 1.0, open_low=True)
 
 

@@ -6,6 +6,11 @@
   `proportions` by largest remainder. Within a quartile the least-used examples come first, ties
   broken by a seeded random key; a quartile asked for more than it holds cycles through its order.
 * `stabilize(n)`: the next `n` batches come from Q1 only (used after a rollback).
+* mode "infobatch" (InfoBatch, Qin et al. 2024): each epoch, examples whose EMA loss is below the mean
+  are left out with probability `prune_ratio`; the kept ones get loss weight 1/(1 - prune_ratio)
+  (`loss_weights`), so the expected gradient is unchanged; the last `full_data_fraction` of the
+  epochs use all data. The plan keeps the dataset's length by cycling through the kept examples.
+* mode "uniform": a seeded permutation every epoch (a baseline that keeps the catalog).
 
 The plan depends only on (seed, epoch, catalog), so every process computes the same global order
 and Accelerate's per-process split of batches stays disjoint and complete.
@@ -40,7 +45,8 @@ class BalancedQuartileSampler(Sampler[int]):
 
     def __init__(self, catalog: LossCatalog, batch_size: int, seed: int = 0,
                  proportions: Sequence[float] = (0.25, 0.25, 0.25, 0.25),
-                 before_plan: Callable[[], None] | None = None) -> None:
+                 before_plan: Callable[[], None] | None = None, mode: str = "balanced", prune_ratio: float = 0.5,
+                 full_data_fraction: float = 0.125, total_epochs: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         self.catalog = catalog
@@ -49,6 +55,12 @@ class BalancedQuartileSampler(Sampler[int]):
         self.counts = batch_counts(proportions, batch_size)
         self.epoch = 0
         self.stabilize_batches = 0
+        self.mode = mode
+        self.prune_ratio = prune_ratio
+        self.full_data_fraction = full_data_fraction
+        self.total_epochs = total_epochs
+        self.loss_weights = np.ones(catalog.size, dtype=np.float32)
+        """Per-example loss weight of the current epoch (not 1 only for InfoBatch's kept examples)."""
         self.before_plan = before_plan
         """Called (on every process) before an epoch's plan: the trainer applies its pending catalog updates."""
         self.current_epoch_plan: tuple[int, np.ndarray] | None = None
@@ -76,8 +88,11 @@ class BalancedQuartileSampler(Sampler[int]):
         """The epoch's order of indices (length = dataset size)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         size = self.catalog.size
-        if self.epoch == 0 and self.stabilize_batches == 0:
+        self.loss_weights[:] = 1.0
+        if (self.epoch == 0 or self.mode == "uniform") and self.stabilize_batches == 0:
             return rng.permutation(size)
+        if self.mode == "infobatch" and self.stabilize_batches == 0:
+            return self._infobatch_plan(rng)
         quartiles = self.catalog.quartiles()
         quartiles[quartiles == UNSEEN] = 3
         # int16 usage lets numpy's stable sort run as a radix sort: the 10M-example plan stays fast
@@ -95,6 +110,16 @@ class BalancedQuartileSampler(Sampler[int]):
             self.stabilize_batches = max(0, self.stabilize_batches - len(plan))
         # shuffle inside each batch so quartiles are not in fixed positions
         return rng.permuted(plan, axis=1).reshape(-1)[:size]
+
+    def _infobatch_plan(self, rng: np.random.Generator) -> np.ndarray:
+        size, catalog = self.catalog.size, self.catalog
+        full_data_from = self.total_epochs * (1.0 - self.full_data_fraction)
+        if self.epoch >= full_data_from or not catalog.seen.any():
+            return rng.permutation(size)
+        well_learned = catalog.seen & (catalog.ema_loss < catalog.ema_loss[catalog.seen].mean())
+        pruned = well_learned & (rng.random(size) < self.prune_ratio)
+        self.loss_weights[well_learned & ~pruned] = 1.0 / (1.0 - self.prune_ratio)
+        return np.resize(rng.permutation(np.flatnonzero(~pruned)), size)
 
     @staticmethod
     def _draw(quartile: int, quartiles: np.ndarray, usage: np.ndarray, rng: np.random.Generator,

@@ -15,6 +15,7 @@ each example's loss.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -28,7 +29,7 @@ from hf_r8.callback import R8Callback
 from hf_r8.catalog import FILE_NAME, LossCatalog
 from hf_r8.config import R8Config
 from hf_r8.distributed import gather_across_processes
-from hf_r8.per_example import per_example_losses
+from hf_r8.per_example import per_example_losses, weighted_loss
 from hf_r8.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class R8TrainerMixin:
         self._r8_pending: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._r8_fallback_logged = False
         self._r8_resumed_plan: tuple[int, np.ndarray] | None = None
+        self._r8_weights: tuple[int, torch.Tensor] | None = None
 
     # --------------------------------------------------------------------------------- sampling
     def _r8_owns_sampling(self) -> bool:
@@ -83,13 +85,22 @@ class R8TrainerMixin:
             return super().get_train_dataloader()
         if self.r8_catalog is None or self.r8_catalog.size != len(self.train_dataset):
             self.r8_catalog = LossCatalog(len(self.train_dataset), alpha=self.r8_config.sampler.catalog_alpha)
-        self.r8_sampler = BalancedQuartileSampler(self.r8_catalog, self._train_batch_size, seed=self.args.seed,
-                                                  proportions=self.r8_config.sampler.proportions,
-                                                  before_plan=self._r8_apply_pending)
+        sampler_config = self.r8_config.sampler
+        self.r8_sampler = BalancedQuartileSampler(
+            self.r8_catalog, self._train_batch_size, seed=self.args.seed, proportions=sampler_config.proportions,
+            before_plan=self._r8_apply_pending, mode=sampler_config.mode, prune_ratio=sampler_config.prune_ratio,
+            full_data_fraction=sampler_config.full_data_fraction, total_epochs=self._r8_planned_epochs())
         self.r8_sampler.current_epoch_plan, self._r8_resumed_plan = self._r8_resumed_plan, None
         return self._get_dataloader(dataset=IndexedDataset(self.train_dataset), description="Training",
                                     batch_size=self._train_batch_size, sampler_fn=lambda _: self.r8_sampler,
                                     is_training=True)
+
+    def _r8_planned_epochs(self) -> int:
+        batches = math.ceil(len(self.train_dataset) / (self._train_batch_size * self.args.world_size))
+        steps_per_epoch = max(1, batches // self.args.gradient_accumulation_steps)
+        if self.args.max_steps > 0:
+            return math.ceil(self.args.max_steps / steps_per_epoch)
+        return math.ceil(self.args.num_train_epochs)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -109,12 +120,29 @@ class R8TrainerMixin:
         losses = None
         if logits is not None and labels is not None:
             losses = per_example_losses(logits, labels, self._r8_shifts_labels())
+            if self.r8_sampler is not None and self.r8_sampler.mode == "infobatch":
+                loss = self._r8_reweighted(loss, logits, labels, indices, num_items_in_batch)
         if losses is None and not self._r8_fallback_logged:
             logger.warning("R8: per-example losses cannot be recomputed for this model; the catalog uses the "
                            "batch-loss surprise estimate.")
             self._r8_fallback_logged = True
         self._r8_pending.append((indices.detach(), losses, loss.detach().float().reshape(-1).mean()))
         return (loss, outputs) if return_outputs else loss
+
+    def _r8_reweighted(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                       num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        """InfoBatch: the same loss, with the kept well-learned examples weighted 1/(1 - prune_ratio)."""
+        epoch, _ = self.r8_sampler.current_epoch_plan
+        if self._r8_weights is None or self._r8_weights[0] != epoch:
+            self._r8_weights = (epoch, torch.as_tensor(self.r8_sampler.loss_weights, device=logits.device))
+        weights = self._r8_weights[1][indices.to(logits.device)]
+        weighted = weighted_loss(logits, labels, weights, self._r8_shifts_labels(), num_items_in_batch)
+        if weighted is None:
+            return loss
+        if (self.args.average_tokens_across_devices and num_items_in_batch is not None
+                and (self.model_accepts_loss_kwargs or self.compute_loss_func)):
+            weighted = weighted * self.accelerator.num_processes  # as the stock compute_loss scales it
+        return weighted
 
     def _r8_shifts_labels(self) -> bool:
         """Causal LMs predict token t+1 at position t: their per-example loss needs the label shift."""

@@ -83,3 +83,27 @@ def test_unseen_examples_count_as_the_hardest_quartile_and_tiny_datasets_work():
     sampler.set_epoch(1)
     plan = sampler.plan()
     assert len(plan) == 3 and set(plan.tolist()) <= {0, 1, 2}
+
+
+def test_infobatch_prunes_well_learned_examples_and_reweights_the_kept_ones():
+    catalog = cataloged(size=400)
+    sampler = BalancedQuartileSampler(catalog, batch_size=8, mode="infobatch", prune_ratio=0.5, total_epochs=8)
+    sampler.set_epoch(1)
+    plan = sampler.plan()
+    well_learned = catalog.ema_loss < catalog.ema_loss.mean()
+    planned = np.zeros(400, dtype=bool)
+    planned[plan] = True
+    assert planned[~well_learned].all()  # every hard example stays
+    pruned = well_learned & ~planned
+    assert 0.3 < pruned.sum() / well_learned.sum() < 0.7  # about half of the easy ones are left out
+    assert (sampler.loss_weights[well_learned & planned] == 2.0).all()
+    assert (sampler.loss_weights[~well_learned] == 1.0).all() and len(plan) == 400
+    sampler.set_epoch(7)  # the last 12.5% of 8 epochs: full data, no reweighting
+    assert sorted(sampler.plan().tolist()) == list(range(400)) and (sampler.loss_weights == 1.0).all()
+
+
+def test_uniform_mode_is_a_fresh_permutation_every_epoch():
+    sampler = BalancedQuartileSampler(cataloged(), batch_size=8, mode="uniform")
+    sampler.set_epoch(3)
+    plan = sampler.plan().tolist()
+    assert sorted(plan) == list(range(64)) and (sampler.loss_weights == 1.0).all()

@@ -164,3 +164,29 @@ def test_with_r8_subclasses_any_trainer_and_keeps_foreign_samplers():
 def test_bad_sampler_config_is_refused():
     with pytest.raises(ValueError, match="sampler.proportions"):
         SamplerConfig(proportions=[1, 1])
+
+
+def test_infobatch_mode_trains_with_reweighted_losses(tokenizer, lm_dataset, tmp_path):
+    dataset = lm_dataset.select(range(64))
+    config = r8_config(mode="infobatch", prune_ratio=0.5)
+    trainer = RecordingR8Trainer(model=make_model(tokenizer), args=training_args(tmp_path, max_steps=24,
+                                 per_device_train_batch_size=8), train_dataset=dataset, r8=config)
+    trainer.train()
+    second_epoch = {i for batch in trainer.seen_indices[8:16] for i in batch}
+    assert len(second_epoch) < 64  # some well-learned examples were left out of epoch 2
+    assert trainer.r8_sampler.total_epochs == 3
+    assert all(np.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_weighted_loss_with_unit_weights_is_the_model_loss(tokenizer, lm_dataset):
+    from hf_r8.per_example import per_example_losses, weighted_loss
+
+    model = make_model(tokenizer)
+    ids = torch.tensor(lm_dataset.select(range(4))["input_ids"])
+    output = model(input_ids=ids, labels=ids)
+    unit = weighted_loss(output.logits, ids, torch.ones(4), True, None)
+    assert unit.item() == pytest.approx(output.loss.item(), rel=1e-6)
+    doubled_first = weighted_loss(output.logits, ids, torch.tensor([2.0, 1.0, 1.0, 1.0]), True, None)
+    first = per_example_losses(output.logits, ids, True)[0]
+    # equal-length sequences: doubling one adds its own token-mean loss / 4 to the batch mean
+    assert doubled_first.item() == pytest.approx(unit.item() + first.item() / 4, rel=1e-5)
