@@ -50,6 +50,21 @@ class IndexedDataset(torch.utils.data.Dataset):
         return {**self.dataset[index], INDEX_KEY: index}
 
 
+class IndexCarryingCollator:
+    """Wraps a data collator so `r8_index` survives it, whatever keys that collator keeps (TRL's drop extras)."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features or INDEX_KEY not in features[0]:
+            return self.collator(features)
+        indices = [feature[INDEX_KEY] for feature in features]
+        batch = self.collator([{k: v for k, v in feature.items() if k != INDEX_KEY} for feature in features])
+        batch[INDEX_KEY] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+
 class R8TrainerMixin:
     """The overrides `with_r8` adds to a Trainer class (see the module docstring)."""
 
@@ -91,6 +106,8 @@ class R8TrainerMixin:
             before_plan=self._r8_apply_pending, mode=sampler_config.mode, prune_ratio=sampler_config.prune_ratio,
             full_data_fraction=sampler_config.full_data_fraction, total_epochs=self._r8_planned_epochs())
         self.r8_sampler.current_epoch_plan, self._r8_resumed_plan = self._r8_resumed_plan, None
+        if not isinstance(self.data_collator, IndexCarryingCollator):
+            self.data_collator = IndexCarryingCollator(self.data_collator)
         return self._get_dataloader(dataset=IndexedDataset(self.train_dataset), description="Training",
                                     batch_size=self._train_batch_size, sampler_fn=lambda _: self.r8_sampler,
                                     is_training=True)

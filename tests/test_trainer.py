@@ -190,3 +190,21 @@ def test_weighted_loss_with_unit_weights_is_the_model_loss(tokenizer, lm_dataset
     first = per_example_losses(output.logits, ids, True)[0]
     # equal-length sequences: doubling one adds its own token-mean loss / 4 to the batch mean
     assert doubled_first.item() == pytest.approx(unit.item() + first.item() / 4, rel=1e-5)
+
+
+def test_with_r8_sft_trainer_catalogs_every_example(tokenizer, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_r8.offline import english_paragraphs
+
+    dataset = Dataset.from_dict({"text": english_paragraphs()[:32]})
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, report_to=[],
+                     save_strategy="no", use_cpu=True, max_length=64, logging_steps=1, disable_tqdm=True)
+    trainer = with_r8(SFTTrainer)(model=tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64),
+                                  args=args, train_dataset=dataset, processing_class=tokenizer, r8=r8_config())
+    trainer.train()
+    catalog = trainer.r8_catalog
+    assert catalog.seen.all() and catalog.usage.tolist() == [1] * 32  # the cataloging epoch, through TRL's collator
+    first_loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][0]
+    assert abs(float(catalog.ema_loss.mean()) - first_loss) < 0.2
