@@ -65,16 +65,22 @@ class IndexCarryingCollator:
         return batch
 
 
-class R8TrainerMixin:
-    """The overrides `with_r8` adds to a Trainer class (see the module docstring)."""
+class R8CallbackMixin:
+    """Adds an `R8Callback` built from `r8=` (default preset) to a Trainer and binds it to that Trainer."""
 
     def __init__(self, *args: Any, r8: R8Config | None = None, **kwargs: Any) -> None:
-        config = r8 if r8 is not None else R8Config.from_preset("default")
-        self.r8_callback = R8Callback(config)
+        self.r8_config = r8 if r8 is not None else R8Config.from_preset("default")
+        self.r8_callback = R8Callback(self.r8_config)
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.r8_callback]
         super().__init__(*args, **kwargs)
         self.r8_callback.bind(self)
-        self.r8_config = config
+
+
+class R8TrainerMixin(R8CallbackMixin):
+    """The overrides `with_r8` adds to a Trainer class (see the module docstring)."""
+
+    def __init__(self, *args: Any, r8: R8Config | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, r8=r8, **kwargs)
         self.r8_catalog: LossCatalog | None = None
         self.r8_sampler: BalancedQuartileSampler | None = None
         self._r8_pending: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
@@ -229,17 +235,9 @@ def with_r8(trainer_class: type[Trainer]) -> type[Trainer]:
     own_sampling = (trainer_class.get_train_dataloader is not Trainer.get_train_dataloader
                     or trainer_class._get_train_sampler is not Trainer._get_train_sampler)
     if own_sampling:
-        class CallbackOnly(trainer_class):
-            def __init__(self, *args: Any, r8: R8Config | None = None, **kwargs: Any) -> None:
-                self.r8_callback = R8Callback(r8 if r8 is not None else R8Config.from_preset("default"))
-                kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.r8_callback]
-                super().__init__(*args, **kwargs)
-                self.r8_callback.bind(self)
-                logger.warning("R8: %s brings its own sampler; R8 adds its callback only (no catalog).",
-                               trainer_class.__name__)
-
-        CallbackOnly.__name__ = CallbackOnly.__qualname__ = f"{trainer_class.__name__}WithR8"
-        return CallbackOnly
+        logger.warning("R8: %s brings its own sampler; R8 adds its callback only (no catalog).",
+                       trainer_class.__name__)
+        return type(f"{trainer_class.__name__}WithR8", (R8CallbackMixin, trainer_class), {})
     return type(f"{trainer_class.__name__}WithR8", (R8TrainerMixin, trainer_class), {})
 
 

@@ -150,7 +150,7 @@ def test_models_without_logits_use_the_surprise_estimate(lm_dataset, tmp_path, c
     assert "surprise estimate" in caplog.text
 
 
-def test_with_r8_subclasses_any_trainer_and_keeps_foreign_samplers():
+def test_with_r8_subclasses_any_trainer_and_keeps_foreign_samplers(tokenizer, lm_dataset, tmp_path):
     assert issubclass(with_r8(Trainer), Trainer) and with_r8(Trainer).__name__ == "TrainerWithR8"
 
     class OwnSampler(Trainer):
@@ -159,6 +159,9 @@ def test_with_r8_subclasses_any_trainer_and_keeps_foreign_samplers():
 
     wrapped = with_r8(OwnSampler)
     assert issubclass(wrapped, OwnSampler) and not hasattr(wrapped, "_r8_owns_sampling")
+    assert wrapped.__name__ == "OwnSamplerWithR8"
+    trainer = wrapped(model=make_model(tokenizer), args=training_args(tmp_path), train_dataset=lm_dataset)
+    assert trainer.r8_callback in trainer.callback_handler.callbacks
 
 
 def test_bad_sampler_config_is_refused():
