@@ -57,17 +57,21 @@ def slope_t_statistic(values: list[float]) -> float:
     """Least-squares slope over its standard error: how many standard errors the trend is away from flat.
 
     Clipped to +-MAX_CV; a noiseless trend gives the clip value with the slope's sign, a flat one 0.
+    The statistic does not depend on the values' scale, so it is computed on values divided by the
+    largest magnitude (huge inputs cannot overflow).
     """
     count = len(values)
     if count < 3:
         return 0.0
-    slope = least_squares_slope(values)
-    mean = math.fsum(values) / count
+    scale = max(abs(v) for v in values) or 1.0
+    scaled = [v / scale for v in values]
+    slope = least_squares_slope(scaled)
+    mean = math.fsum(scaled) / count
     x_mean = (count - 1) / 2
-    residuals = [v - (mean + slope * (i - x_mean)) for i, v in enumerate(values)]
+    residuals = [v - (mean + slope * (i - x_mean)) for i, v in enumerate(scaled)]
     residual_variance = math.fsum(r * r for r in residuals) / (count - 2)
     spread = math.fsum((i - x_mean) ** 2 for i in range(count))
-    standard_error = math.sqrt(residual_variance / spread) if math.isfinite(residual_variance) else math.inf
+    standard_error = math.sqrt(residual_variance / spread)
     if standard_error <= _TINY * max(abs(slope), 1e-300):
         return math.copysign(MAX_CV, slope) if slope != 0 else 0.0
     return max(-MAX_CV, min(MAX_CV, slope / standard_error))

@@ -70,3 +70,12 @@ def test_slope_t_statistic_measures_how_certain_a_trend_is():
     assert abs(noisy_flat) < 1.0
     falling = slope_t_statistic([1.0, 0.97, 0.95, 0.91, 0.90, 0.86])
     assert falling < -10.0
+
+
+def test_slope_t_statistic_does_not_overflow_on_huge_values():
+    from hf_r8.signals import slope_t_statistic
+
+    huge = [0.0, 0.0, 8.98e307, 8.98e307, 1e300]
+    assert -1e6 <= slope_t_statistic(huge) <= 1e6
+    assert slope_t_statistic([v * 1e300 for v in (1.0, 0.97, 0.95, 0.91, 0.90, 0.86)]) == pytest.approx(
+        slope_t_statistic([1.0, 0.97, 0.95, 0.91, 0.90, 0.86]))
