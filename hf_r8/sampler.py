@@ -5,7 +5,8 @@
   loss ... Q4 highest; examples never seen count as Q4, the least known), with counts from
   `proportions` by largest remainder. Within a quartile the least-used examples come first, ties
   broken by a seeded random key; a quartile asked for more than it holds cycles through its order.
-* `stabilize(n)`: the next `n` batches come from Q1 only (used after a rollback).
+* `stabilize(n)`: the first `n` batches of the next plan come from Q1 only (for the rollback of issue
+  #5; it takes effect when the next plan is made, not inside an epoch already being iterated).
 * mode "infobatch" (InfoBatch, Qin et al. 2024): each epoch, examples whose EMA loss is below the mean
   are left out with probability `prune_ratio`; the kept ones get loss weight 1/(1 - prune_ratio)
   (`loss_weights`), so the expected gradient is unchanged; the last `full_data_fraction` of the
@@ -73,7 +74,7 @@ class BalancedQuartileSampler(Sampler[int]):
         self.epoch = epoch
 
     def stabilize(self, batches: int) -> None:
-        """The next `batches` batches of the plan come from Q1 only."""
+        """The first `batches` batches of the next plan come from Q1 only."""
         self.stabilize_batches = batches
 
     def __iter__(self) -> Iterator[int]:
