@@ -41,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 MODES = ("uniform", "balanced", "infobatch")
 SETTINGS = {  # name -> (task builder, label noise, steps, lr, metric)
     "digits_noise20": ("digits", 0.2, 600, 2e-3, "accuracy"),
-    "digits_noise40": ("digits", 0.4, 600, 2e-3, "accuracy"),
+    "digits_noise40": ("digits", 0.4, 600, 1e-3, "accuracy"),
     "causal_lm": ("causal_lm", 0.0, 400, 3e-3, "loss"),
 }
 
