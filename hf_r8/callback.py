@@ -163,7 +163,11 @@ class R8Callback(TrainerCallback, ExportableState):
     def _finish_range_test(self, step: int) -> None:
         """Restore the weights from before the test and rebase the controller on the chosen gain."""
         test = self._range_test
+        # load_state_dict also rewinds each group's hyperparameters (lr included) to step 0: keep the schedule's
+        scheduled_lrs = [group["lr"] for group in self._optimizer.param_groups]
         self._snapshot.restore(self._model, self._optimizer)
+        for group, lr in zip(self._optimizer.param_groups, scheduled_lrs, strict=True):
+            group["lr"] = lr
         gain = test.chosen_gain()
         self._range_test, self._snapshot, self._pending = None, None, None
         self._build_controller(initial_gains=[gain] * len(self._optimizer.param_groups),

@@ -3,7 +3,7 @@
 * causal LM (labels shifted by one inside the model): token-mean cross-entropy per sequence,
   `-100` ignored; a sequence with no target token gets NaN (the catalog skips it);
 * classification (logits `[batch, classes]`, integer labels `[batch]`): cross-entropy per example;
-* regression (logits `[batch]` or `[batch, 1]`, float labels): squared error per example.
+* regression with one target (logits `[batch]` or `[batch, 1]`, float labels `[batch]`): squared error.
 
 Anything else returns None, and the caller falls back to the catalog's surprise estimate.
 """
@@ -30,8 +30,8 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor, shifts_labels
         return tokens.sum(dim=1) / counted  # 0/0 = NaN for a sequence without targets
     if logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point() and logits.shape[1] > 1:
         return F.cross_entropy(logits, labels, reduction="none")
-    if labels.is_floating_point() and logits.numel() == labels.numel():
-        return (logits.reshape(-1) - labels.float().reshape(-1)) ** 2
+    if labels.is_floating_point() and logits.numel() == labels.numel() == labels.shape[0]:
+        return (logits.reshape(-1) - labels.float().reshape(-1)) ** 2  # one regression target per example
     return None
 
 

@@ -65,7 +65,8 @@ class BalancedQuartileSampler(Sampler[int]):
         self.before_plan = before_plan
         """Called (on every process) before an epoch's plan: the trainer applies its pending catalog updates."""
         self.current_epoch_plan: tuple[int, np.ndarray] | None = None
-        """(epoch, plan) of the epoch under way: saved with checkpoints, so a resumed epoch replays its plan."""
+        """(epoch, plan) of the epoch under way: saved with checkpoints (with `loss_weights`), so a resumed
+        epoch replays its plan."""
 
     def __len__(self) -> int:
         return self.catalog.size

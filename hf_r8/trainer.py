@@ -85,7 +85,7 @@ class R8TrainerMixin(R8CallbackMixin):
         self.r8_sampler: BalancedQuartileSampler | None = None
         self._r8_pending: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._r8_fallback_logged = False
-        self._r8_resumed_plan: tuple[int, np.ndarray] | None = None
+        self._r8_resumed_plan: tuple[int, np.ndarray, np.ndarray] | None = None
         self._r8_weights: tuple[int, torch.Tensor] | None = None
 
     # --------------------------------------------------------------------------------- sampling
@@ -111,7 +111,13 @@ class R8TrainerMixin(R8CallbackMixin):
             self.r8_catalog, self._train_batch_size, seed=self.args.seed, proportions=sampler_config.proportions,
             before_plan=self._r8_apply_pending, mode=sampler_config.mode, prune_ratio=sampler_config.prune_ratio,
             full_data_fraction=sampler_config.full_data_fraction, total_epochs=self._r8_planned_epochs())
-        self.r8_sampler.current_epoch_plan, self._r8_resumed_plan = self._r8_resumed_plan, None
+        if self._r8_resumed_plan is not None:
+            # Accelerate's skip-batches wrapper hides the sampler from set_epoch: set the epoch being replayed here.
+            epoch, plan, loss_weights = self._r8_resumed_plan
+            self.r8_sampler.set_epoch(epoch)
+            self.r8_sampler.current_epoch_plan = (epoch, plan)
+            self.r8_sampler.loss_weights[:] = loss_weights
+            self._r8_resumed_plan = None
         if not isinstance(self.data_collator, IndexCarryingCollator):
             self.data_collator = IndexCarryingCollator(self.data_collator)
         return self._get_dataloader(dataset=IndexedDataset(self.train_dataset), description="Training",
@@ -159,13 +165,17 @@ class R8TrainerMixin(R8CallbackMixin):
         if self._r8_weights is None or self._r8_weights[0] != epoch:
             self._r8_weights = (epoch, torch.as_tensor(self.r8_sampler.loss_weights, device=logits.device))
         weights = self._r8_weights[1][indices.to(logits.device)]
-        weighted = weighted_loss(logits, labels, weights, self._r8_shifts_labels(), num_items_in_batch)
+        shifts = self._r8_shifts_labels()
+        weighted = weighted_loss(logits, labels, weights, shifts, num_items_in_batch)
         if weighted is None:
             return loss
-        if (self.args.average_tokens_across_devices and num_items_in_batch is not None
-                and (self.model_accepts_loss_kwargs or self.compute_loss_func)):
-            weighted = weighted * self.accelerator.num_processes  # as the stock compute_loss scales it
-        return weighted
+        # Keep the stock loss (label smoothing, auxiliary terms) and add only what the weights change,
+        # scaled as the stock compute_loss scales a token-averaged loss across processes.
+        unweighted = weighted_loss(logits, labels, torch.ones_like(weights), shifts, num_items_in_batch)
+        scaled_across_processes = (self.args.average_tokens_across_devices and num_items_in_batch is not None
+                                   and (self.model_accepts_loss_kwargs or self.compute_loss_func))
+        scale = self.accelerator.num_processes if scaled_across_processes else 1
+        return loss + (weighted - unweighted) * scale
 
     def _r8_shifts_labels(self) -> bool:
         """Causal LMs predict token t+1 at position t: their per-example loss needs the label shift."""
@@ -196,24 +206,28 @@ class R8TrainerMixin(R8CallbackMixin):
     # --------------------------------------------------------------------------- checkpointing
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        if self.r8_catalog is not None and self.args.should_save:
-            self._r8_apply_pending()
+        if self.r8_catalog is None:
+            return
+        self._r8_apply_pending()  # a collective: every rank, not only the one that writes
+        if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             self.r8_catalog.save(folder)
             if self.r8_sampler is not None and self.r8_sampler.current_epoch_plan is not None:
                 epoch, plan = self.r8_sampler.current_epoch_plan
-                np.savez(os.path.join(folder, PLAN_FILE_NAME), epoch=np.array(epoch), plan=plan)
+                np.savez(os.path.join(folder, PLAN_FILE_NAME), epoch=np.array(epoch), plan=plan,
+                         loss_weights=self.r8_sampler.loss_weights)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(resume_from_checkpoint, str) and os.path.isfile(os.path.join(resume_from_checkpoint, FILE_NAME)):
-            self.r8_catalog = LossCatalog.load(resume_from_checkpoint)
-            plan_path = os.path.join(resume_from_checkpoint, PLAN_FILE_NAME)
+        # True means "the last checkpoint"; when there is none, the stock Trainer raises: leave that to it.
+        checkpoint = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else \
+            resume_from_checkpoint
+        if isinstance(checkpoint, str) and os.path.isfile(os.path.join(checkpoint, FILE_NAME)):
+            self.r8_catalog = LossCatalog.load(checkpoint)
+            plan_path = os.path.join(checkpoint, PLAN_FILE_NAME)
             if os.path.isfile(plan_path):
                 with np.load(plan_path, allow_pickle=False) as saved:
-                    self._r8_resumed_plan = (int(saved["epoch"]), saved["plan"])
+                    self._r8_resumed_plan = (int(saved["epoch"]), saved["plan"], saved["loss_weights"])
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._r8_apply_pending()  # the last micro-batches of the run
         return output

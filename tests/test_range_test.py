@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from transformers import Trainer, TrainerCallback
 
 from hf_r8 import R8Callback, R8Config
@@ -79,3 +80,26 @@ def test_range_test_sweeps_the_lr_it_claims(model, lm_dataset, tmp_path):
     trainer.train()
     logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
     assert logged[:6] == pytest.approx([1e-3 * 10 ** (-2 + 4 * i / 5) for i in range(6)], rel=1e-9)
+
+
+@pytest.mark.integration
+def test_after_the_test_the_schedule_continues_where_it_is(model, lm_dataset, tmp_path):
+    from transformers import get_scheduler
+
+    config = R8Config(rules=[], range_test=RangeTestConfig(enabled=True, steps=6, gain_min=0.1, gain_max=10.0))
+    r8 = R8Callback(config)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=16, learning_rate=1e-3,
+                      lr_scheduler_type="linear", warmup_steps=12), train_dataset=lm_dataset, callbacks=[r8])
+    trainer.train()
+    rebase = next(event for event in r8.events if event.rule == "range_test")
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_scheduler("linear", reference, num_warmup_steps=12, num_training_steps=16)
+    scheduled = []
+    for _ in range(16):
+        scheduled.append(reference.param_groups[0]["lr"])
+        reference.step()
+        schedule.step()
+    logged = {entry["step"]: entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry}
+    step = rebase.step + 1  # the first step after the weights were restored: warmup LR x the chosen gain
+    assert logged[step] == pytest.approx(scheduled[step - 1] * rebase.new_value, rel=1e-9)
+    assert scheduled[step - 1] > 0

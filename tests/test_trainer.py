@@ -211,3 +211,12 @@ def test_with_r8_sft_trainer_catalogs_every_example(tokenizer, tmp_path):
     assert catalog.seen.all() and catalog.usage.tolist() == [1] * 32  # the cataloging epoch, through TRL's collator
     first_loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][0]
     assert abs(float(catalog.ema_loss.mean()) - first_loss) < 0.2
+
+
+def test_per_example_losses_refuse_shapes_they_cannot_split():
+    from hf_r8.per_example import per_example_losses
+
+    multi_label = per_example_losses(torch.zeros(4, 3), torch.ones(4, 3), shifts_labels=False)
+    assert multi_label is None  # BCE over [batch, labels] is not one number per example here
+    regression = per_example_losses(torch.ones(4, 1), torch.zeros(4), shifts_labels=False)
+    assert regression.tolist() == [1.0, 1.0, 1.0, 1.0]

@@ -30,7 +30,8 @@ def main(output_dir: str) -> None:
     dataset = language_modeling_dataset(tokenizer, seq_len=32, max_examples=64)
     model = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
     args = TrainingArguments(output_dir=output_dir, max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3,
-                             logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+                             logging_steps=1, report_to=[], save_strategy="steps", save_steps=5, disable_tqdm=True,
+                             use_cpu=True,
                              ddp_find_unused_parameters=False, seed=0)
     trainer = RecordingR8Trainer(model=model, args=args, train_dataset=dataset, r8=R8Config.from_preset("default"))
     trainer.train()
