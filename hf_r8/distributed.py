@@ -25,15 +25,13 @@ def sum_across_processes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def gather_across_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor from every process in rank order; lengths may differ between processes."""
+    """Concatenate a 1-D tensor of the same length on every process, in rank order.
+
+    Equal lengths need no exchange of sizes first, so on an accelerator the gather is only enqueued:
+    the host does not wait for it.
+    """
     if world_size() == 1:
         return tensor
-    length = torch.tensor([tensor.numel()], device=tensor.device)
-    lengths = [torch.zeros_like(length) for _ in range(world_size())]
-    dist.all_gather(lengths, length)
-    longest = int(max(item.item() for item in lengths))
-    padded = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.numel()] = tensor
-    pieces = [torch.zeros_like(padded) for _ in range(world_size())]
-    dist.all_gather(pieces, padded)
-    return torch.cat([piece[: int(size.item())] for piece, size in zip(pieces, lengths, strict=True)])
+    pieces = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(pieces, tensor)
+    return torch.cat(pieces)

@@ -5,10 +5,12 @@ each example's loss.
   through column removal and collators, popped before `model.forward`) and samples with
   `BalancedQuartileSampler`: a cataloging epoch, then quartile-balanced batches.
 * `compute_loss` returns exactly the stock loss (same call, same `num_items_in_batch`) and records
-  each example's own loss, recomputed from the logits (`per_example.py`); when it cannot be, the
-  batch loss feeds the catalog's surprise estimate (said once in the log).
-* The recorded (index, loss) pairs are gathered from every process and applied to the catalog one
-  step later, so every rank holds the same catalog without waiting on the device each micro-batch.
+  each example's own loss, recomputed from the forward's outputs, which a hook keeps
+  (`per_example.py`); when it cannot be, the batch loss feeds the catalog's surprise estimate (said
+  once in the log).
+* The recorded (index, loss) pairs are gathered from every process and copied to the host without
+  blocking (`catalog_updates.py`); they reach the catalog once landed, and all of them before an epoch
+  is planned or a checkpoint saved, so every rank plans from the same catalog without stalling the device.
 * The catalog is saved as `r8_catalog.npz` in each checkpoint and loaded by `train(resume_from_checkpoint=...)`.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -27,8 +30,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from hf_r8.callback import R8Callback
 from hf_r8.catalog import FILE_NAME, LossCatalog
+from hf_r8.catalog_updates import CatalogUpdateQueue
 from hf_r8.config import R8Config
-from hf_r8.distributed import gather_across_processes
 from hf_r8.per_example import per_example_losses, weighted_loss
 from hf_r8.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
 
@@ -83,10 +86,13 @@ class R8TrainerMixin(R8CallbackMixin):
         super().__init__(*args, r8=r8, **kwargs)
         self.r8_catalog: LossCatalog | None = None
         self.r8_sampler: BalancedQuartileSampler | None = None
-        self._r8_pending: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        self._r8_updates: CatalogUpdateQueue | None = None
         self._r8_fallback_logged = False
         self._r8_resumed_plan: tuple[int, np.ndarray, np.ndarray] | None = None
         self._r8_weights: tuple[int, torch.Tensor] | None = None
+        self._r8_outputs: Any = None
+        self._r8_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._r8_hooked_model: torch.nn.Module | None = None
 
     # --------------------------------------------------------------------------------- sampling
     def _r8_owns_sampling(self) -> bool:
@@ -104,12 +110,14 @@ class R8TrainerMixin(R8CallbackMixin):
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         if not self._r8_owns_sampling():
             return super().get_train_dataloader()
+        self._r8_apply_all_updates()  # the previous dataloader's last micro-batches
         if self.r8_catalog is None or self.r8_catalog.size != len(self.train_dataset):
             self.r8_catalog = LossCatalog(len(self.train_dataset), alpha=self.r8_config.sampler.catalog_alpha)
+        self._r8_updates = CatalogUpdateQueue(self._train_batch_size)
         sampler_config = self.r8_config.sampler
         self.r8_sampler = BalancedQuartileSampler(
             self.r8_catalog, self._train_batch_size, seed=self.args.seed, proportions=sampler_config.proportions,
-            before_plan=self._r8_apply_pending, mode=sampler_config.mode, prune_ratio=sampler_config.prune_ratio,
+            before_plan=self._r8_apply_all_updates, mode=sampler_config.mode, prune_ratio=sampler_config.prune_ratio,
             full_data_fraction=sampler_config.full_data_fraction, total_epochs=self._r8_planned_epochs())
         if self._r8_resumed_plan is not None:
             # Accelerate's skip-batches wrapper hides the sampler from set_epoch: set the epoch being replayed here.
@@ -144,34 +152,57 @@ class R8TrainerMixin(R8CallbackMixin):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         labels = inputs.get("labels")
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        self._r8_watch_outputs(model)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        outputs, self._r8_outputs = self._r8_outputs, None
         losses = None
-        if logits is not None and labels is not None:
-            losses = per_example_losses(logits, labels, self._r8_shifts_labels())
-            if self.r8_sampler is not None and self.r8_sampler.mode == "infobatch":
-                loss = self._r8_reweighted(loss, logits, labels, indices, num_items_in_batch)
+        if isinstance(outputs, Mapping):
+            losses = per_example_losses(outputs, labels, self._r8_shifts_labels())
+            if losses is not None and self.r8_sampler is not None and self.r8_sampler.mode == "infobatch":
+                loss = self._r8_reweighted(loss, outputs, labels, indices, num_items_in_batch)
         if losses is None and not self._r8_fallback_logged:
             logger.warning("R8: per-example losses cannot be recomputed for this model; the catalog uses the "
                            "batch-loss surprise estimate.")
             self._r8_fallback_logged = True
-        self._r8_pending.append((indices.detach(), losses, loss.detach().float().reshape(-1).mean()))
-        return (loss, outputs) if return_outputs else loss
+        if self._r8_updates is not None:
+            self._r8_updates.record(indices, losses, loss.detach().float().reshape(-1).mean(), self.state.global_step)
+        return (loss, *result[1:]) if return_outputs else loss
 
-    def _r8_reweighted(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                       num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    def _r8_watch_outputs(self, model: torch.nn.Module) -> None:
+        """Keep the last training forward's outputs (logits, or a fused head's log-probs) for the per-example losses.
+
+        A forward hook rather than `return_outputs=True`: some trainers (TRL's SFTTrainer) run an extra
+        forward pass to build the outputs they return.
+        """
+        self._r8_outputs = None
+        if self._r8_hooked_model is model:
+            return
+        if self._r8_hook is not None:
+            self._r8_hook.remove()
+
+        def keep_outputs(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if module.training:
+                self._r8_outputs = output
+
+        self._r8_hook = model.register_forward_hook(keep_outputs)
+        self._r8_hooked_model = model
+
+    def _r8_reweighted(self, loss: torch.Tensor, outputs: Mapping[str, Any], labels: torch.Tensor | None,
+                       indices: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
         """InfoBatch: the same loss, with the kept well-learned examples weighted 1/(1 - prune_ratio)."""
         epoch, _ = self.r8_sampler.current_epoch_plan
         if self._r8_weights is None or self._r8_weights[0] != epoch:
-            self._r8_weights = (epoch, torch.as_tensor(self.r8_sampler.loss_weights, device=logits.device))
-        weights = self._r8_weights[1][indices.to(logits.device)]
+            self._r8_weights = (epoch, torch.as_tensor(self.r8_sampler.loss_weights, device=loss.device))
+        weights = self._r8_weights[1][indices.to(loss.device)]
         shifts = self._r8_shifts_labels()
-        weighted = weighted_loss(logits, labels, weights, shifts, num_items_in_batch)
+        weighted = weighted_loss(outputs, labels, weights, shifts, num_items_in_batch)
         if weighted is None:
             return loss
         # Keep the stock loss (label smoothing, auxiliary terms) and add only what the weights change,
         # scaled as the stock compute_loss scales a token-averaged loss across processes.
-        unweighted = weighted_loss(logits, labels, torch.ones_like(weights), shifts, num_items_in_batch)
+        unweighted = weighted_loss(outputs, labels, torch.ones_like(weights), shifts, num_items_in_batch)
         scaled_across_processes = (self.args.average_tokens_across_devices and num_items_in_batch is not None
                                    and (self.model_accepts_loss_kwargs or self.compute_loss_func))
         scale = self.accelerator.num_processes if scaled_across_processes else 1
@@ -184,31 +215,20 @@ class R8TrainerMixin(R8CallbackMixin):
         return getattr(model, "loss_function", None) is ForCausalLMLoss and not encoder_decoder
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # The previous micro-batches' losses have long been computed: applying them now does not stall.
-        self._r8_apply_pending()
+        if self._r8_updates is not None and self.r8_catalog is not None:
+            self._r8_updates.apply(self.r8_catalog)  # only the copies that have landed: no waiting
         return super().training_step(*args, **kwargs)
 
-    def _r8_apply_pending(self) -> None:
-        if self.r8_catalog is None or not self._r8_pending:
-            self._r8_pending = []
-            return
-        step = self.state.global_step
-        for indices, losses, batch_loss in self._r8_pending:
-            all_indices = gather_across_processes(indices.reshape(-1).long()).cpu().numpy()
-            if losses is not None:
-                all_losses = gather_across_processes(losses.reshape(-1)).cpu().numpy()
-                self.r8_catalog.update_exact(all_indices, all_losses, step)
-            else:
-                batch_mean = gather_across_processes(batch_loss.reshape(1)).mean().item()
-                self.r8_catalog.update_surprise(all_indices, batch_mean, step)
-        self._r8_pending = []
+    def _r8_apply_all_updates(self) -> None:
+        if self._r8_updates is not None and self.r8_catalog is not None:
+            self._r8_updates.apply(self.r8_catalog, wait=True)
 
     # --------------------------------------------------------------------------- checkpointing
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         if self.r8_catalog is None:
             return
-        self._r8_apply_pending()  # a collective: every rank, not only the one that writes
+        self._r8_apply_all_updates()
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -229,7 +249,7 @@ class R8TrainerMixin(R8CallbackMixin):
                 with np.load(plan_path, allow_pickle=False) as saved:
                     self._r8_resumed_plan = (int(saved["epoch"]), saved["plan"], saved["loss_weights"])
         output = super().train(resume_from_checkpoint, *args, **kwargs)
-        self._r8_apply_pending()  # the last micro-batches of the run
+        self._r8_apply_all_updates()  # the last micro-batches of the run
         return output
 
     # ----------------------------------------------------------------------------------- logging

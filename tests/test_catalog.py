@@ -1,11 +1,13 @@
-"""LossCatalog: exact and surprise updates, quartiles, persistence, bad input."""
+"""LossCatalog: exact and surprise updates, quartiles, persistence, bad input; the update queue."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from hf_r8.catalog import UNSEEN, LossCatalog
+from hf_r8.catalog_updates import CatalogUpdateQueue
 
 
 def test_row_costs_at_most_24_bytes():
@@ -75,3 +77,27 @@ def test_bad_construction_is_refused(size, alpha, message):
 def test_out_of_range_indices_are_refused():
     with pytest.raises(IndexError, match=r"\[0, 3\)"):
         LossCatalog(3).update_exact([3], [1.0], step=1)
+
+
+def test_update_queue_pads_gathers_and_applies_in_order():
+    catalog = LossCatalog(10, alpha=0.5)
+    queue = CatalogUpdateQueue(capacity=4)
+    queue.record(torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor(2.0), step=0)
+    queue.record(torch.tensor([1]), torch.tensor([3.0]), torch.tensor(3.0), step=1)
+    assert len(queue) == 2 and not catalog.seen.any()  # nothing reaches the catalog before apply
+    assert queue.apply(catalog) == 2 and len(queue) == 0
+    assert catalog.ema_loss[[1, 2, 3]].tolist() == [2.0, 2.0, 3.0]  # 1.0 then blended halfway to 3.0
+    assert catalog.usage.tolist() == [0, 2, 1, 1, 0, 0, 0, 0, 0, 0]  # padding rows touched nothing
+    assert catalog.last_step[[1, 2]].tolist() == [1, 0]  # the step each micro-batch was recorded at
+
+
+def test_update_queue_surprise_path_and_oversized_batches():
+    catalog = LossCatalog(10)
+    queue = CatalogUpdateQueue(capacity=2)
+    queue.record(torch.tensor([4, 5]), None, torch.tensor(1.5), step=3)
+    queue.apply(catalog, wait=True)
+    assert catalog.ema_loss[[4, 5]].tolist() == [1.5, 1.5] and np.isnan(catalog.last_loss[4])
+    with pytest.raises(ValueError, match="capacity 2"):
+        queue.record(torch.tensor([1, 2, 3]), None, torch.tensor(1.0), step=4)
+    with pytest.raises(ValueError, match="capacity=0"):
+        CatalogUpdateQueue(capacity=0)

@@ -187,10 +187,10 @@ def test_weighted_loss_with_unit_weights_is_the_model_loss(tokenizer, lm_dataset
     model = make_model(tokenizer)
     ids = torch.tensor(lm_dataset.select(range(4))["input_ids"])
     output = model(input_ids=ids, labels=ids)
-    unit = weighted_loss(output.logits, ids, torch.ones(4), True, None)
+    unit = weighted_loss(output, ids, torch.ones(4), True, None)
     assert unit.item() == pytest.approx(output.loss.item(), rel=1e-6)
-    doubled_first = weighted_loss(output.logits, ids, torch.tensor([2.0, 1.0, 1.0, 1.0]), True, None)
-    first = per_example_losses(output.logits, ids, True)[0]
+    doubled_first = weighted_loss(output, ids, torch.tensor([2.0, 1.0, 1.0, 1.0]), True, None)
+    first = per_example_losses(output, ids, True)[0]
     # equal-length sequences: doubling one adds its own token-mean loss / 4 to the batch mean
     assert doubled_first.item() == pytest.approx(unit.item() + first.item() / 4, rel=1e-5)
 
@@ -204,9 +204,13 @@ def test_with_r8_sft_trainer_catalogs_every_example(tokenizer, tmp_path):
     dataset = Dataset.from_dict({"text": english_paragraphs()[:32]})
     args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, report_to=[],
                      save_strategy="no", use_cpu=True, max_length=64, logging_steps=1, disable_tqdm=True)
-    trainer = with_r8(SFTTrainer)(model=tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64),
-                                  args=args, train_dataset=dataset, processing_class=tokenizer, r8=r8_config())
+    model = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(module.training))
+    trainer = with_r8(SFTTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                  r8=r8_config())
     trainer.train()
+    assert forwards.count(True) == 4  # one forward per micro-batch: the losses come from TRL's fused LM head
     catalog = trainer.r8_catalog
     assert catalog.seen.all() and catalog.usage.tolist() == [1] * 32  # the cataloging epoch, through TRL's collator
     first_loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][0]
@@ -216,7 +220,7 @@ def test_with_r8_sft_trainer_catalogs_every_example(tokenizer, tmp_path):
 def test_per_example_losses_refuse_shapes_they_cannot_split():
     from hf_r8.per_example import per_example_losses
 
-    multi_label = per_example_losses(torch.zeros(4, 3), torch.ones(4, 3), shifts_labels=False)
+    multi_label = per_example_losses({"logits": torch.zeros(4, 3)}, torch.ones(4, 3), shifts_labels=False)
     assert multi_label is None  # BCE over [batch, labels] is not one number per example here
-    regression = per_example_losses(torch.ones(4, 1), torch.zeros(4), shifts_labels=False)
+    regression = per_example_losses({"logits": torch.ones(4, 1)}, torch.zeros(4), shifts_labels=False)
     assert regression.tolist() == [1.0, 1.0, 1.0, 1.0]
