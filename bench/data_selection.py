@@ -1,12 +1,13 @@
-"""Which examples to train on: uniform shuffling vs R8's balanced quartiles vs InfoBatch-style pruning.
+"""Which examples to train on: uniform shuffling, R8's balanced quartiles, InfoBatch, small-loss mixing.
 
-    python bench/data_selection.py [--seeds 3]      # writes bench/results/data_selection.md and .png
+    python bench/data_selection.py [--seeds 5] [--settings ...]   # writes bench/results/data_selection.md, .png
 
 Every run is an R8Trainer with the LR controller off (rules: []), so only the order and weighting of
 examples differ; same model init, seeds and budget of forward+backward passes (steps x batch). Tasks:
-digits with 20% and 40% of the training labels replaced by random ones (held-out labels clean), and
-the causal LM. Passes-to-target: the first evaluation at which the median held-out accuracy (digits)
-or loss (LM) over seeds reaches the uniform baseline's final median.
+a `make_classification` set (10,000 held-out) and digits with 20% and 40% of the training labels
+replaced by random ones (held-out labels clean), and the causal LM. Passes-to-target: the first
+evaluation at which the median held-out accuracy (or LM loss) over seeds reaches the uniform
+baseline's final median. "small_loss" is the `noisy_labels` preset's sampler.
 """
 
 from __future__ import annotations
@@ -33,13 +34,20 @@ from transformers import PrinterCallback, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tasks import causal_lm, digits  # noqa: E402
+from tasks import causal_lm, digits, synthetic_classes  # noqa: E402
 
 from hf_r8 import R8Config, R8Trainer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("uniform", "balanced", "infobatch")
+MODES = {  # name -> R8Config.sampler
+    "uniform": {"mode": "uniform"},
+    "balanced": {"mode": "balanced"},
+    "infobatch": {"mode": "infobatch"},
+    "small_loss": R8Config.from_preset("noisy_labels").to_dict()["sampler"],
+}
 SETTINGS = {  # name -> (task builder, label noise, steps, lr, metric)
+    "synthetic_noise20": ("synthetic", 0.2, 2400, 5e-3, "accuracy"),
+    "synthetic_noise40": ("synthetic", 0.4, 2400, 5e-3, "accuracy"),
     "digits_noise20": ("digits", 0.2, 600, 2e-3, "accuracy"),
     "digits_noise40": ("digits", 0.4, 600, 1e-3, "accuracy"),
     "causal_lm": ("causal_lm", 0.0, 400, 3e-3, "loss"),
@@ -48,7 +56,7 @@ SETTINGS = {  # name -> (task builder, label noise, steps, lr, metric)
 
 @functools.cache
 def _task(name: str, noise: float):
-    task = digits(quick=True) if name == "digits" else causal_lm(quick=True)
+    task = {"digits": digits, "synthetic": synthetic_classes, "causal_lm": causal_lm}[name](quick=True)
     if noise:
         rng = np.random.default_rng(1)
         labels = np.array(task.train["labels"])
@@ -76,7 +84,7 @@ def run(setting: str, mode: str, seed: int) -> dict:
         lr_scheduler_type="constant", eval_strategy="steps", eval_steps=eval_every, logging_steps=eval_every,
         report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed, log_level="error",
         weight_decay=0.0)
-    config = R8Config.from_dict({"rules": [], "sampler": {"mode": mode}})
+    config = R8Config.from_dict({"rules": [], "sampler": MODES[mode]})
     trainer = R8Trainer(model=task.make_model(seed), args=args, train_dataset=task.train, eval_dataset=task.eval,
                         r8=config, compute_metrics=_accuracy if metric == "accuracy" else None)
     trainer.remove_callback(PrinterCallback)
@@ -95,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     options = parser.parse_args(argv)
     started = time.perf_counter()
-    jobs = [(setting, mode, seed) for setting in SETTINGS for mode in MODES for seed in range(options.seeds)]
+    jobs = [(setting, mode, seed) for setting in options.settings for mode in MODES for seed in range(options.seeds)]
     with ProcessPoolExecutor(options.workers) as pool:
         runs = list(pool.map(run, *zip(*jobs, strict=True)))
     elapsed = time.perf_counter() - started
@@ -109,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
              "(rules: []), constant LR; passes = optimizer steps x batch size (forward+backward of one example).", "",
              "| setting | metric | mode | final (median) | passes to uniform's final | fewer than the full budget |",
              "|---|---|---|---|---|---|"]
-    figure, axes = plt.subplots(1, len(SETTINGS), figsize=(5 * len(SETTINGS), 4))
-    for axis, setting in zip(axes, SETTINGS, strict=True):
+    figure, axes = plt.subplots(1, len(options.settings), figsize=(5 * len(options.settings), 4), squeeze=False)
+    for axis, setting in zip(axes[0], options.settings, strict=True):
         metric = SETTINGS[setting][4]
         better = (lambda a, b: a >= b) if metric == "accuracy" else (lambda a, b: a <= b)
         curves = {mode: _median_curve([r for r in runs if r["setting"] == setting and r["mode"] == mode])
