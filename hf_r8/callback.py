@@ -8,16 +8,27 @@ Per optimizer step, in the Trainer's own event order:
   group and into the scheduler's `_last_lr`, so the logged `learning_rate` is the LR used;
 * `on_optimizer_step` / `on_step_end`: give the scheduler its own value back before it steps;
   reduce this step's signals across processes and start their copy to the host.
+
+Rollback (`rollback.py`, `snapshot.py`), on by default: in `on_pre_optimizer_step` this step's loss
+and gradient norm are read on the host (one sync; the stock Trainer's NaN filter already syncs on
+the loss). A non-finite value skips the step (gradients dropped); a spike, or non-finite weights,
+restore the last healthy snapshot (weights, optimizer state, controller, RNG, grad scaler), cut the
+LR gain, drop the step in flight and ask R8Trainer's sampler for low-loss batches. Snapshots are
+taken every `rollback.every_steps` healthy steps into reused CPU buffers, in `on_pre_optimizer_step`
+once the step's loss, computed on the weights about to be saved, has passed the check.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 from collections import deque
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import psutil
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -29,7 +40,8 @@ from hf_r8.controller import Controller, Event, GroupSpec, Observation
 from hf_r8.decision import Decision
 from hf_r8.distributed import sum_across_processes
 from hf_r8.range_test import LRRangeTest
-from hf_r8.snapshot import CpuSnapshot
+from hf_r8.rollback import RollbackAction, RollbackPolicy
+from hf_r8.snapshot import StateSnapshot, snapshot_bytes
 from hf_r8.taps import TrainerTaps, find_trainer
 
 logger = logging.getLogger(__name__)
@@ -78,7 +90,13 @@ class R8Callback(TrainerCallback, ExportableState):
         self._total_steps = 0
         self._warmup_steps = 0
         self._range_test: LRRangeTest | None = None
-        self._snapshot: CpuSnapshot | None = None
+        self._snapshot: StateSnapshot | None = None
+        self._active_trainer: Any = None
+        self._rollback: RollbackPolicy | None = None
+        self._healthy_snapshots: list[StateSnapshot] = []
+        self._snapshots_allowed = True
+        self._checked_signals: list[float] | None = None
+        self._drop_step_signals = False
         self._taps: TrainerTaps | None = None
         self._pending: torch.Tensor | None = None
         self._pending_step = 0
@@ -106,16 +124,20 @@ class R8Callback(TrainerCallback, ExportableState):
         trainer = self._trainer if self._trainer is not None else find_trainer(self)
         if optimizer is None or not getattr(optimizer, "param_groups", None):
             raise ValueError(f"optimizer={optimizer!r}: R8Callback needs a torch optimizer with param_groups")
-        self._model, self._optimizer = trainer.model, optimizer
+        self._model, self._optimizer, self._active_trainer = trainer.model, optimizer, trainer
         self._total_steps, self._warmup_steps = state.max_steps, args.get_warmup_steps(state.max_steps)
         saved = self._saved_state(state) if state.global_step > 0 else None
         self._build_controller(initial_gains=(saved or {}).get("initial_gains"))
         self._pending, self._range_test, self._snapshot = None, None, None
+        self._rollback = RollbackPolicy(self.config.rollback)
+        self._healthy_snapshots, self._snapshots_allowed = [], True
+        self._checked_signals, self._drop_step_signals = None, False
         if saved is not None:
             self._restore(saved)
         elif self.config.range_test.enabled and state.global_step == 0:
             self._range_test = LRRangeTest(self.config.range_test)
-            self._snapshot = CpuSnapshot(self._model, optimizer)
+            self._snapshot = StateSnapshot()
+            self._snapshot.capture(self._model, optimizer, step=0)
         self._taps = TrainerTaps(trainer, self._add_log_metrics)
         self._taps.install()
 
@@ -125,6 +147,16 @@ class R8Callback(TrainerCallback, ExportableState):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
         self._consume_pending()
+        rollback = self.config.rollback
+        if self._range_test is None and (rollback.enabled or rollback.guard_nonfinite):
+            step = state.global_step + 1
+            action = self._check_step(step, args.device, optimizer)
+            if action is not None:
+                self._roll_back(action, step, control, optimizer)
+            elif self._rollback.should_snapshot(step):
+                # The weights are still those after step - 1, and this step's loss, computed on them,
+                # has just passed the check: a snapshot taken now is never of a damaged model.
+                self._take_snapshot(state.global_step)
         self._apply(optimizer, lr_scheduler, step_index=state.global_step)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -139,7 +171,10 @@ class R8Callback(TrainerCallback, ExportableState):
         if self._range_test is not None and self._range_test.finished:
             self._finish_range_test(state.global_step)
             return
-        self._stage_signals(state.global_step, args.device)
+        if self._drop_step_signals:  # a rolled-back step: the controller never sees its loss
+            self._drop_step_signals, self._checked_signals = False, None
+        else:
+            self._stage_signals(state.global_step, args.device)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self._taps is not None:
@@ -163,11 +198,7 @@ class R8Callback(TrainerCallback, ExportableState):
     def _finish_range_test(self, step: int) -> None:
         """Restore the weights from before the test and rebase the controller on the chosen gain."""
         test = self._range_test
-        # load_state_dict also rewinds each group's hyperparameters (lr included) to step 0: keep the schedule's
-        scheduled_lrs = [group["lr"] for group in self._optimizer.param_groups]
         self._snapshot.restore(self._model, self._optimizer)
-        for group, lr in zip(self._optimizer.param_groups, scheduled_lrs, strict=True):
-            group["lr"] = lr
         gain = test.chosen_gain()
         self._range_test, self._snapshot, self._pending = None, None, None
         self._build_controller(initial_gains=[gain] * len(self._optimizer.param_groups),
@@ -230,19 +261,14 @@ class R8Callback(TrainerCallback, ExportableState):
         self._schedule_lrs = []
 
     def _stage_signals(self, step: int, device: torch.device) -> None:
-        """Sum [loss, has_loss, grad_norm, has_grad_norm] over processes on device; copy to host without waiting."""
-        taps = self._taps
-        zero, one = torch.zeros((), device=device), torch.ones((), device=device)
-        loss = taps.step_loss.to(device) if taps.step_loss is not None else None
-        grad_norm = None
-        if taps.grad_norm is not None:
-            grad_norm = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
-        packed = torch.stack([
-            zero if loss is None else loss, zero if loss is None else one,
-            zero if grad_norm is None else grad_norm, zero if grad_norm is None else one,
-        ]).float()
-        packed = sum_across_processes(packed)
+        """The step's signals for the controller at the next step: read on the host already by the
+        rollback check, or reduced on device now and copied to the host without waiting."""
         self._pending_step = step
+        if self._checked_signals is not None:
+            self._copy_event, self._pending = None, torch.tensor(self._checked_signals, dtype=torch.float32)
+            self._checked_signals = None
+            return
+        packed = self._reduced_signals(device)
         if packed.device.type == "cuda":
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             host.copy_(packed, non_blocking=True)
@@ -253,6 +279,115 @@ class R8Callback(TrainerCallback, ExportableState):
             self._copy_event = None
             self._pending = packed.cpu()
 
+    def _reduced_signals(self, device: torch.device) -> torch.Tensor:
+        """[loss, has_loss, grad_norm, has_grad_norm] summed over processes, on device (a NaN anywhere is NaN)."""
+        taps = self._taps
+        zero, one = torch.zeros((), device=device), torch.ones((), device=device)
+        loss = taps.step_loss.to(device) if taps.step_loss is not None else None
+        grad_norm = None
+        if taps.grad_norm is not None:
+            grad_norm = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
+        packed = torch.stack([
+            zero if loss is None else loss, zero if loss is None else one,
+            zero if grad_norm is None else grad_norm, zero if grad_norm is None else one,
+        ]).float()
+        return sum_across_processes(packed)
+
+    # ------------------------------------------------------------------------------ rollback
+    def _check_step(self, step: int, device: torch.device, optimizer: torch.optim.Optimizer) -> RollbackAction | None:
+        """Read this step's loss and gradient norm (all processes) before it is applied; skip or ask for a rollback."""
+        self._checked_signals = self._reduced_signals(device).tolist()
+        loss_sum, loss_count, grad_sum, grad_count = self._checked_signals
+        loss = loss_sum / loss_count if loss_count > 0 else None
+        grad_norm = grad_sum / grad_count if grad_count > 0 else None
+        policy = self._rollback
+        reason = policy.guard(loss, grad_norm)
+        if reason is None:
+            return policy.observe(step, loss)
+        optimizer.zero_grad(set_to_none=True)
+        policy.record_skip(step)
+        self._record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, reason, quantity="step_applied"))
+        if loss is not None and not math.isfinite(loss) and not self._weights_finite(device):
+            return policy.damage(step, "non-finite weights")
+        return None
+
+    def _weights_finite(self, device: torch.device) -> bool:
+        """Whether every trainable parameter is finite on every process (read only after a non-finite loss)."""
+        params = [param for param in self._model.parameters() if param.requires_grad]
+        bad = torch.stack([~torch.isfinite(param).all() for param in params]).sum().float().to(device)
+        return sum_across_processes(bad).item() == 0
+
+    def _roll_back(self, action: RollbackAction, step: int, control: TrainerControl,
+                   optimizer: torch.optim.Optimizer) -> None:
+        """Restore the newest snapshot older than the damage, cut the LR, drop this step, stabilize the data."""
+        optimizer.zero_grad(set_to_none=True)  # the step in flight was computed on damaged weights
+        self._drop_step_signals = True
+        # The n-th rollback in a row goes n snapshots back, as far as `rollback.keep` allows.
+        kept = self._healthy_snapshots
+        snapshot = kept[-min(max(action.attempt, 1), len(kept))] if kept else None
+        if snapshot is not None:
+            self._restore_snapshot(snapshot)
+            self._rollback.wasted_steps += step - 1 - snapshot.step
+        if action.stop:
+            control.should_save, control.should_training_stop = True, True
+            where = f"the snapshot of step {snapshot.step}" if snapshot is not None else "the current weights"
+            reason = f"{action.reason}; {where} is saved as the step-{step} checkpoint"
+            logger.error("R8 rollback: %s", reason)
+            self._record(Event(step, -1, "rollback", "stop", 1.0, 0.0, reason, quantity="training"))
+            return
+        origin = f"restored the snapshot of step {snapshot.step}" if snapshot is not None else \
+            "no healthy snapshot yet, weights kept"
+        reason = f"{action.reason}: {origin}, LR gain x{action.lr_factor:.3g} (rollback {action.attempt} to it)"
+        sampler = getattr(self._active_trainer, "r8_sampler", None)
+        if sampler is not None and action.stabilize_batches:
+            sampler.stabilize(action.stabilize_batches)
+            reason += f", next {action.stabilize_batches} batches from the lowest-loss quartile"
+        for event in self.controller.cut_gains(action.lr_factor, step, reason):
+            self._record(event)
+        logger.warning("R8 rollback at step %d: %s", step, reason)
+
+    def _restore_snapshot(self, snapshot: StateSnapshot) -> None:
+        snapshot.restore(self._model, self._optimizer)
+        extras = snapshot.extras
+        self.controller.load_state_dict(extras["controller"])
+        random.setstate(extras["python_rng"])
+        np.random.set_state(extras["numpy_rng"])
+        torch.set_rng_state(extras["torch_rng"])
+        if extras.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(extras["cuda_rng"])
+        scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
+        if scaler is not None and extras.get("scaler") is not None:
+            scaler.load_state_dict(extras["scaler"])
+
+    def _take_snapshot(self, step: int) -> None:
+        if not self._snapshots_allowed:
+            return
+        config = self.config.rollback
+        trainable_only = config.scope == "trainable"
+        if not self._healthy_snapshots:
+            needed = config.keep * snapshot_bytes(self._model, self._optimizer, trainable_only)
+            available = psutil.virtual_memory().available
+            if needed > config.max_ram_fraction * available:
+                self._snapshots_allowed = False
+                logger.warning("R8 rollback is off: %d snapshot(s) need %.2f GiB, more than rollback.max_ram_fraction="
+                               "%s of the %.2f GiB of host RAM available (set rollback.scope='trainable' or keep=1).",
+                               config.keep, needed / 2**30, config.max_ram_fraction, available / 2**30)
+                return
+        reused = self._healthy_snapshots.pop(0) if len(self._healthy_snapshots) >= config.keep else None
+        snapshot = reused if reused is not None else StateSnapshot(trainable_only)
+        scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
+        extras = {
+            "controller": self.controller.state_dict(),
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }
+        snapshot.capture(self._model, self._optimizer, step, extras)
+        self._healthy_snapshots.append(snapshot)
+        self._rollback.snapshot_taken(step)
+
     def _add_log_metrics(self, logs: dict[str, float]) -> None:
         if self.controller is None:
             return
@@ -261,6 +396,7 @@ class R8Callback(TrainerCallback, ExportableState):
         if len(set(gains)) > 1:
             metrics.update({f"lr_gain/group_{i}": gain for i, gain in enumerate(gains)})
         # The most recent non-HOLD decision since the previous log, so a log every N steps misses none.
+        metrics.update(self._rollback.metrics() if self._rollback is not None else {})
         metrics["decision"] = float(self._decision_since_log)
         metrics["events"] = float(self._events_since_log)
         self._events_since_log = self._decision_since_log = 0
@@ -281,6 +417,7 @@ class R8Callback(TrainerCallback, ExportableState):
             "pending": pending,
             "initial_gains": [spec.initial_gain for spec in self.controller.specs],
             "range_test_running": self._range_test is not None,
+            "rollback": self._rollback.state_dict() if self._rollback is not None else None,
         }
         return {"args": {"config": self.config.to_dict()}, "attributes": {"r8_state": r8_state}}
 
@@ -300,6 +437,8 @@ class R8Callback(TrainerCallback, ExportableState):
             logger.warning("The checkpoint was taken during the LR range test; resuming without it.")
             return
         self.controller.load_state_dict(r8_state["controller"])
+        if r8_state.get("rollback") is not None:
+            self._rollback.load_state_dict(r8_state["rollback"])
         pending = r8_state.get("pending")
         if pending is not None:
             self._pending_step = pending["step"]

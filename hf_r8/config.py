@@ -24,6 +24,7 @@ LR_RULES = ("decision", "trend", "variance", "loss_decay", "grad_norm", "cyclica
 REWARD_RULES = ("scaling", "trend", "variance")
 BLENDABLE_RULES = LR_RULES + tuple(f"reward_{rule}" for rule in REWARD_RULES)
 SAMPLER_MODES = ("balanced", "infobatch", "uniform")
+SNAPSHOT_SCOPES = ("trainable", "all")
 MOMENTUM_RULES = ("none", "inverse", "exp", "relative", "normalized", "reward")
 
 
@@ -481,6 +482,62 @@ class SamplerConfig(_Section):
         self._between("catalog_alpha", 0.0, 1.0, open_low=True)
 
 
+@dataclass
+class RollbackConfig(_Section):
+    """Guard against non-finite steps and roll back from a CPU-RAM snapshot after a loss spike.
+
+    Before each optimizer step, a non-finite loss or gradient norm (on any process) skips the step.
+    After a step, a loss spike (z-score against the recent losses, or ratio to their EMA) or
+    non-finite weights restore the last healthy snapshot, cut the LR gain, drop the step in flight
+    and feed low-loss batches for a while (R8Trainer). Rollbacks to the same snapshot back off;
+    `max_consecutive` of them stop training with the healthy state saved as a checkpoint.
+    """
+
+    SECTION: ClassVar[str] = "rollback"
+    enabled: bool = True
+    """Take snapshots and roll back; the non-finite guard (`guard_nonfinite`) works either way."""
+    guard_nonfinite: bool = True
+    """Skip an optimizer step whose loss or gradient norm is NaN/inf (reads both on the host: one sync per step)."""
+    every_steps: int = 50
+    """Optimizer steps between snapshots (taken only when the recent steps were healthy)."""
+    keep: int = 1
+    """Snapshots kept in RAM; the n-th rollback in a row returns to the n-th newest (as far as kept)."""
+    healthy_steps: int = 10
+    """A snapshot needs this many anomaly-free steps before it."""
+    window: int = 50
+    """Recent healthy losses the spike test compares against."""
+    min_history: int = 20
+    """Losses needed in the window before a spike can be called."""
+    spike_z: float = 6.0
+    """A loss this many standard deviations above the window's mean is a spike..."""
+    spike_ratio: float = 3.0
+    """...or a loss this many times the window's EMA."""
+    lr_cut: float = 0.5
+    """LR gain multiplier per rollback (applied again for each rollback to the same snapshot)."""
+    stabilize_steps: int = 20
+    """Batches from the lowest-loss quartile after a rollback (doubles per repeat; R8Trainer sampling only)."""
+    max_consecutive: int = 3
+    """Rollbacks to the same snapshot before training stops."""
+    scope: str = "trainable"
+    """What a snapshot holds besides optimizer state and buffers: "trainable" parameters (PEFT: the
+    adapters) or "all" parameters."""
+    max_ram_fraction: float = 0.5
+    """Snapshots may use at most this share of the host RAM available at the first one, or rollback turns off."""
+
+    def __post_init__(self) -> None:
+        for name in ("every_steps", "keep", "healthy_steps", "window", "min_history", "max_consecutive"):
+            self._positive_int(name)
+        self._non_negative_int("stabilize_steps")
+        if self.min_history > self.window:
+            _fail(self.SECTION, "min_history", self.min_history, f"<= window ({self.window})")
+        self._greater("spike_z", 0.0)
+        self._greater("spike_ratio", 1.0)
+        self._between("lr_cut", 0.0, 1.0, open_low=True)
+        if self.scope not in SNAPSHOT_SCOPES:
+            _fail(self.SECTION, "scope", self.scope, f"one of {list(SNAPSHOT_SCOPES)}")
+        self._between("max_ram_fraction", 0.0, 1.0, open_low=True)
+
+
 _SECTIONS: dict[str, type] = {
     "signals": SignalConfig,
     "decision": DecisionConfig,
@@ -498,6 +555,7 @@ _SECTIONS: dict[str, type] = {
     "moe": MoEConfig,
     "range_test": RangeTestConfig,
     "sampler": SamplerConfig,
+    "rollback": RollbackConfig,
 }
 
 
@@ -532,6 +590,7 @@ class R8Config:
     moe: MoEConfig = field(default_factory=MoEConfig)
     range_test: RangeTestConfig = field(default_factory=RangeTestConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, list) or any(rule not in LR_RULES for rule in self.rules) or (

@@ -338,6 +338,16 @@ class Controller:
         self.sigma = new_sigma
         return [event]
 
+    def cut_gains(self, factor: float, step: int, reason: str) -> list[Event]:
+        """Multiply every group's LR gain by `factor` (after a rollback), within the group's gain bounds."""
+        events = []
+        for index, group in enumerate(self.groups):
+            low, high = self.gain_bounds[index]
+            new_gain = min(high, max(low, group.lr_gain * factor))
+            events.append(Event(step, index, "rollback", "cut", group.lr_gain, new_gain, reason))
+            group.lr_gain = group.running_gain = new_gain
+        return events
+
     # ----------------------------------------------------------------------------------- queries
     def lr_gain(self, index: int = 0) -> float:
         return self.groups[index].lr_gain

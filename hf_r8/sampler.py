@@ -5,8 +5,9 @@
   loss ... Q4 highest; examples never seen count as Q4, the least known), with counts from
   `proportions` by largest remainder. Within a quartile the least-used examples come first, ties
   broken by a seeded random key; a quartile asked for more than it holds cycles through its order.
-* `stabilize(n)`: the first `n` batches of the next plan come from Q1 only (for the rollback of issue
-  #5; it takes effect when the next plan is made, not inside an epoch already being iterated).
+* `stabilize(n)` (after a rollback): from the next batch boundary the sampler reaches, `n` batches come
+  from Q1 only, inside the epoch under way (a prefetching DataLoader delivers them a few batches
+  later) and into the next one if this one ends first.
 * mode "infobatch" (InfoBatch, Qin et al. 2024): each epoch, examples whose EMA loss is below the mean
   are left out with probability `prune_ratio`; the kept ones get loss weight 1/(1 - prune_ratio)
   (`loss_weights`), so the expected gradient is unchanged; the last `full_data_fraction` of the
@@ -75,25 +76,40 @@ class BalancedQuartileSampler(Sampler[int]):
         self.epoch = epoch
 
     def stabilize(self, batches: int) -> None:
-        """The first `batches` batches of the next plan come from Q1 only."""
+        """The next `batches` batches (from the next batch boundary) come from Q1 only."""
         self.stabilize_batches = batches
 
     def __iter__(self) -> Iterator[int]:
         if self.before_plan is not None:
             self.before_plan()
         saved = self.current_epoch_plan
-        if saved is None or saved[0] != self.epoch or self.stabilize_batches:
+        if saved is None or saved[0] != self.epoch:
             self.current_epoch_plan = (self.epoch, self.plan().astype(np.int64))
-        return iter(self.current_epoch_plan[1].tolist())
+        plan = self.current_epoch_plan[1]
+        for position in range(len(plan)):
+            if self.stabilize_batches and position % self.batch_size == 0:
+                self._stabilize_from(plan, position)
+            yield int(plan[position])
+
+    def _stabilize_from(self, plan: np.ndarray, position: int) -> None:
+        """Overwrite the plan from `position` on with Q1 examples (deterministic: same on every process)."""
+        rng = np.random.default_rng([self.seed, self.epoch, position])
+        quartiles = self.catalog.quartiles()
+        usage = np.minimum(self.catalog.usage, np.iinfo(np.int16).max).astype(np.int16)
+        room = len(plan) - position
+        wanted = min(room, self.stabilize_batches * self.batch_size)
+        if self.catalog.seen.any():  # before anything is cataloged there is no low-loss quartile
+            plan[position:position + wanted] = self._draw(0, quartiles, usage, rng, wanted)
+        self.stabilize_batches -= -(-wanted // self.batch_size)
 
     def plan(self) -> np.ndarray:
         """The epoch's order of indices (length = dataset size)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         size = self.catalog.size
         self.loss_weights[:] = 1.0
-        if (self.epoch == 0 or self.mode == "uniform") and self.stabilize_batches == 0:
+        if self.epoch == 0 or self.mode == "uniform":
             return rng.permutation(size)
-        if self.mode == "infobatch" and self.stabilize_batches == 0:
+        if self.mode == "infobatch":
             return self._infobatch_plan(rng)
         quartiles = self.catalog.quartiles()
         quartiles[quartiles == UNSEEN] = 3
@@ -106,10 +122,6 @@ class BalancedQuartileSampler(Sampler[int]):
                 continue
             columns.append(self._draw(quartile, quartiles, usage, rng, count * batches).reshape(batches, count))
         plan = np.concatenate(columns, axis=1)
-        if self.stabilize_batches:
-            easy = self._draw(0, quartiles, usage, rng, self.stabilize_batches * self.batch_size)
-            plan[: self.stabilize_batches] = easy.reshape(-1, self.batch_size)[: len(plan)]
-            self.stabilize_batches = max(0, self.stabilize_batches - len(plan))
         # shuffle inside each batch so quartiles are not in fixed positions
         return rng.permuted(plan, axis=1).reshape(-1)[:size]
 

@@ -1,33 +1,122 @@
-"""A copy of model parameters and optimizer state in CPU RAM, restorable in place.
+"""Model tensors and optimizer state in CPU RAM, captured into reused buffers and restored in place.
 
-Restoring copies the saved tensors back into the live parameters (same objects, so DDP wrappers,
-optimizer references and hooks stay valid) and reloads the optimizer's state dict.
+The buffers are allocated at the first capture (pinned when the model lives on CUDA) and reused by
+every later one; a tensor whose shape or dtype changed gets a new buffer. Copies are issued
+non-blocking on the current stream, so capture does not stall the device, and stream order keeps
+them ahead of the next in-place update. Restoring copies the saved values back into the live
+tensors (same objects: DDP wrappers, optimizer references and hooks stay valid) and leaves the
+parameter groups' hyperparameters (the scheduled LR) alone.
+
+`extras` carries what the caller wants back with the weights (controller state, RNG, grad scaler).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
-
-def _to_cpu(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
+OptimizerKey = tuple[int, str]  # (position of the parameter in the optimizer's groups, state key)
 
 
-class CpuSnapshot:
-    """Model parameters/buffers and optimizer state, copied to CPU RAM at construction."""
+def model_tensors(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """Parameters (all, or those that train) and every buffer, by name; tied weights once."""
+    tensors = {name: param for name, param in model.named_parameters()
+               if param.requires_grad or not trainable_only}
+    tensors.update({f"buffer:{name}": buffer for name, buffer in model.named_buffers()})
+    return tensors
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model_state = _to_cpu(model.state_dict())
-        self.optimizer_state = _to_cpu(optimizer.state_dict())
+
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
+def snapshot_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> int:
+    """Host bytes one snapshot takes with the optimizer state as it is now."""
+    total = sum(t.numel() * t.element_size() for t in model_tensors(model, trainable_only).values())
+    for param in optimizer_parameters(optimizer):
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def _copy_into(buffers: dict[Any, torch.Tensor], key: Any, tensor: torch.Tensor) -> None:
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+        buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
+        buffers[key] = buffer
+    buffer.copy_(tensor.detach(), non_blocking=True)
+
+
+class StateSnapshot:
+    """One restorable copy of a model's tensors and its optimizer's state.
+
+    Args:
+        trainable_only: keep only parameters that require grad (frozen ones cannot change; with
+            PEFT this is the adapters), plus all buffers.
+    """
+
+    def __init__(self, trainable_only: bool = False) -> None:
+        self.trainable_only = trainable_only
+        self.step = -1
+        self.extras: dict[str, Any] = {}
+        self._model: dict[str, torch.Tensor] = {}
+        self._optimizer: dict[OptimizerKey, torch.Tensor] = {}
+        self._optimizer_devices: dict[OptimizerKey, torch.device] = {}
+        self._optimizer_values: dict[OptimizerKey, Any] = {}
+
+    @property
+    def nbytes(self) -> int:
+        buffers = (*self._model.values(), *self._optimizer.values())
+        return sum(buffer.numel() * buffer.element_size() for buffer in buffers)
+
+    def capture(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                extras: dict[str, Any] | None = None) -> None:
+        live = model_tensors(model, self.trainable_only)
+        for name, tensor in live.items():
+            _copy_into(self._model, name, tensor)
+        for name in set(self._model) - set(live):
+            del self._model[name]
+        seen: set[OptimizerKey] = set()
+        self._optimizer_values = {}
+        for index, param in enumerate(optimizer_parameters(optimizer)):
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value):
+                    _copy_into(self._optimizer, (index, key), value)
+                    self._optimizer_devices[(index, key)] = value.device
+                    seen.add((index, key))
+                else:
+                    self._optimizer_values[(index, key)] = copy.deepcopy(value)
+        for stale in set(self._optimizer) - seen:
+            del self._optimizer[stale], self._optimizer_devices[stale]
+        self.step = step
+        self.extras = copy.deepcopy(extras or {})
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        model.load_state_dict(self.model_state)
-        optimizer.load_state_dict(self.optimizer_state)
+        """Write the captured values back into `model` and `optimizer`, bit for bit."""
+        if self.step < 0:
+            raise RuntimeError("restore() before any capture()")
+        live = model_tensors(model, self.trainable_only)
+        with torch.no_grad():
+            for name, buffer in self._model.items():
+                live[name].copy_(buffer, non_blocking=True)
+        saved_keys = set(self._optimizer) | set(self._optimizer_values)
+        for index, param in enumerate(optimizer_parameters(optimizer)):
+            keys = {key for position, key in saved_keys if position == index}
+            if not keys:
+                optimizer.state.pop(param, None)
+                continue
+            state = optimizer.state[param]
+            for key in set(state) - keys:
+                del state[key]
+            for key in keys:
+                if (index, key) in self._optimizer_values:
+                    state[key] = copy.deepcopy(self._optimizer_values[(index, key)])
+                    continue
+                buffer, current = self._optimizer[(index, key)], state.get(key)
+                if torch.is_tensor(current) and current.shape == buffer.shape and current.dtype == buffer.dtype:
+                    current.copy_(buffer, non_blocking=True)
+                else:
+                    state[key] = buffer.to(self._optimizer_devices[(index, key)], copy=True)

@@ -9,6 +9,7 @@ import torch
 from transformers import Trainer, TrainerCallback, get_scheduler
 
 from hf_r8 import R8Callback, R8Config
+from hf_r8.config import RollbackConfig
 from tests.conftest import ScriptedLossModel, training_args
 
 pytestmark = pytest.mark.integration
@@ -98,7 +99,9 @@ def test_diverging_training_hits_the_spike_brake(model, lm_dataset, tmp_path):
     def diverging(step):
         return 2.0 - 0.01 * step + 0.02 * (step % 2) if step <= 30 else 2.0 * 1.5 ** (step - 30)
 
-    r8 = R8Callback()
+    config = R8Config.from_preset("default")
+    config.rollback = RollbackConfig(enabled=False)  # the controller's own brake, without rollback (test_rollback.py)
+    r8 = R8Callback(config)
     trainer = train(ScriptedLossModel(model, diverging), lm_dataset, tmp_path, [r8], max_steps=45)
     gains = logged(trainer, "r8/lr_gain")
     brakes = [event.step for event in r8.events if event.action == "spike_decrease" and event.group == 0]

@@ -64,16 +64,20 @@ def test_plan_is_deterministic_per_seed_and_epoch_and_changes_with_them():
     assert plans[(0, 1)][0] != plans[(0, 2)][0] and plans[(0, 1)][0] != plans[(1, 1)][0]
 
 
-def test_stabilize_serves_q1_only_for_the_next_batches():
+def test_stabilize_switches_to_q1_inside_the_epoch_under_way():
     catalog = cataloged()
     sampler = BalancedQuartileSampler(catalog, batch_size=8)
     sampler.set_epoch(1)
-    sampler.stabilize(3)
-    plan = sampler.plan().reshape(-1, 8)
+    order = iter(sampler)
+    first_batch = [next(order) for _ in range(8)]
+    sampler.stabilize(3)  # a rollback while batch 2 has not been drawn yet
+    rest = list(order)
     quartiles = catalog.quartiles()
-    assert (quartiles[plan[:3]] == 0).all()
-    assert (quartiles[plan[3]] != 0).any()
+    assert (quartiles[first_batch] != 0).any()
+    assert (quartiles[rest[:24]] == 0).all()  # batches 2-4
+    assert (quartiles[rest[24:32]] != 0).any()
     assert sampler.stabilize_batches == 0
+    assert sampler.current_epoch_plan[1][8:32].tolist() == rest[:24]  # a checkpoint replays what was served
 
 
 def test_unseen_examples_count_as_the_hardest_quartile_and_tiny_datasets_work():

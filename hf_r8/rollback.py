@@ -1,0 +1,150 @@
+"""When to skip a step, when to snapshot, when to roll back and how hard to back off (no torch here).
+
+The callback (`callback.py`) owns the tensors; this module only reads numbers and says what to do:
+
+* `guard(loss, grad_norm)`: a non-finite value of the step about to be applied means "skip it".
+* `observe(step, loss)`: each finished step's loss (already reduced across processes, one step
+  late). A spike, a loss far above the recent healthy ones, asks for a rollback.
+* `should_snapshot(step)`: every `every_steps`, once `healthy_steps` anomaly-free steps have
+  passed and no stabilization is under way, so a snapshot is never of a model already in trouble.
+* Rollbacks to the same snapshot back off: the n-th cuts the LR gain by `lr_cut`**n and stabilizes
+  for `stabilize_steps` * 2**(n-1) batches; after `max_consecutive` of them the answer is "stop".
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from hf_r8.config import RollbackConfig
+
+_EMA_BETA = 0.9
+
+
+@dataclass
+class RollbackAction:
+    """What to do after damage seen at `step`: roll back to the newest snapshot, or stop."""
+
+    stop: bool
+    reason: str
+    lr_factor: float
+    stabilize_batches: int
+    attempt: int
+    step: int
+
+
+class SpikeDetector:
+    """Is a loss far above the recent healthy losses? (z-score against their window, or ratio to their EMA)."""
+
+    def __init__(self, config: RollbackConfig) -> None:
+        self.config = config
+        self.recent: deque[float] = deque(maxlen=config.window)
+        self.ema: float | None = None
+
+    def spike_reason(self, loss: float) -> str | None:
+        config = self.config
+        if len(self.recent) < config.min_history:
+            return None
+        mean = math.fsum(self.recent) / len(self.recent)
+        std = math.sqrt(math.fsum((value - mean) ** 2 for value in self.recent) / (len(self.recent) - 1))
+        spread = max(std, 0.01 * abs(mean), 1e-12)  # a flat window does not make every wiggle a spike
+        z = (loss - mean) / spread
+        if z > config.spike_z:
+            return f"loss {loss:.4g} is {z:.1f} standard deviations above the last {len(self.recent)} ({mean:.4g})"
+        if self.ema is not None and self.ema > 0 and loss > config.spike_ratio * self.ema:
+            return f"loss {loss:.4g} is {loss / self.ema:.1f}x its EMA {self.ema:.4g}"
+        return None
+
+    def accept(self, loss: float) -> None:
+        self.recent.append(loss)
+        self.ema = loss if self.ema is None else _EMA_BETA * self.ema + (1.0 - _EMA_BETA) * loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": list(self.recent), "ema": self.ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent = deque(state["recent"], maxlen=self.config.window)
+        self.ema = state["ema"]
+
+
+class RollbackPolicy:
+    """The decisions of the non-finite guard and of rollback, with the counts that reach the logs."""
+
+    def __init__(self, config: RollbackConfig) -> None:
+        self.config = config
+        self.detector = SpikeDetector(config)
+        self.last_anomaly_step = 0
+        self.last_snapshot_step: int | None = None
+        self.stabilize_until = -1
+        self.attempt = 0
+        """Rollbacks since the last snapshot (they all return to the same one)."""
+        self.rollbacks = 0
+        self.skipped_steps = 0
+        self.wasted_steps = 0
+
+    def guard(self, loss: float | None, grad_norm: float | None) -> str | None:
+        """Why the step about to be applied must be skipped, or None."""
+        if not self.config.guard_nonfinite:
+            return None
+        bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+               if value is not None and not math.isfinite(value)]
+        return f"non-finite {' and '.join(bad)}: optimizer step skipped" if bad else None
+
+    def record_skip(self, step: int) -> None:
+        self.skipped_steps += 1
+        self.last_anomaly_step = step
+
+    def observe(self, step: int, loss: float | None) -> RollbackAction | None:
+        """The loss of a finished step. A spike asks for a rollback; a healthy loss joins the window."""
+        if loss is None:
+            return None
+        if not math.isfinite(loss):
+            self.last_anomaly_step = step
+            if self.config.guard_nonfinite:
+                return None  # its step was skipped by the guard; the weights are checked there
+            return self.damage(step, f"non-finite loss {loss}")
+        reason = self.detector.spike_reason(loss)
+        if reason is None:
+            self.detector.accept(loss)
+            return None
+        self.last_anomaly_step = step
+        return self.damage(step, reason) if self.config.enabled else None
+
+    def damage(self, step: int, reason: str) -> RollbackAction:
+        """Damage seen at `step` (a spike, non-finite weights): the rollback to take, or stop."""
+        self.last_anomaly_step = step
+        if self.attempt >= self.config.max_consecutive:
+            return RollbackAction(True, f"{reason}; {self.attempt} rollbacks to the same snapshot did not help: "
+                                        "training stops", 1.0, 0, self.attempt, step)
+        self.attempt += 1
+        self.rollbacks += 1
+        stabilize = self.config.stabilize_steps * 2 ** (self.attempt - 1)
+        self.stabilize_until = step + stabilize
+        return RollbackAction(False, reason, self.config.lr_cut ** self.attempt, stabilize, self.attempt, step)
+
+    def should_snapshot(self, step: int) -> bool:
+        config = self.config
+        return (config.enabled and step - self.last_anomaly_step >= config.healthy_steps
+                and step >= self.stabilize_until
+                and (self.last_snapshot_step is None or step - self.last_snapshot_step >= config.every_steps))
+
+    def snapshot_taken(self, step: int) -> None:
+        self.last_snapshot_step = step
+        self.attempt = 0
+
+    def metrics(self) -> dict[str, float]:
+        return {"rollbacks": float(self.rollbacks), "skipped_steps": float(self.skipped_steps),
+                "wasted_steps": float(self.wasted_steps)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the spike window; the snapshots themselves live in RAM only."""
+        return {"detector": self.detector.state_dict(), "last_anomaly_step": self.last_anomaly_step,
+                "stabilize_until": self.stabilize_until, "rollbacks": self.rollbacks,
+                "skipped_steps": self.skipped_steps, "wasted_steps": self.wasted_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state["detector"])
+        for key in ("last_anomaly_step", "stabilize_until", "rollbacks", "skipped_steps", "wasted_steps"):
+            setattr(self, key, state[key])

@@ -1,0 +1,230 @@
+"""Rollback: the policy's decisions, exact snapshots, and fault injection in real Trainer runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback
+
+from hf_r8 import R8Callback, R8Config
+from hf_r8.config import RollbackConfig
+from hf_r8.offline import tiny_gpt2
+from hf_r8.rollback import RollbackPolicy
+from hf_r8.snapshot import StateSnapshot, model_tensors
+from tests.conftest import ScriptedLossModel, training_args
+
+FAULT_STEP = 35
+QUICK = dict(every_steps=10, healthy_steps=5, window=20, min_history=10)
+
+
+# ------------------------------------------------------------------------------------- policy
+def test_spikes_are_called_against_the_healthy_window_and_back_off_until_stop():
+    policy = RollbackPolicy(RollbackConfig(**QUICK, lr_cut=0.5, stabilize_steps=4, max_consecutive=2))
+    for step in range(1, 31):
+        assert policy.observe(step, 2.0 + 0.01 * (step % 3)) is None
+    assert policy.should_snapshot(30)
+    policy.snapshot_taken(30)
+    assert policy.observe(31, 2.05) is None  # within the window's spread
+    first = policy.observe(32, 9.0)
+    assert first is not None and not first.stop and "standard deviations" in first.reason
+    assert (first.lr_factor, first.stabilize_batches, first.attempt) == (0.5, 4, 1)
+    second = policy.observe(33, 9.0)
+    assert (second.lr_factor, second.stabilize_batches) == (0.25, 8)
+    assert policy.observe(34, 9.0).stop  # max_consecutive=2 rollbacks to the same snapshot
+    assert not policy.should_snapshot(40)  # 6 steps after the last anomaly < ... stabilization still running
+    assert policy.metrics()["rollbacks"] == 2.0
+
+
+def test_guard_names_the_non_finite_value_and_snapshots_wait_for_health():
+    policy = RollbackPolicy(RollbackConfig(**QUICK))
+    assert policy.guard(1.0, 2.0) is None
+    assert "non-finite loss nan" in policy.guard(math.nan, 2.0)
+    assert "gradient norm inf" in policy.guard(1.0, math.inf)
+    assert RollbackPolicy(RollbackConfig(guard_nonfinite=False)).guard(math.nan, None) is None
+    policy.record_skip(12)
+    assert not policy.should_snapshot(15) and policy.should_snapshot(17)
+
+
+def test_a_ratio_to_the_ema_is_a_spike_even_in_a_wide_window():
+    policy = RollbackPolicy(RollbackConfig(**QUICK, spike_z=100.0, spike_ratio=3.0))
+    for step in range(1, 21):
+        policy.observe(step, 1.0 if step % 2 else 3.0)
+    action = policy.observe(21, 7.0)
+    assert action is not None and "x its EMA" in action.reason
+
+
+def test_policy_state_survives_a_round_trip():
+    policy = RollbackPolicy(RollbackConfig(**QUICK))
+    for step in range(1, 25):
+        policy.observe(step, 1.0 + 0.01 * step)
+    policy.record_skip(25)
+    clone = RollbackPolicy(RollbackConfig(**QUICK))
+    clone.load_state_dict(policy.state_dict())
+    assert clone.state_dict() == policy.state_dict()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("every_steps", 0, "rollback.every_steps=0: must be an integer >= 1"),
+    ("lr_cut", 1.5, r"rollback.lr_cut=1.5: must be in \(0.0, 1.0\]"),
+    ("scope", "some", "rollback.scope='some': must be one of"),
+    ("spike_ratio", 1.0, "rollback.spike_ratio=1.0: must be > 1.0"),
+])
+def test_bad_rollback_config_is_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        RollbackConfig(**{field: value})
+
+
+# ----------------------------------------------------------------------------------- snapshot
+def _adam_steps(model, optimizer, steps):
+    for _ in range(steps):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_restore_is_bit_exact_and_buffers_are_reused():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _adam_steps(model, optimizer, 3)
+    snapshot = StateSnapshot()
+    snapshot.capture(model, optimizer, step=3, extras={"note": [1]})
+    expected_model = {name: t.clone() for name, t in model_tensors(model, False).items()}
+    expected_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
+    pointers = [buffer.data_ptr() for buffer in snapshot._model.values()]
+    _adam_steps(model, optimizer, 5)
+    snapshot.restore(model, optimizer)
+    for name, tensor in model_tensors(model, False).items():
+        assert torch.equal(tensor, expected_model[name]), name
+    for param in model.parameters():
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(value, expected_state[id(param)][key]), key
+    snapshot.capture(model, optimizer, step=8)
+    assert [buffer.data_ptr() for buffer in snapshot._model.values()] == pointers  # no re-allocation
+
+
+def test_trainable_scope_skips_frozen_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 1))
+    model[0].weight.requires_grad_(False)
+    snapshot = StateSnapshot(trainable_only=True)
+    snapshot.capture(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), step=0)
+    assert set(snapshot._model) == {"0.bias", "1.weight", "1.bias"}
+
+
+# ---------------------------------------------------------------------------- fault injection
+class FaultyModel(torch.nn.Module):
+    """A real tiny GPT-2 with one fault injected at training forward `at` (the optimizer step, here)."""
+
+    def __init__(self, inner: torch.nn.Module, fault: str | None, at: int = FAULT_STEP) -> None:
+        super().__init__()
+        self.inner, self.fault, self.at = inner, fault, at
+        self.training_forwards = 0
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        if self.training:
+            self.training_forwards += 1
+        faulty = self.training and self.training_forwards == self.at
+        if faulty and self.fault == "garbage_batch":
+            input_ids = torch.randint(0, self.inner.config.vocab_size, input_ids.shape)
+            labels = torch.randint(0, self.inner.config.vocab_size, input_ids.shape)
+        output = self.inner(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+        if faulty and self.fault == "nan_loss":
+            output["loss"] = output.loss * math.nan
+        if faulty and self.fault == "inf_gradient":
+            weight = self.inner.transformer.wte.weight
+            handle = weight.register_hook(lambda grad: (handle.remove(), torch.full_like(grad, math.inf))[1])
+        return output
+
+
+class LearningRateBlast(TrainerCallback):
+    """Multiplies the LR of steps FAULT_STEP..FAULT_STEP+2 by 100 (runs after R8Callback has written it)."""
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if FAULT_STEP <= state.global_step + 1 <= FAULT_STEP + 2:
+            for group in optimizer.param_groups:
+                group["lr"] *= 100.0
+
+
+def _rollback_config(**overrides) -> R8Config:
+    config = R8Config.from_preset("default")
+    config.rollback = RollbackConfig(**{**QUICK, **overrides})
+    return config
+
+
+def _run(tokenizer, lm_dataset, tmp_path, fault, callbacks=(), **config_overrides):
+    torch.manual_seed(0)
+    model = FaultyModel(tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64), fault)
+    r8 = R8Callback(_rollback_config(**config_overrides))
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=70, per_device_train_batch_size=8,
+                                                      learning_rate=3e-3, logging_steps=10),
+                      train_dataset=lm_dataset.select(range(64, 512)), eval_dataset=lm_dataset.select(range(64)),
+                      callbacks=[r8, *callbacks])
+    trainer.train()
+    return trainer, r8
+
+
+@pytest.fixture(scope="module")
+def clean_eval_loss(tokenizer, lm_dataset, tmp_path_factory):
+    trainer, r8 = _run(tokenizer, lm_dataset, tmp_path_factory.mktemp("clean"), None)
+    assert r8._rollback.rollbacks == 0 and r8._rollback.skipped_steps == 0  # no false alarm on a clean run
+    return trainer.evaluate()["eval_loss"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("fault", "callbacks", "skipped", "rolled_back"), [
+    ("nan_loss", (), 1, 0),
+    ("inf_gradient", (), 1, 0),
+    ("garbage_batch", (), 0, 1),
+    (None, (LearningRateBlast(),), 0, 1),
+])
+def test_the_run_survives_the_fault(tokenizer, lm_dataset, tmp_path, clean_eval_loss, fault, callbacks, skipped,
+                                    rolled_back):
+    trainer, r8 = _run(tokenizer, lm_dataset, tmp_path, fault, callbacks)
+    assert r8._rollback.skipped_steps == skipped and r8._rollback.rollbacks >= rolled_back
+    assert all(torch.isfinite(param).all() for param in trainer.model.parameters())
+    assert trainer.state.global_step == 70
+    eval_loss = trainer.evaluate()["eval_loss"]
+    assert eval_loss == pytest.approx(clean_eval_loss, rel=0.02)
+    logged = [entry for entry in trainer.state.log_history if "r8/rollbacks" in entry][-1]
+    assert (logged["r8/skipped_steps"], logged["r8/rollbacks"] >= rolled_back) == (skipped, True)
+
+
+class RestoreProbe(TrainerCallback):
+    """After R8's rollback in on_pre_optimizer_step, compares the live weights with the snapshot's buffers."""
+
+    def __init__(self, r8: R8Callback) -> None:
+        self.r8, self.compared = r8, 0
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.r8._drop_step_signals:  # a rollback happened in this event
+            snapshot = self.r8._healthy_snapshots[-1]
+            live = model_tensors(self.r8._model, snapshot.trainable_only)
+            assert all(torch.equal(live[name], buffer) for name, buffer in snapshot._model.items())
+            self.compared += 1
+
+
+@pytest.mark.integration
+def test_rollback_restores_the_snapshot_bit_for_bit_and_stops_after_the_limit(model, lm_dataset, tmp_path):
+    def explodes(step):
+        return 2.0 - 0.01 * step + 0.02 * (step % 2) if step <= 30 else 2.0 * 1.5 ** (step - 30)
+
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: a plain module saves
+    r8 = R8Callback(_rollback_config(max_consecutive=2))
+    probe = RestoreProbe(r8)
+    trainer = Trainer(model=ScriptedLossModel(model, explodes), args=training_args(tmp_path, max_steps=60),
+                      train_dataset=lm_dataset, callbacks=[r8, probe])
+    trainer.train()
+    stops = [event for event in r8.events if event.action == "stop"]
+    assert len(stops) == 1 and "did not help: training stops" in stops[0].reason
+    assert trainer.state.global_step == stops[0].step < 60 and probe.compared == 3  # 2 rollbacks + the stop
+    checkpoint = tmp_path / f"checkpoint-{stops[0].step}"
+    assert (checkpoint / "model.safetensors").is_file()  # the healthy state, written although save_strategy="no"
+    from safetensors.torch import load_file
+
+    saved = load_file(checkpoint / "model.safetensors")
+    snapshot = r8._healthy_snapshots[-1]
+    assert all(torch.equal(saved[name], snapshot._model[f"inner.{name}"]) for name in saved
+               if f"inner.{name}" in snapshot._model)
