@@ -171,7 +171,7 @@ class R8Callback(TrainerCallback, ExportableState):
         if self._range_test is not None and self._range_test.finished:
             self._finish_range_test(state.global_step)
             return
-        if self._drop_step_signals:  # a rolled-back step: the controller never sees its loss
+        if self._drop_step_signals:  # a skipped or rolled-back step: the controller never sees its loss
             self._drop_step_signals, self._checked_signals = False, None
         else:
             self._stage_signals(state.global_step, args.device)
@@ -305,6 +305,7 @@ class R8Callback(TrainerCallback, ExportableState):
         if reason is None:
             return policy.observe(step, loss)
         optimizer.zero_grad(set_to_none=True)
+        self._drop_step_signals = True  # a skipped step is not evidence about the LR: the controller never sees it
         policy.record_skip(step)
         self._record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, reason, quantity="step_applied"))
         if loss is not None and not math.isfinite(loss) and not self._weights_finite(device):
@@ -337,12 +338,17 @@ class R8Callback(TrainerCallback, ExportableState):
             return
         origin = f"restored the snapshot of step {snapshot.step}" if snapshot is not None else \
             "no healthy snapshot yet, weights kept"
-        reason = f"{action.reason}: {origin}, LR gain x{action.lr_factor:.3g} (rollback {action.attempt} to it)"
+        reason = (f"{action.reason}: {origin} (rollback {action.attempt} in a row), "
+                  f"LR x{action.recovery_lr_factor:.3g} "
+                  f"back to x1 over {action.stabilize_batches} steps")
+        if action.lasting_lr_factor < 1.0:
+            reason += f", gain x{action.lasting_lr_factor:.3g} for good"
         sampler = getattr(self._active_trainer, "r8_sampler", None)
         if sampler is not None and action.stabilize_batches:
             sampler.stabilize(action.stabilize_batches)
             reason += f", next {action.stabilize_batches} batches from the lowest-loss quartile"
-        for event in self.controller.cut_gains(action.lr_factor, step, reason):
+        for event in self.controller.rollback_brake(action.lasting_lr_factor, action.recovery_lr_factor,
+                                                    action.stabilize_batches, step, reason):
             self._record(event)
         logger.warning("R8 rollback at step %d: %s", step, reason)
 

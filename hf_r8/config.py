@@ -488,9 +488,9 @@ class RollbackConfig(_Section):
 
     Before each optimizer step, a non-finite loss or gradient norm (on any process) skips the step.
     After a step, a loss spike (z-score against the recent losses, or ratio to their EMA) or
-    non-finite weights restore the last healthy snapshot, cut the LR gain, drop the step in flight
-    and feed low-loss batches for a while (R8Trainer). Rollbacks to the same snapshot back off;
-    `max_consecutive` of them stop training with the healthy state saved as a checkpoint.
+    non-finite weights restore the last healthy snapshot, drop the step in flight, restart the LR
+    lower and feed low-loss batches for a while (R8Trainer). Rollbacks in a row back off (a lasting
+    LR cut); `max_consecutive` of them stop training with the healthy state saved as a checkpoint.
     """
 
     SECTION: ClassVar[str] = "rollback"
@@ -508,16 +508,18 @@ class RollbackConfig(_Section):
     """Recent healthy losses the spike test compares against."""
     min_history: int = 20
     """Losses needed in the window before a spike can be called."""
-    spike_z: float = 6.0
+    spike_z: float = 5.0
     """A loss this many standard deviations above the window's mean is a spike..."""
     spike_ratio: float = 3.0
     """...or a loss this many times the window's EMA."""
     lr_cut: float = 0.5
-    """LR gain multiplier per rollback (applied again for each rollback to the same snapshot)."""
+    """After a rollback the LR restarts at this multiple and returns to 1x over the stabilization; the
+    n-th rollback in a row also cuts the gain for good by lr_cut**(n-1)."""
     stabilize_steps: int = 20
-    """Batches from the lowest-loss quartile after a rollback (doubles per repeat; R8Trainer sampling only)."""
+    """Steps of stabilization after a rollback (doubles per repeat): the LR's way back to 1x, and the
+    batches drawn from the lowest-loss quartile (R8Trainer sampling only)."""
     max_consecutive: int = 3
-    """Rollbacks to the same snapshot before training stops."""
+    """Rollbacks in a row (no healthy snapshot 2 x every_steps after the last) before training stops."""
     scope: str = "trainable"
     """What a snapshot holds besides optimizer state and buffers: "trainable" parameters (PEFT: the
     adapters) or "all" parameters."""

@@ -131,6 +131,8 @@ class Controller:
         self.sigma = config.exploration.sigma_init if config.exploration.enabled else 0.0
         self.step = 0
         self.last_window: WindowSummary | None = None
+        self.recovery: dict[str, float] | None = None
+        """After a rollback: {"start", "steps", "factor"}: the LR starts at factor x and returns to 1x, log-linearly."""
         no_router_group = not any(spec.is_router for spec in self.specs)
         self.router_profile = [config.moe.enabled and (spec.is_router or no_router_group) for spec in self.specs]
         self.gain_bounds = [self._gain_bounds(i) for i in range(len(self.specs))]
@@ -158,9 +160,10 @@ class Controller:
         return gain_min, max(gain_min, gain_max)
 
     def compose_lr(self, index: int, schedule_lr: float) -> float:
-        """LR to use: schedule_lr * lr_gain, kept within [min(lr_min, schedule_lr), lr_max]."""
+        """LR to use: schedule_lr * lr_gain (* the recovery factor after a rollback), kept within
+        [min(lr_min, schedule_lr), lr_max]."""
         lr_min, lr_max = self.lr_bounds(index)
-        composed = schedule_lr * self.groups[index].lr_gain
+        composed = schedule_lr * self.groups[index].lr_gain * self.recovery_factor()
         return min(lr_max, max(min(lr_min, schedule_lr), composed))
 
     # ---------------------------------------------------------------------------------- stepping
@@ -338,15 +341,28 @@ class Controller:
         self.sigma = new_sigma
         return [event]
 
-    def cut_gains(self, factor: float, step: int, reason: str) -> list[Event]:
-        """Multiply every group's LR gain by `factor` (after a rollback), within the group's gain bounds."""
+    def rollback_brake(self, lasting_factor: float, recovery_factor: float, recovery_steps: int, step: int,
+                       reason: str) -> list[Event]:
+        """After a rollback: multiply every group's gain by `lasting_factor` (within its bounds) and, on top,
+        start the LR at `recovery_factor` x, back to 1x over `recovery_steps` steps."""
         events = []
         for index, group in enumerate(self.groups):
             low, high = self.gain_bounds[index]
-            new_gain = min(high, max(low, group.lr_gain * factor))
-            events.append(Event(step, index, "rollback", "cut", group.lr_gain, new_gain, reason))
+            new_gain = min(high, max(low, group.lr_gain * lasting_factor))
+            events.append(Event(step, index, "rollback", "cut", group.lr_gain, new_gain * recovery_factor, reason))
             group.lr_gain = group.running_gain = new_gain
+        self.recovery = {"start": step, "steps": max(1, recovery_steps), "factor": recovery_factor}
         return events
+
+    def recovery_factor(self) -> float:
+        """The LR multiplier of the recovery after a rollback (1 when none is under way)."""
+        if self.recovery is None:
+            return 1.0
+        progress = (self.step - self.recovery["start"]) / self.recovery["steps"]
+        if progress >= 1.0:
+            self.recovery = None
+            return 1.0
+        return self.recovery["factor"] ** (1.0 - max(0.0, progress))
 
     # ----------------------------------------------------------------------------------- queries
     def lr_gain(self, index: int = 0) -> float:
@@ -392,6 +408,7 @@ class Controller:
             "grad_fast": self.grad_fast.state_dict(),
             "grad_slow": self.grad_slow.state_dict(),
             "groups": [asdict(group) for group in self.groups],
+            "recovery": self.recovery,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -404,6 +421,7 @@ class Controller:
         self.window = state["window"]
         self.warmup_steps = state["warmup_steps"]
         self.sigma = state["sigma"]
+        self.recovery = state.get("recovery")
         self.last_window = WindowSummary(**state["last_window"]) if state["last_window"] else None
         self.loss = LossStatistics(self.window, self.config.signals.ema_beta)
         self.loss.load_state_dict(state["loss"])

@@ -7,8 +7,11 @@ The callback (`callback.py`) owns the tensors; this module only reads numbers an
   late). A spike, a loss far above the recent healthy ones, asks for a rollback.
 * `should_snapshot(step)`: every `every_steps`, once `healthy_steps` anomaly-free steps have
   passed and no stabilization is under way, so a snapshot is never of a model already in trouble.
-* Rollbacks to the same snapshot back off: the n-th cuts the LR gain by `lr_cut`**n and stabilizes
-  for `stabilize_steps` * 2**(n-1) batches; after `max_consecutive` of them the answer is "stop".
+* Each rollback starts the LR at `lr_cut` x and brings it back over the stabilization, which feeds
+  `stabilize_steps` * 2**(n-1) low-loss batches. Rollbacks in a row (no snapshot taken long after
+  the last one) back off: the n-th also cuts the gain for good by `lr_cut`**(n-1), and after
+  `max_consecutive` of them the answer is "stop". A single bad batch thus costs a few steps and
+  no lasting LR; a run whose LR is too high for it loses LR until it holds.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class RollbackAction:
 
     stop: bool
     reason: str
-    lr_factor: float
+    lasting_lr_factor: float
+    recovery_lr_factor: float
     stabilize_batches: int
     attempt: int
     step: int
@@ -76,10 +80,11 @@ class RollbackPolicy:
         self.config = config
         self.detector = SpikeDetector(config)
         self.last_anomaly_step = 0
+        self.last_damage_step: int | None = None
         self.last_snapshot_step: int | None = None
         self.stabilize_until = -1
         self.attempt = 0
-        """Rollbacks since the last snapshot (they all return to the same one)."""
+        """Rollbacks in a row: reset by a snapshot taken 2 x every_steps after the last damage."""
         self.rollbacks = 0
         self.skipped_steps = 0
         self.wasted_steps = 0
@@ -114,15 +119,17 @@ class RollbackPolicy:
 
     def damage(self, step: int, reason: str) -> RollbackAction:
         """Damage seen at `step` (a spike, non-finite weights): the rollback to take, or stop."""
-        self.last_anomaly_step = step
-        if self.attempt >= self.config.max_consecutive:
-            return RollbackAction(True, f"{reason}; {self.attempt} rollbacks to the same snapshot did not help: "
-                                        "training stops", 1.0, 0, self.attempt, step)
+        self.last_anomaly_step = self.last_damage_step = step
+        config = self.config
+        if self.attempt >= config.max_consecutive:
+            return RollbackAction(True, f"{reason}; {self.attempt} rollbacks in a row did not help: training stops",
+                                  1.0, 1.0, 0, self.attempt, step)
         self.attempt += 1
         self.rollbacks += 1
-        stabilize = self.config.stabilize_steps * 2 ** (self.attempt - 1)
+        stabilize = config.stabilize_steps * 2 ** (self.attempt - 1)
         self.stabilize_until = step + stabilize
-        return RollbackAction(False, reason, self.config.lr_cut ** self.attempt, stabilize, self.attempt, step)
+        return RollbackAction(False, reason, config.lr_cut ** (self.attempt - 1), config.lr_cut, stabilize,
+                              self.attempt, step)
 
     def should_snapshot(self, step: int) -> bool:
         config = self.config
@@ -132,7 +139,8 @@ class RollbackPolicy:
 
     def snapshot_taken(self, step: int) -> None:
         self.last_snapshot_step = step
-        self.attempt = 0
+        if self.last_damage_step is None or step - self.last_damage_step >= 2 * self.config.every_steps:
+            self.attempt = 0
 
     def metrics(self) -> dict[str, float]:
         return {"rollbacks": float(self.rollbacks), "skipped_steps": float(self.skipped_steps),
@@ -141,10 +149,12 @@ class RollbackPolicy:
     def state_dict(self) -> dict[str, Any]:
         """Counters and the spike window; the snapshots themselves live in RAM only."""
         return {"detector": self.detector.state_dict(), "last_anomaly_step": self.last_anomaly_step,
-                "stabilize_until": self.stabilize_until, "rollbacks": self.rollbacks,
-                "skipped_steps": self.skipped_steps, "wasted_steps": self.wasted_steps}
+                "last_damage_step": self.last_damage_step, "stabilize_until": self.stabilize_until,
+                "attempt": self.attempt, "rollbacks": self.rollbacks, "skipped_steps": self.skipped_steps,
+                "wasted_steps": self.wasted_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.detector.load_state_dict(state["detector"])
-        for key in ("last_anomaly_step", "stabilize_until", "rollbacks", "skipped_steps", "wasted_steps"):
+        for key in ("last_anomaly_step", "last_damage_step", "stabilize_until", "attempt", "rollbacks",
+                    "skipped_steps", "wasted_steps"):
             setattr(self, key, state[key])

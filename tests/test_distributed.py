@@ -54,3 +54,17 @@ def test_two_ranks_hold_identical_catalogs_and_split_the_cataloging_epoch(tmp_pa
     epoch_one = [index for rank in (0, 1) for batch in seen[rank][:8] for index in batch]
     assert sorted(epoch_one) == list(range(64))
     assert catalogs[0].usage.sum() == 12 * 8 and catalogs[0].seen.all()
+
+
+def test_a_fault_on_one_rank_gets_the_same_action_on_every_rank(tmp_path):
+    from hf_r8.catalog import LossCatalog
+
+    run_two_ranks("two_rank_rollback.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["skipped_steps"] == ranks[1]["skipped_steps"] == 1  # rank 1's NaN: both skip step 30
+    assert ranks[0]["rollback_steps"] == ranks[1]["rollback_steps"] == [40]  # rank 1's garbage batch
+    assert ranks[0]["weights_digest"] == ranks[1]["weights_digest"] and ranks[0]["weights_finite"]
+    assert LossCatalog.load(tmp_path / "rank0").equals(LossCatalog.load(tmp_path / "rank1"))
+    # The low-loss batches served after the rollback come from one plan, split disjointly between ranks.
+    for first, second in zip(ranks[0]["seen_indices"], ranks[1]["seen_indices"], strict=True):
+        assert not set(first) & set(second)

@@ -29,12 +29,26 @@ def test_spikes_are_called_against_the_healthy_window_and_back_off_until_stop():
     assert policy.observe(31, 2.05) is None  # within the window's spread
     first = policy.observe(32, 9.0)
     assert first is not None and not first.stop and "standard deviations" in first.reason
-    assert (first.lr_factor, first.stabilize_batches, first.attempt) == (0.5, 4, 1)
+    # a single rollback: the LR restarts at x0.5 and comes back; nothing lasting
+    assert (first.recovery_lr_factor, first.lasting_lr_factor, first.stabilize_batches, first.attempt) == \
+        (0.5, 1.0, 4, 1)
     second = policy.observe(33, 9.0)
-    assert (second.lr_factor, second.stabilize_batches) == (0.25, 8)
-    assert policy.observe(34, 9.0).stop  # max_consecutive=2 rollbacks to the same snapshot
-    assert not policy.should_snapshot(40)  # 6 steps after the last anomaly < ... stabilization still running
+    assert (second.lasting_lr_factor, second.stabilize_batches, second.attempt) == (0.5, 8, 2)
+    stop = policy.observe(34, 9.0)
+    assert stop.stop and "2 rollbacks in a row did not help" in stop.reason
     assert policy.metrics()["rollbacks"] == 2.0
+
+
+def test_a_snapshot_long_after_the_damage_ends_the_series():
+    policy = RollbackPolicy(RollbackConfig(**QUICK))
+    for step in range(1, 21):
+        policy.observe(step, 2.0 + 0.01 * (step % 3))
+    assert policy.observe(21, 9.0).attempt == 1
+    policy.snapshot_taken(35)  # too soon after the damage: the next rollback is still "in a row"
+    assert policy.observe(36, 9.0).attempt == 2
+    assert not policy.should_snapshot(40)  # stabilizing
+    policy.snapshot_taken(56)  # 2 x every_steps after the last damage
+    assert policy.observe(57, 9.0).attempt == 1
 
 
 def test_guard_names_the_non_finite_value_and_snapshots_wait_for_health():
@@ -154,12 +168,21 @@ def _rollback_config(**overrides) -> R8Config:
     return config
 
 
-def _run(tokenizer, lm_dataset, tmp_path, fault, callbacks=(), **config_overrides):
+def _tiny_gpt2(tokenizer, untied: bool = False) -> torch.nn.Module:
+    model = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    if untied:  # the Trainer saves a plain (non-PreTrainedModel) module only without shared tensors
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    return model
+
+
+def _run(tokenizer, lm_dataset, tmp_path, fault, callbacks=(), save_strategy="no", save_steps=500,
+         **config_overrides):
     torch.manual_seed(0)
-    model = FaultyModel(tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64), fault)
+    model = FaultyModel(_tiny_gpt2(tokenizer, untied=save_strategy != "no"), fault)
     r8 = R8Callback(_rollback_config(**config_overrides))
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=70, per_device_train_batch_size=8,
-                                                      learning_rate=3e-3, logging_steps=10),
+                                                      learning_rate=3e-3, logging_steps=10,
+                                                      save_strategy=save_strategy, save_steps=save_steps),
                       train_dataset=lm_dataset.select(range(64, 512)), eval_dataset=lm_dataset.select(range(64)),
                       callbacks=[r8, *callbacks])
     trainer.train()
@@ -211,14 +234,14 @@ def test_rollback_restores_the_snapshot_bit_for_bit_and_stops_after_the_limit(mo
     def explodes(step):
         return 2.0 - 0.01 * step + 0.02 * (step % 2) if step <= 30 else 2.0 * 1.5 ** (step - 30)
 
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: a plain module saves
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # see _tiny_gpt2
     r8 = R8Callback(_rollback_config(max_consecutive=2))
     probe = RestoreProbe(r8)
     trainer = Trainer(model=ScriptedLossModel(model, explodes), args=training_args(tmp_path, max_steps=60),
                       train_dataset=lm_dataset, callbacks=[r8, probe])
     trainer.train()
     stops = [event for event in r8.events if event.action == "stop"]
-    assert len(stops) == 1 and "did not help: training stops" in stops[0].reason
+    assert len(stops) == 1 and "in a row did not help: training stops" in stops[0].reason
     assert trainer.state.global_step == stops[0].step < 60 and probe.compared == 3  # 2 rollbacks + the stop
     checkpoint = tmp_path / f"checkpoint-{stops[0].step}"
     assert (checkpoint / "model.safetensors").is_file()  # the healthy state, written although save_strategy="no"
@@ -228,3 +251,44 @@ def test_rollback_restores_the_snapshot_bit_for_bit_and_stops_after_the_limit(mo
     snapshot = r8._healthy_snapshots[-1]
     assert all(torch.equal(saved[name], snapshot._model[f"inner.{name}"]) for name in saved
                if f"inner.{name}" in snapshot._model)
+
+
+@pytest.mark.integration
+def test_rollback_turns_itself_off_when_snapshots_do_not_fit_and_the_guard_still_works(tokenizer, lm_dataset,
+                                                                                     tmp_path, caplog):
+    trainer, r8 = _run(tokenizer, lm_dataset, tmp_path, "nan_loss", max_ram_fraction=1e-12)
+    assert "R8 rollback is off" in caplog.text and "GiB" in caplog.text
+    assert r8._healthy_snapshots == [] and r8._rollback.skipped_steps == 1
+    assert all(torch.isfinite(param).all() for param in trainer.model.parameters())
+
+
+@pytest.mark.integration
+def test_counters_survive_a_checkpoint(tokenizer, lm_dataset, tmp_path):
+    _run(tokenizer, lm_dataset, tmp_path, "nan_loss", save_strategy="steps", save_steps=40)
+    r8 = R8Callback(_rollback_config())
+    args = training_args(tmp_path, max_steps=45, per_device_train_batch_size=8, learning_rate=3e-3)
+    trainer = Trainer(model=FaultyModel(_tiny_gpt2(tokenizer, untied=True), None), args=args,
+                      train_dataset=lm_dataset, callbacks=[r8])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-40"))
+    assert r8._rollback.skipped_steps == 1 and r8._rollback.last_anomaly_step == FAULT_STEP
+
+
+@pytest.mark.integration
+def test_peft_lora_snapshots_hold_the_adapters_only(tokenizer, lm_dataset, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    r8 = R8Callback(_rollback_config())
+    def one_spike(step):
+        return 20.0 if step == FAULT_STEP else 6.0 - 0.01 * step + 0.05 * (step % 3)
+
+    trainer = Trainer(model=ScriptedLossModel(model, one_spike), args=training_args(tmp_path, max_steps=50,
+                      per_device_train_batch_size=8, learning_rate=3e-3), train_dataset=lm_dataset, callbacks=[r8])
+    trainer.train()
+    assert r8._rollback.rollbacks == 1
+    parameters = [name for name in r8._healthy_snapshots[-1]._model if not name.startswith("buffer:")]
+    assert len(parameters) == 2  # lora_A and lora_B of the one c_attn
+    assert parameters and all("lora_" in name for name in parameters)
+    assert all(torch.isfinite(param).all() for param in model.parameters())
