@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from hf_r8 import R8Callback, R8Config
+from hf_r8.catalog import LossCatalog
 from hf_r8.config import RollbackConfig
 from hf_r8.offline import tiny_gpt2
 from hf_r8.rollback import RollbackPolicy
 from hf_r8.snapshot import StateSnapshot, model_tensors
 from tests.conftest import ScriptedLossModel, training_args
+from tests.faults import FAULT_STEP, FaultyModel, LearningRateBlast
 
-FAULT_STEP = 35
 QUICK = dict(every_steps=10, healthy_steps=5, window=20, min_history=10)
 
 
@@ -129,39 +137,6 @@ def test_trainable_scope_skips_frozen_parameters():
 
 
 # ---------------------------------------------------------------------------- fault injection
-class FaultyModel(torch.nn.Module):
-    """A real tiny GPT-2 with one fault injected at training forward `at` (the optimizer step, here)."""
-
-    def __init__(self, inner: torch.nn.Module, fault: str | None, at: int = FAULT_STEP) -> None:
-        super().__init__()
-        self.inner, self.fault, self.at = inner, fault, at
-        self.training_forwards = 0
-
-    def forward(self, input_ids, labels=None, attention_mask=None):
-        if self.training:
-            self.training_forwards += 1
-        faulty = self.training and self.training_forwards == self.at
-        if faulty and self.fault == "garbage_batch":
-            input_ids = torch.randint(0, self.inner.config.vocab_size, input_ids.shape)
-            labels = torch.randint(0, self.inner.config.vocab_size, input_ids.shape)
-        output = self.inner(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
-        if faulty and self.fault == "nan_loss":
-            output["loss"] = output.loss * math.nan
-        if faulty and self.fault == "inf_gradient":
-            weight = self.inner.transformer.wte.weight
-            handle = weight.register_hook(lambda grad: (handle.remove(), torch.full_like(grad, math.inf))[1])
-        return output
-
-
-class LearningRateBlast(TrainerCallback):
-    """Multiplies the LR of steps FAULT_STEP..FAULT_STEP+2 by 100 (runs after R8Callback has written it)."""
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if FAULT_STEP <= state.global_step + 1 <= FAULT_STEP + 2:
-            for group in optimizer.param_groups:
-                group["lr"] *= 100.0
-
-
 def _rollback_config(**overrides) -> R8Config:
     config = R8Config.from_preset("default")
     config.rollback = RollbackConfig(**{**QUICK, **overrides})
@@ -245,8 +220,6 @@ def test_rollback_restores_the_snapshot_bit_for_bit_and_stops_after_the_limit(mo
     assert trainer.state.global_step == stops[0].step < 60 and probe.compared == 3  # 2 rollbacks + the stop
     checkpoint = tmp_path / f"checkpoint-{stops[0].step}"
     assert (checkpoint / "model.safetensors").is_file()  # the healthy state, written although save_strategy="no"
-    from safetensors.torch import load_file
-
     saved = load_file(checkpoint / "model.safetensors")
     snapshot = r8._healthy_snapshots[-1]
     assert all(torch.equal(saved[name], snapshot._model[f"inner.{name}"]) for name in saved
@@ -292,3 +265,33 @@ def test_peft_lora_snapshots_hold_the_adapters_only(tokenizer, lm_dataset, tmp_p
     assert len(parameters) == 2  # lora_A and lora_B of the one c_attn
     assert parameters and all("lora_" in name for name in parameters)
     assert all(torch.isfinite(param).all() for param in model.parameters())
+
+
+@pytest.mark.integration
+def test_a_run_killed_at_a_random_step_resumes_exactly(tmp_path):
+    script = Path(__file__).parent / "scripts" / "crash_and_resume.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def run(run_dir, *flags):
+        return subprocess.run([sys.executable, str(script), str(run_dir), *flags], env=env, capture_output=True,
+                              text=True, timeout=240)
+
+    assert run(tmp_path / "whole").returncode == 0
+    kill_at = random.Random().randint(11, 24)  # after at least two checkpoints, before the end
+    killed = run(tmp_path / "crashed", "--kill-at", str(kill_at))
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: nothing ran after it
+    assert run(tmp_path / "crashed", "--resume").returncode == 0
+
+    def lrs(run_dir):
+        return [json.loads(line) for line in (run_dir / "lrs.jsonl").read_text().splitlines()]
+
+    whole, crashed = lrs(tmp_path / "whole"), lrs(tmp_path / "crashed")
+    checkpoint = (kill_at - 1) // 5 * 5  # the kill comes before that step's own checkpoint is written
+    resumed = crashed[kill_at:]  # the steps before the crash, then the steps after the checkpoint again
+    assert [step for step, _ in resumed] == list(range(checkpoint + 1, 31)), f"killed at {kill_at}"
+    assert resumed == whole[checkpoint:], f"killed at {kill_at}"
+    runs = ("whole", "crashed")
+    controllers = [json.loads((tmp_path / run / "final" / "controller.json").read_text()) for run in runs]
+    assert controllers[0] == controllers[1], f"killed at {kill_at}"
+    catalogs = [LossCatalog.load(tmp_path / run / "final") for run in runs]
+    assert catalogs[0].equals(catalogs[1]), f"killed at {kill_at}"
