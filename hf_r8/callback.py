@@ -356,6 +356,8 @@ class R8Callback(TrainerCallback, ExportableState):
         snapshot.restore(self._model, self._optimizer)
         extras = snapshot.extras
         self.controller.load_state_dict(extras["controller"])
+        # The restored weights' loss is judged against the loss level they had, not the level reached since.
+        self._rollback.detector.load_state_dict(extras["spike_detector"])
         random.setstate(extras["python_rng"])
         np.random.set_state(extras["numpy_rng"])
         torch.set_rng_state(extras["torch_rng"])
@@ -384,6 +386,7 @@ class R8Callback(TrainerCallback, ExportableState):
         scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
         extras = {
             "controller": self.controller.state_dict(),
+            "spike_detector": self._rollback.detector.state_dict(),
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
             "torch_rng": torch.get_rng_state(),

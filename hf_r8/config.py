@@ -509,9 +509,10 @@ class RollbackConfig(_Section):
     min_history: int = 20
     """Losses needed in the window before a spike can be called."""
     spike_z: float = 5.0
-    """A loss this many standard deviations above the window's mean is a spike..."""
+    """A loss this many noise standard deviations (from the window's step-to-step changes) above the
+    EMA of the healthy losses is a spike..."""
     spike_ratio: float = 3.0
-    """...or a loss this many times the window's EMA."""
+    """...or a loss this many times that EMA."""
     lr_cut: float = 0.5
     """After a rollback the LR restarts at this multiple and returns to 1x over the stabilization; the
     n-th rollback in a row also cuts the gain for good by lr_cut**(n-1)."""

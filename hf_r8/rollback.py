@@ -3,8 +3,8 @@
 The callback (`callback.py`) owns the tensors; this module only reads numbers and says what to do:
 
 * `guard(loss, grad_norm)`: a non-finite value of the step about to be applied means "skip it".
-* `observe(step, loss)`: each finished step's loss (already reduced across processes, one step
-  late). A spike, a loss far above the recent healthy ones, asks for a rollback.
+* `observe(step, loss)`: each step's loss (reduced across processes), read before the step is
+  applied. A spike, a loss far above the level of the recent healthy ones, asks for a rollback.
 * `should_snapshot(step)`: every `every_steps`, once `healthy_steps` anomaly-free steps have
   passed and no stabilization is under way, so a snapshot is never of a model already in trouble.
 * Each rollback starts the LR at `lr_cut` x and brings it back over the stabilization, which feeds
@@ -40,7 +40,12 @@ class RollbackAction:
 
 
 class SpikeDetector:
-    """Is a loss far above the recent healthy losses? (z-score against their window, or ratio to their EMA)."""
+    """Is a loss far above the current level of the recent healthy losses?
+
+    The level is their EMA (it follows a falling loss, where a window mean lags above it); the
+    spread is the noise around that trend, estimated from step-to-step differences (std / sqrt(2)),
+    so a loss that is still falling fast does not hide a spike behind its own trend.
+    """
 
     def __init__(self, config: RollbackConfig) -> None:
         self.config = config
@@ -49,15 +54,17 @@ class SpikeDetector:
 
     def spike_reason(self, loss: float) -> str | None:
         config = self.config
-        if len(self.recent) < config.min_history:
+        if len(self.recent) < config.min_history or self.ema is None:
             return None
-        mean = math.fsum(self.recent) / len(self.recent)
-        std = math.sqrt(math.fsum((value - mean) ** 2 for value in self.recent) / (len(self.recent) - 1))
-        spread = max(std, 0.01 * abs(mean), 1e-12)  # a flat window does not make every wiggle a spike
-        z = (loss - mean) / spread
+        values = list(self.recent)
+        steps = [after - before for before, after in zip(values, values[1:], strict=False)]
+        mean_step = math.fsum(steps) / len(steps)
+        noise = math.sqrt(math.fsum((step - mean_step) ** 2 for step in steps) / max(1, len(steps) - 1) / 2.0)
+        spread = max(noise, 0.01 * abs(self.ema), 1e-12)  # a flat window does not make every wiggle a spike
+        z = (loss - self.ema) / spread
         if z > config.spike_z:
-            return f"loss {loss:.4g} is {z:.1f} standard deviations above the last {len(self.recent)} ({mean:.4g})"
-        if self.ema is not None and self.ema > 0 and loss > config.spike_ratio * self.ema:
+            return f"loss {loss:.4g} is {z:.1f} noise standard deviations above its level {self.ema:.4g}"
+        if self.ema > 0 and loss > config.spike_ratio * self.ema:
             return f"loss {loss:.4g} is {loss / self.ema:.1f}x its EMA {self.ema:.4g}"
         return None
 
