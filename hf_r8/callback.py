@@ -320,16 +320,19 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def _roll_back(self, action: RollbackAction, step: int, control: TrainerControl,
                    optimizer: torch.optim.Optimizer) -> None:
-        """Restore the newest snapshot older than the damage, cut the LR, drop this step, stabilize the data."""
-        optimizer.zero_grad(set_to_none=True)  # the step in flight was computed on damaged weights
+        """Skip this step; for damage, also restore a snapshot, restart the LR lower and stabilize the data."""
+        optimizer.zero_grad(set_to_none=True)  # the step in flight: a spike's batch, or damaged weights
         self._drop_step_signals = True
+        if action.kind == "skip":
+            self._record(Event(step, -1, "rollback", "skip_step", 1.0, 0.0, action.reason, quantity="step_applied"))
+            return
         # The n-th rollback in a row goes n snapshots back, as far as `rollback.keep` allows.
         kept = self._healthy_snapshots
         snapshot = kept[-min(max(action.attempt, 1), len(kept))] if kept else None
         if snapshot is not None:
             self._restore_snapshot(snapshot)
             self._rollback.wasted_steps += step - 1 - snapshot.step
-        if action.stop:
+        if action.kind == "stop":
             control.should_save, control.should_training_stop = True, True
             where = f"the snapshot of step {snapshot.step}" if snapshot is not None else "the current weights"
             reason = f"{action.reason}; {where} is saved as the step-{step} checkpoint"

@@ -4,7 +4,9 @@ The callback (`callback.py`) owns the tensors; this module only reads numbers an
 
 * `guard(loss, grad_norm)`: a non-finite value of the step about to be applied means "skip it".
 * `observe(step, loss)`: each step's loss (reduced across processes), read before the step is
-  applied. A spike, a loss far above the level of the recent healthy ones, asks for a rollback.
+  applied. A spike, a loss far above the level of the recent healthy ones, first skips its step:
+  the weights that produced it have not been touched by it, and one bad batch is the likely
+  cause. A spike again at the next step means the weights themselves are damaged: roll back.
 * `should_snapshot(step)`: every `every_steps`, once `healthy_steps` anomaly-free steps have
   passed and no stabilization is under way, so a snapshot is never of a model already in trouble.
 * Each rollback starts the LR at `lr_cut` x and brings it back over the stabilization, which feeds
@@ -28,15 +30,15 @@ _EMA_BETA = 0.9
 
 @dataclass
 class RollbackAction:
-    """What to do after damage seen at `step`: roll back to the newest snapshot, or stop."""
+    """What to do about a spike or damage seen at `step`: "skip" the step, "rollback" or "stop"."""
 
-    stop: bool
+    kind: str
     reason: str
-    lasting_lr_factor: float
-    recovery_lr_factor: float
-    stabilize_batches: int
-    attempt: int
     step: int
+    lasting_lr_factor: float = 1.0
+    recovery_lr_factor: float = 1.0
+    stabilize_batches: int = 0
+    attempt: int = 0
 
 
 class SpikeDetector:
@@ -95,6 +97,7 @@ class RollbackPolicy:
         self.rollbacks = 0
         self.skipped_steps = 0
         self.wasted_steps = 0
+        self.spike_skipped_at: int | None = None
 
     def guard(self, loss: float | None, grad_norm: float | None) -> str | None:
         """Why the step about to be applied must be skipped, or None."""
@@ -122,21 +125,27 @@ class RollbackPolicy:
             self.detector.accept(loss)
             return None
         self.last_anomaly_step = step
-        return self.damage(step, reason) if self.config.enabled else None
+        if not self.config.enabled:
+            return None
+        if self.spike_skipped_at == step - 1:
+            return self.damage(step, f"{reason}, the second spike in a row")
+        self.spike_skipped_at = step
+        self.skipped_steps += 1
+        return RollbackAction("skip", f"{reason}: optimizer step skipped (a second spike in a row rolls back)", step)
 
     def damage(self, step: int, reason: str) -> RollbackAction:
         """Damage seen at `step` (a spike, non-finite weights): the rollback to take, or stop."""
         self.last_anomaly_step = self.last_damage_step = step
         config = self.config
         if self.attempt >= config.max_consecutive:
-            return RollbackAction(True, f"{reason}; {self.attempt} rollbacks in a row did not help: training stops",
-                                  1.0, 1.0, 0, self.attempt, step)
+            return RollbackAction("stop", f"{reason}; {self.attempt} rollbacks in a row did not help: "
+                                  "training stops", step, attempt=self.attempt)
         self.attempt += 1
         self.rollbacks += 1
         stabilize = config.stabilize_steps * 2 ** (self.attempt - 1)
         self.stabilize_until = step + stabilize
-        return RollbackAction(False, reason, config.lr_cut ** (self.attempt - 1), config.lr_cut, stabilize,
-                              self.attempt, step)
+        return RollbackAction("rollback", reason, step, lasting_lr_factor=config.lr_cut ** (self.attempt - 1),
+                              recovery_lr_factor=config.lr_cut, stabilize_batches=stabilize, attempt=self.attempt)
 
     def should_snapshot(self, step: int) -> bool:
         config = self.config
@@ -158,10 +167,10 @@ class RollbackPolicy:
         return {"detector": self.detector.state_dict(), "last_anomaly_step": self.last_anomaly_step,
                 "last_damage_step": self.last_damage_step, "stabilize_until": self.stabilize_until,
                 "attempt": self.attempt, "rollbacks": self.rollbacks, "skipped_steps": self.skipped_steps,
-                "wasted_steps": self.wasted_steps}
+                "wasted_steps": self.wasted_steps, "spike_skipped_at": self.spike_skipped_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.detector.load_state_dict(state["detector"])
         for key in ("last_anomaly_step", "last_damage_step", "stabilize_until", "attempt", "rollbacks",
-                    "skipped_steps", "wasted_steps"):
+                    "skipped_steps", "wasted_steps", "spike_skipped_at"):
             setattr(self, key, state[key])

@@ -61,8 +61,9 @@ def test_a_fault_on_one_rank_gets_the_same_action_on_every_rank(tmp_path):
 
     run_two_ranks("two_rank_rollback.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert ranks[0]["skipped_steps"] == ranks[1]["skipped_steps"] == 1  # rank 1's NaN: both skip step 30
-    assert ranks[0]["rollback_steps"] == ranks[1]["rollback_steps"] == [40]  # rank 1's garbage batch
+    # rank 1's NaN: both skip step 30; its first garbage batch: both skip step 40; its second: both roll back
+    assert ranks[0]["skipped_steps"] == ranks[1]["skipped_steps"] == 2
+    assert ranks[0]["rollback_steps"] == ranks[1]["rollback_steps"] == [41]
     assert ranks[0]["weights_digest"] == ranks[1]["weights_digest"] and ranks[0]["weights_finite"]
     assert LossCatalog.load(tmp_path / "rank0").equals(LossCatalog.load(tmp_path / "rank1"))
     # The low-loss batches served after the rollback come from one plan, split disjointly between ranks.

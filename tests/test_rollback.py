@@ -34,29 +34,36 @@ def test_spikes_are_called_against_the_healthy_window_and_back_off_until_stop():
         assert policy.observe(step, 2.0 + 0.01 * (step % 3)) is None
     assert policy.should_snapshot(30)
     policy.snapshot_taken(30)
-    assert policy.observe(31, 2.05) is None  # within the window's spread
-    first = policy.observe(32, 9.0)
-    assert first is not None and not first.stop and "standard deviations" in first.reason
+    assert policy.observe(31, 2.05) is None  # within the window's noise
+    skip = policy.observe(32, 9.0)  # one bad batch, most likely: its step is skipped
+    assert skip.kind == "skip" and "standard deviations" in skip.reason
+    first = policy.observe(33, 9.0)  # again on the untouched weights: they are damaged
+    assert first.kind == "rollback" and "second spike in a row" in first.reason
     # a single rollback: the LR restarts at x0.5 and comes back; nothing lasting
     assert (first.recovery_lr_factor, first.lasting_lr_factor, first.stabilize_batches, first.attempt) == \
         (0.5, 1.0, 4, 1)
-    second = policy.observe(33, 9.0)
-    assert (second.lasting_lr_factor, second.stabilize_batches, second.attempt) == (0.5, 8, 2)
-    stop = policy.observe(34, 9.0)
-    assert stop.stop and "2 rollbacks in a row did not help" in stop.reason
-    assert policy.metrics()["rollbacks"] == 2.0
+    assert policy.observe(34, 9.0).kind == "skip"
+    second = policy.observe(35, 9.0)
+    assert (second.kind, second.lasting_lr_factor, second.stabilize_batches, second.attempt) == ("rollback", 0.5, 8, 2)
+    assert policy.observe(36, 9.0).kind == "skip"
+    stop = policy.observe(37, 9.0)
+    assert stop.kind == "stop" and "2 rollbacks in a row did not help" in stop.reason
+    assert policy.metrics() == {"rollbacks": 2.0, "skipped_steps": 3.0, "wasted_steps": 0.0}
 
 
 def test_a_snapshot_long_after_the_damage_ends_the_series():
     policy = RollbackPolicy(RollbackConfig(**QUICK))
     for step in range(1, 21):
         policy.observe(step, 2.0 + 0.01 * (step % 3))
-    assert policy.observe(21, 9.0).attempt == 1
+    policy.observe(21, 9.0)
+    assert policy.observe(22, 9.0).attempt == 1
     policy.snapshot_taken(35)  # too soon after the damage: the next rollback is still "in a row"
-    assert policy.observe(36, 9.0).attempt == 2
+    policy.observe(36, 9.0)
+    assert policy.observe(37, 9.0).attempt == 2
     assert not policy.should_snapshot(40)  # stabilizing
-    policy.snapshot_taken(56)  # 2 x every_steps after the last damage
-    assert policy.observe(57, 9.0).attempt == 1
+    policy.snapshot_taken(58)  # 2 x every_steps after the last damage
+    policy.observe(59, 9.0)
+    assert policy.observe(60, 9.0).attempt == 1
 
 
 def test_guard_names_the_non_finite_value_and_snapshots_wait_for_health():
@@ -74,7 +81,7 @@ def test_a_ratio_to_the_ema_is_a_spike_even_in_a_wide_window():
     for step in range(1, 21):
         policy.observe(step, 1.0 if step % 2 else 3.0)
     action = policy.observe(21, 7.0)
-    assert action is not None and "x its EMA" in action.reason
+    assert action.kind == "skip" and "x its EMA" in action.reason
 
 
 def test_policy_state_survives_a_round_trip():
@@ -175,8 +182,8 @@ def clean_eval_loss(tokenizer, lm_dataset, tmp_path_factory):
 @pytest.mark.parametrize(("fault", "callbacks", "skipped", "rolled_back"), [
     ("nan_loss", (), 1, 0),
     ("inf_gradient", (), 1, 0),
-    ("garbage_batch", (), 0, 1),
-    (None, (LearningRateBlast(),), 0, 1),
+    ("garbage_batch", (), 1, 0),  # a spike on one batch: its step is skipped, nothing to roll back
+    (None, (LearningRateBlast(),), 1, 1),  # a spike, and again on the same (damaged) weights: rollback
 ])
 def test_the_run_survives_the_fault(tokenizer, lm_dataset, tmp_path, clean_eval_loss, fault, callbacks, skipped,
                                     rolled_back):
@@ -197,7 +204,8 @@ class RestoreProbe(TrainerCallback):
         self.r8, self.compared = r8, 0
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.r8._drop_step_signals:  # a rollback happened in this event
+        last = self.r8.events[-1] if self.r8.events else None
+        if last is not None and last.step == state.global_step + 1 and last.action in ("cut", "stop"):
             snapshot = self.r8._healthy_snapshots[-1]
             live = model_tensors(self.r8._model, snapshot.trainable_only)
             assert all(torch.equal(live[name], buffer) for name, buffer in snapshot._model.items())
@@ -254,10 +262,10 @@ def test_peft_lora_snapshots_hold_the_adapters_only(tokenizer, lm_dataset, tmp_p
     base = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     r8 = R8Callback(_rollback_config())
-    def one_spike(step):
-        return 20.0 if step == FAULT_STEP else 6.0 - 0.01 * step + 0.05 * (step % 3)
+    def spikes_twice(step):
+        return 20.0 if step in (FAULT_STEP, FAULT_STEP + 1) else 6.0 - 0.01 * step + 0.05 * (step % 3)
 
-    trainer = Trainer(model=ScriptedLossModel(model, one_spike), args=training_args(tmp_path, max_steps=50,
+    trainer = Trainer(model=ScriptedLossModel(model, spikes_twice), args=training_args(tmp_path, max_steps=50,
                       per_device_train_batch_size=8, learning_rate=3e-3), train_dataset=lm_dataset, callbacks=[r8])
     trainer.train()
     assert r8._rollback.rollbacks == 1

@@ -1,6 +1,6 @@
 """Run under `torchrun --nproc_per_node 2`: faults on rank 1 only, in a real 2-process R8Trainer run (gloo on CPU).
 
-Rank 1 alone gets a NaN loss at step 30 and a garbage batch at step 40. Each rank writes
+Rank 1 alone gets a NaN loss at step 30 and garbage batches at steps 40 and 41. Each rank writes
 OUTPUT_DIR/rank<k>.json (rollback counts, a digest of its weights, the indices it trained on) and
 OUTPUT_DIR/rank<k>/r8_catalog.npz, for tests/test_distributed.py to compare.
 """
@@ -22,7 +22,7 @@ from hf_r8 import R8Config, R8Trainer
 from hf_r8.config import RollbackConfig
 from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
 
-NAN_STEP, GARBAGE_STEP = 30, 40
+NAN_STEP, GARBAGE_STEPS = 30, (40, 41)
 
 
 class RankOneFaults(torch.nn.Module):
@@ -35,7 +35,7 @@ class RankOneFaults(torch.nn.Module):
         faulty_rank = dist.get_rank() == 1
         if self.training:
             self.training_forwards += 1
-        if self.training and faulty_rank and self.training_forwards == GARBAGE_STEP:
+        if self.training and faulty_rank and self.training_forwards in GARBAGE_STEPS:
             input_ids = torch.randint(0, self.inner.config.vocab_size, input_ids.shape)
             labels = torch.randint(0, self.inner.config.vocab_size, input_ids.shape)
         output = self.inner(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
