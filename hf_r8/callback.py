@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,16 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.optimization import GreedyLR
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, ProgressCallback
 
 from hf_r8.config import R8Config
 from hf_r8.controller import Controller, Event, GroupSpec, Observation
+from hf_r8.dashboard import Dashboard, DashboardView, mute_progress_bar
 from hf_r8.decision import Decision
 from hf_r8.distributed import sum_across_processes
 from hf_r8.range_test import LRRangeTest
 from hf_r8.rollback import RollbackAction, RollbackPolicy
+from hf_r8.run_log import RunLog
 from hf_r8.snapshot import StateSnapshot, snapshot_bytes
 from hf_r8.taps import TrainerTaps, find_trainer
 
@@ -97,6 +100,10 @@ class R8Callback(TrainerCallback, ExportableState):
         self._snapshots_allowed = True
         self._checked_signals: list[float] | None = None
         self._drop_step_signals = False
+        self._view: DashboardView | None = None
+        self._dashboard: Dashboard | None = None
+        self._run_log: RunLog | None = None
+        self._applied: tuple[int, float, float] | None = None
         self._taps: TrainerTaps | None = None
         self._pending: torch.Tensor | None = None
         self._pending_step = 0
@@ -140,6 +147,7 @@ class R8Callback(TrainerCallback, ExportableState):
             self._snapshot.capture(self._model, optimizer, step=0)
         self._taps = TrainerTaps(trainer, self._add_log_metrics)
         self._taps.install()
+        self._open_outputs(args, state, trainer)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._taps.start_step()
@@ -172,14 +180,41 @@ class R8Callback(TrainerCallback, ExportableState):
             self._finish_range_test(state.global_step)
             return
         if self._drop_step_signals:  # a skipped or rolled-back step: the controller never sees its loss
+            self._record_step(_observation(state.global_step, self._checked_signals))
             self._drop_step_signals, self._checked_signals = False, None
         else:
             self._stage_signals(state.global_step, args.device)
+        if self._view is not None:
+            self._view.step = state.global_step
+            if self._rollback is not None:
+                self._view.rollbacks, self._view.skipped_steps = self._rollback.rollbacks, self._rollback.skipped_steps
+            if self._dashboard is not None:
+                self._dashboard.update(self._view)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any):
+        quartiles = [logs[f"r8/q{q}_loss"] for q in range(1, 5) if f"r8/q{q}_loss" in (logs or {})]
+        if self._view is not None and quartiles:
+            self._view.quartile_losses = quartiles
+            sampler = getattr(self._active_trainer, "r8_sampler", None)
+            if sampler is not None:
+                self._view.batch_mix = [1.0, 0.0, 0.0, 0.0] if sampler.stabilize_batches else \
+                    (sampler.counts / sampler.batch_size).tolist()
+        if self._run_log is not None:
+            if len(quartiles) == 4:
+                self._run_log.metrics({"step": state.global_step, **dict(zip(("q1_loss", "q2_loss", "q3_loss",
+                                                                               "q4_loss"), quartiles, strict=True))})
+            self._run_log.flush()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._run_log is not None:
+            self._run_log.flush()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self._taps is not None:
             self._taps.remove()
             self._taps = None
+        self._close_outputs(args, state)
 
     # -------------------------------------------------------------------------------- the wiring
     def _build_controller(self, initial_gains: list[float] | None = None, warmup_steps: int | None = None) -> None:
@@ -207,28 +242,85 @@ class R8Callback(TrainerCallback, ExportableState):
         reason = (f"LR range test {outcome} after {step} steps: lowest smoothed loss {test.best_loss:.4g} at gain "
                   f"{test.best_gain if test.best_gain is not None else float('nan'):.3g}; weights restored, "
                   f"training continues at gain {gain:.3g}")
-        self._record(Event(step, -1, "range_test", "rebase", 1.0, gain, reason))
+        self.record(Event(step, -1, "range_test", "rebase", 1.0, gain, reason))
 
     def _consume_pending(self) -> None:
         if self._pending is None:
             return
         if self._copy_event is not None:
             self._copy_event.synchronize()
-        loss_sum, loss_count, grad_sum, grad_count = self._pending.tolist()
+        observation = _observation(self._pending_step, self._pending.tolist())
         self._pending = None
-        observation = Observation(
-            step=self._pending_step,
-            loss=loss_sum / loss_count if loss_count > 0 else None,
-            grad_norm=grad_sum / grad_count if grad_count > 0 else None,
-        )
+        self._record_step(observation)
         if self._range_test is not None:
             self._range_test.observe(observation.step - 1, observation.loss)
             return
         for event in self.controller.observe(observation):
-            self._record(event)
+            self.record(event)
 
-    def _record(self, event: Event) -> None:
+    def _record_step(self, observation: Observation) -> None:
+        """One step's series for r8_metrics.jsonl and the dashboard (the step's LR was kept by `_apply`)."""
+        lr, base_lr = (self._applied[1], self._applied[2]) if self._applied and \
+            self._applied[0] == observation.step else (None, None)
+        controller = self.controller
+        row = {"step": observation.step, "loss": observation.loss, "grad_norm": observation.grad_norm, "lr": lr,
+               "base_lr": base_lr, "gain": controller.lr_gain(0), "momentum": controller.momentum(0),
+               "loss_ema": controller.loss.ema.value}
+        if self.config.exploration.enabled:
+            row["sigma"] = controller.sigma
+        if self._view is not None:
+            view = self._view
+            row["elapsed_s"] = time.monotonic() - view.started
+            view.loss, view.loss_ema, view.grad_norm = observation.loss, row["loss_ema"], observation.grad_norm
+            view.lr, view.base_lr, view.gain, view.momentum = lr, base_lr, row["gain"], row["momentum"]
+            if observation.loss is not None:
+                view.losses.append(observation.loss)
+        if self._run_log is not None:
+            self._run_log.metrics(row)
+
+    def _open_outputs(self, args: TrainingArguments, state: TrainerState, trainer: Any) -> None:
+        """Dashboard and run files, on the main process only."""
+        self._view = DashboardView(step=state.global_step, max_steps=state.max_steps, first_step=state.global_step)
+        self._dashboard, self._run_log = None, None
+        if not state.is_world_process_zero:
+            return
+        if self.config.run_files and args.output_dir:
+            self._run_log = RunLog(args.output_dir)
+        if self.config.dashboard:
+            mute_progress_bar(trainer.callback_handler.callbacks, ProgressCallback)
+            self._dashboard = Dashboard()
+            self._dashboard.start(self._view)
+
+    def _close_outputs(self, args: TrainingArguments, state: TrainerState) -> None:
+        if self._pending is not None and self._range_test is None:  # the last step: its row, for the record only
+            if self._copy_event is not None:
+                self._copy_event.synchronize()
+            self._record_step(_observation(self._pending_step, self._pending.tolist()))
+        if self._dashboard is not None:
+            self._dashboard.stop(self._view)
+            self._dashboard = None
+        if self._run_log is None:
+            return
+        self._run_log.close()
+        self._run_log = None
+        if self.config.report:
+            from hf_r8.report import write_report
+
+            try:
+                written = write_report(args.output_dir)
+                logger.info("R8 report: %s", written[-1])
+            except Exception as error:  # the run is done and saved; a failed plot must not lose it
+                logger.warning("R8 report could not be written: %s", error)
+
+    def record(self, event: Event) -> None:
+        """Keep `event`, log it, and write it to r8_events.jsonl and the dashboard (R8Trainer adds its own)."""
         self.events.append(event)
+        if self._run_log is not None:
+            self._run_log.event({"step": event.step, "kind": f"{event.rule}/{event.action}", "group": event.group,
+                                 "old": event.old_value, "new": event.new_value, "reason": event.reason,
+                                 "signals": self.controller.metrics() if self.controller is not None else {}})
+        if self._view is not None and event.group <= 0:
+            self._view.decisions.append(f"step {event.step} {event.rule}/{event.action}: {event.reason}")
         self._events_since_log += 1
         if event.rule == "decision" and event.group == 0:
             self._decision_since_log = Decision(event.action).code
@@ -251,6 +343,7 @@ class R8Callback(TrainerCallback, ExportableState):
                     _write_momentum(group, momentum)
             _write_lr(group, lr)
             used.append(lr)
+        self._applied = (step_index + 1, used[0], self._schedule_lrs[0])
         scheduler = _unwrap(lr_scheduler)
         if isinstance(getattr(scheduler, "_last_lr", None), list):
             scheduler._last_lr = used
@@ -297,9 +390,8 @@ class R8Callback(TrainerCallback, ExportableState):
     def _check_step(self, step: int, device: torch.device, optimizer: torch.optim.Optimizer) -> RollbackAction | None:
         """Read this step's loss and gradient norm (all processes) before it is applied; skip or ask for a rollback."""
         self._checked_signals = self._reduced_signals(device).tolist()
-        loss_sum, loss_count, grad_sum, grad_count = self._checked_signals
-        loss = loss_sum / loss_count if loss_count > 0 else None
-        grad_norm = grad_sum / grad_count if grad_count > 0 else None
+        signals = _observation(step, self._checked_signals)
+        loss, grad_norm = signals.loss, signals.grad_norm
         policy = self._rollback
         reason = policy.guard(loss, grad_norm)
         if reason is None:
@@ -307,7 +399,7 @@ class R8Callback(TrainerCallback, ExportableState):
         optimizer.zero_grad(set_to_none=True)
         self._drop_step_signals = True  # a skipped step is not evidence about the LR: the controller never sees it
         policy.record_skip(step)
-        self._record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, reason, quantity="step_applied"))
+        self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, reason, quantity="step_applied"))
         if loss is not None and not math.isfinite(loss) and not self._weights_finite(device):
             return policy.damage(step, "non-finite weights")
         return None
@@ -324,7 +416,7 @@ class R8Callback(TrainerCallback, ExportableState):
         optimizer.zero_grad(set_to_none=True)  # the step in flight: a spike's batch, or damaged weights
         self._drop_step_signals = True
         if action.kind == "skip":
-            self._record(Event(step, -1, "rollback", "skip_step", 1.0, 0.0, action.reason, quantity="step_applied"))
+            self.record(Event(step, -1, "rollback", "skip_step", 1.0, 0.0, action.reason, quantity="step_applied"))
             return
         # The n-th rollback in a row goes n snapshots back, as far as `rollback.keep` allows.
         kept = self._healthy_snapshots
@@ -337,7 +429,7 @@ class R8Callback(TrainerCallback, ExportableState):
             where = f"the snapshot of step {snapshot.step}" if snapshot is not None else "the current weights"
             reason = f"{action.reason}; {where} is saved as the step-{step} checkpoint"
             logger.error("R8 rollback: %s", reason)
-            self._record(Event(step, -1, "rollback", "stop", 1.0, 0.0, reason, quantity="training"))
+            self.record(Event(step, -1, "rollback", "stop", 1.0, 0.0, reason, quantity="training"))
             return
         origin = f"restored the snapshot of step {snapshot.step}" if snapshot is not None else \
             "no healthy snapshot yet, weights kept"
@@ -352,7 +444,7 @@ class R8Callback(TrainerCallback, ExportableState):
             reason += f", next {action.stabilize_batches} batches from the lowest-loss quartile"
         for event in self.controller.rollback_brake(action.lasting_lr_factor, action.recovery_lr_factor,
                                                     action.stabilize_batches, step, reason):
-            self._record(event)
+            self.record(event)
         logger.warning("R8 rollback at step %d: %s", step, reason)
 
     def _restore_snapshot(self, snapshot: StateSnapshot) -> None:
@@ -456,6 +548,13 @@ class R8Callback(TrainerCallback, ExportableState):
             self._pending_step = pending["step"]
             self._pending = torch.tensor(pending["values"], dtype=torch.float32)
             self._copy_event = None
+
+
+def _observation(step: int, reduced: list[float]) -> Observation:
+    """The step's mean loss and gradient norm from the [sum, count, sum, count] reduced across processes."""
+    loss_sum, loss_count, grad_sum, grad_count = reduced
+    return Observation(step=step, loss=loss_sum / loss_count if loss_count > 0 else None,
+                       grad_norm=grad_sum / grad_count if grad_count > 0 else None)
 
 
 def _unwrap(scheduler: Any) -> Any:

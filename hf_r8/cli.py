@@ -1,4 +1,4 @@
-"""`hf-r8` command line: `hf-r8 demo`, `hf-r8 presets`."""
+"""`hf-r8` command line: `hf-r8 demo`, `hf-r8 presets`, `hf-r8 report OUTPUT_DIR`."""
 
 from __future__ import annotations
 
@@ -21,12 +21,23 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("presets", help="list the shipped presets and their active rules")
 
+    report = commands.add_parser("report", help="plots and a summary of a run from its r8_*.jsonl files")
+    report.add_argument("output_dir", help="the Trainer's output_dir of the run")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from hf_r8.demo import DemoSettings, run_demo
 
         run_demo(DemoSettings(steps=args.steps, preset=args.preset, learning_rate=args.learning_rate,
                               batch_size=args.batch_size, model=args.model, output_dir=args.output_dir))
+    elif args.command == "report":
+        from hf_r8.report import write_report
+
+        try:
+            written = write_report(args.output_dir)
+        except FileNotFoundError as error:
+            raise SystemExit(f"hf-r8 report: {error}") from error
+        print("\n".join(str(path) for path in written))
     elif args.command == "presets":
         for name in available_presets():
             config = R8Config.from_preset(name)

@@ -594,6 +594,12 @@ class R8Config:
     range_test: RangeTestConfig = field(default_factory=RangeTestConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rollback: RollbackConfig = field(default_factory=RollbackConfig)
+    dashboard: bool = True
+    """Live rich dashboard on the main process (periodic lines when stdout is not a terminal)."""
+    run_files: bool = True
+    """Write r8_events.jsonl and r8_metrics.jsonl into the Trainer's output_dir."""
+    report: bool = True
+    """Write the plots and summary of `hf-r8 report` into output_dir/r8_report at the end of training."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, list) or any(rule not in LR_RULES for rule in self.rules) or (
@@ -604,6 +610,9 @@ class R8Config:
             isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
         ):
             raise ValueError(f"warmup_steps={self.warmup_steps!r}: must be an integer >= 0 or null")
+        for name in ("dashboard", "run_files", "report"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be true or false")
         for name, section_type in _SECTIONS.items():
             if not isinstance(getattr(self, name), section_type):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a {section_type.__name__}")

@@ -32,6 +32,7 @@ from hf_r8.callback import R8Callback
 from hf_r8.catalog import FILE_NAME, LossCatalog
 from hf_r8.catalog_updates import CatalogUpdateQueue
 from hf_r8.config import R8Config
+from hf_r8.controller import Event
 from hf_r8.per_example import per_example_losses, weighted_loss
 from hf_r8.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
 
@@ -117,7 +118,7 @@ class R8TrainerMixin(R8CallbackMixin):
         sampler_config = self.r8_config.sampler
         self.r8_sampler = BalancedQuartileSampler(
             self.r8_catalog, self._train_batch_size, seed=self.args.seed, proportions=sampler_config.proportions,
-            before_plan=self._r8_apply_all_updates, mode=sampler_config.mode, prune_ratio=sampler_config.prune_ratio,
+            before_plan=self._r8_before_plan, mode=sampler_config.mode, prune_ratio=sampler_config.prune_ratio,
             full_data_fraction=sampler_config.full_data_fraction, total_epochs=self._r8_planned_epochs())
         if self._r8_resumed_plan is not None:
             # Accelerate's skip-batches wrapper hides the sampler from set_epoch: set the epoch being replayed here.
@@ -218,6 +219,19 @@ class R8TrainerMixin(R8CallbackMixin):
         if self._r8_updates is not None and self.r8_catalog is not None:
             self._r8_updates.apply(self.r8_catalog)  # only the copies that have landed: no waiting
         return super().training_step(*args, **kwargs)
+
+    def _r8_before_plan(self) -> None:
+        """Every catalog update in, then the epoch's kind of plan into the decision log."""
+        self._r8_apply_all_updates()
+        sampler = self.r8_sampler
+        if sampler is None:
+            return
+        kinds = {"balanced": f"balanced quartiles, {sampler.counts.tolist()} examples of Q1..Q4 per batch",
+                 "infobatch": f"InfoBatch, below-mean examples pruned with probability {sampler.prune_ratio}",
+                 "uniform": "uniform shuffle"}
+        kind = "cataloging epoch, every example once in a seeded order" if sampler.epoch == 0 else kinds[sampler.mode]
+        self.r8_callback.record(Event(self.state.global_step, -1, "sampler", "plan", float(sampler.epoch - 1),
+                                      float(sampler.epoch), f"epoch {sampler.epoch}: {kind}", quantity="epoch"))
 
     def _r8_apply_all_updates(self) -> None:
         if self._r8_updates is not None and self.r8_catalog is not None:

@@ -1,0 +1,192 @@
+"""The live view of a run: what the controller does and why, drawn with `rich` on the main process.
+
+`render(view)` turns a `DashboardView` (plain numbers, filled by `R8Callback`) into one rich
+renderable: a progress bar with steps/s and ETA; loss, its EMA and a sparkline; the LR used against
+the schedule's; gain, momentum, reward, gradient norm; rollbacks and skipped steps; the catalog's
+quartile losses and batch mix (R8Trainer); the last decisions with their reasons.
+
+`Dashboard` shows it: a `rich.live.Live` refreshed a few times a second on a terminal or in
+Jupyter; on anything else (CI, a file, `nohup`) one concise line every `line_interval_s`.
+While it runs, the Trainer's tqdm training bar is muted (see `mute_progress_bar`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+SPARK = "▁▂▃▄▅▆▇█"
+_SPARK_POINTS = 48
+_DECISIONS_SHOWN = 6
+
+
+def sparkline(values: Iterable[float]) -> str:
+    """Unicode block sparkline of the finite values (empty when there are none)."""
+    finite = [value for value in values if value == value and abs(value) != float("inf")]
+    if not finite:
+        return ""
+    low, high = min(finite), max(finite)
+    span = high - low or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((value - low) / span * len(SPARK)))] for value in finite)
+
+
+@dataclass
+class DashboardView:
+    """Everything the dashboard shows, as plain numbers and strings."""
+
+    step: int = 0
+    max_steps: int = 0
+    first_step: int = 0
+    """The step this run started at (a resumed run's checkpoint), for steps/s."""
+    started: float = field(default_factory=time.monotonic)
+    loss: float | None = None
+    loss_ema: float | None = None
+    losses: deque[float] = field(default_factory=lambda: deque(maxlen=_SPARK_POINTS))
+    lr: float | None = None
+    base_lr: float | None = None
+    gain: float | None = None
+    momentum: float | None = None
+    reward: float | None = None
+    grad_norm: float | None = None
+    rollbacks: int = 0
+    skipped_steps: int = 0
+    quartile_losses: list[float] = field(default_factory=list)
+    batch_mix: list[float] = field(default_factory=list)
+    decisions: deque[str] = field(default_factory=lambda: deque(maxlen=_DECISIONS_SHOWN))
+
+    def steps_per_second(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return (self.step - self.first_step) / elapsed if elapsed > 0 else 0.0
+
+    def eta_seconds(self) -> float | None:
+        rate = self.steps_per_second()
+        return (self.max_steps - self.step) / rate if rate > 0 and self.max_steps else None
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}g}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def render(view: DashboardView) -> Group:
+    """The dashboard as one rich renderable."""
+    progress = Table.grid(expand=True)
+    progress.add_column(ratio=3)
+    progress.add_column(justify="right")
+    bar = ProgressBar(total=max(1, view.max_steps), completed=view.step)
+    progress.add_row(bar, f"step {view.step}/{view.max_steps}  {view.steps_per_second():.2f} steps/s  "
+                          f"ETA {_duration(view.eta_seconds())}")
+
+    signals = Table(box=None, show_header=False, expand=True)
+    signals.add_column(style="bold cyan", no_wrap=True)
+    signals.add_column()
+    signals.add_row("loss", f"{_number(view.loss)}  (EMA {_number(view.loss_ema)})  {sparkline(view.losses)}")
+    signals.add_row("LR used / schedule", f"{_number(view.lr)} / {_number(view.base_lr)}  (gain {_number(view.gain)})")
+    if view.momentum is not None:
+        signals.add_row("momentum", _number(view.momentum))
+    if view.reward is not None:
+        signals.add_row("reward", _number(view.reward))
+    signals.add_row("grad norm", _number(view.grad_norm))
+    signals.add_row("rollbacks / skipped steps", f"{view.rollbacks} / {view.skipped_steps}")
+    if view.quartile_losses:
+        signals.add_row("catalog Q1…Q4 loss", "  ".join(_number(value, 3) for value in view.quartile_losses))
+    if view.batch_mix:
+        signals.add_row("batch mix Q1…Q4", "  ".join(f"{share:.0%}" for share in view.batch_mix))
+
+    decisions = Text("\n".join(view.decisions) if view.decisions else "no decision yet", overflow="fold")
+    return Group(Panel(progress, title="hf_r8 · learnit::r8", border_style="cyan"),
+                 Panel(signals, title="signals", border_style="blue"),
+                 Panel(decisions, title="last decisions", border_style="magenta"))
+
+
+def plain_line(view: DashboardView) -> str:
+    """The one-line form for logs that are not a terminal."""
+    parts = [f"r8 step {view.step}/{view.max_steps}", f"loss {_number(view.loss)}", f"ema {_number(view.loss_ema)}",
+             f"lr {_number(view.lr)} (x{_number(view.gain)})", f"grad {_number(view.grad_norm)}",
+             f"rollbacks {view.rollbacks}", f"skipped {view.skipped_steps}",
+             f"{view.steps_per_second():.2f} steps/s", f"ETA {_duration(view.eta_seconds())}"]
+    return "  ".join(parts)
+
+
+class Dashboard:
+    """Shows a `DashboardView`: live on a terminal or in Jupyter, periodic lines elsewhere."""
+
+    def __init__(self, console: Console | None = None, refresh_per_second: float = 4.0,
+                 line_interval_s: float = 30.0) -> None:
+        self.console = console if console is not None else Console()
+        self.interactive = self.console.is_terminal or self.console.is_jupyter
+        self.refresh_interval = 1.0 / refresh_per_second
+        self.line_interval_s = line_interval_s
+        self._live: Live | None = None
+        self._last_draw = 0.0
+
+    def start(self, view: DashboardView) -> None:
+        if self.interactive:
+            self._live = Live(render(view), console=self.console, refresh_per_second=1.0 / self.refresh_interval,
+                              transient=False)
+            self._live.start()
+        self._last_draw = time.monotonic()
+
+    def update(self, view: DashboardView, force: bool = False) -> None:
+        """Redraw, at most every refresh interval (live) or line interval (plain), unless forced."""
+        now = time.monotonic()
+        interval = self.refresh_interval if self._live is not None else self.line_interval_s
+        if not force and now - self._last_draw < interval:
+            return
+        self._last_draw = now
+        if self._live is not None:
+            self._live.update(render(view))
+        else:
+            self.console.print(plain_line(view), markup=False, highlight=False, soft_wrap=True)
+
+    def stop(self, view: DashboardView) -> None:
+        if self._live is not None:
+            self._live.update(render(view))
+            self._live.stop()
+            self._live = None
+        else:
+            self.console.print(plain_line(view), markup=False, highlight=False, soft_wrap=True)
+
+
+_MUTED_EVENTS = ("on_train_begin", "on_step_end", "on_log")
+
+
+def mute_progress_bar(callbacks: list[Any], progress_type: type) -> Callable[[], None] | None:
+    """Silence the Trainer's tqdm training bar (the `progress_type` instance in `callbacks`) for one run.
+
+    Its training events become no-ops on the instance; its own `on_train_end` puts them back (it
+    runs after R8Callback's, so it must not find a bar to close). Evaluation bars are untouched.
+    Returns a function that unmutes at once (for a run that never reaches `on_train_end`), or None.
+    """
+    progress = next((callback for callback in callbacks if isinstance(callback, progress_type)), None)
+    if progress is None or "on_train_end" in vars(progress):
+        return None
+    if getattr(progress, "training_bar", None) is not None:  # it ran first (added before R8Callback)
+        progress.training_bar.close()
+        progress.training_bar = None
+
+    def unmute(*args: Any, **kwargs: Any) -> None:
+        for name in (*_MUTED_EVENTS, "on_train_end"):
+            vars(progress).pop(name, None)
+
+    for name in _MUTED_EVENTS:
+        setattr(progress, name, lambda *args, **kwargs: None)
+    progress.on_train_end = unmute
+    return unmute
