@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections import deque
@@ -98,6 +99,7 @@ class R8Callback(TrainerCallback, ExportableState):
         self._rollback: RollbackPolicy | None = None
         self._healthy_snapshots: list[StateSnapshot] = []
         self._snapshots_allowed = True
+        self._checks_steps = True
         self._checked_signals: list[float] | None = None
         self._drop_step_signals = False
         self._view: DashboardView | None = None
@@ -137,7 +139,8 @@ class R8Callback(TrainerCallback, ExportableState):
         self._build_controller(initial_gains=(saved or {}).get("initial_gains"))
         self._pending, self._range_test, self._snapshot = None, None, None
         self._rollback = RollbackPolicy(self.config.rollback)
-        self._healthy_snapshots, self._snapshots_allowed = [], True
+        self._healthy_snapshots = []
+        self._checks_steps, self._snapshots_allowed = self._supported_scope(trainer)
         self._checked_signals, self._drop_step_signals = None, False
         if saved is not None:
             self._restore(saved)
@@ -155,16 +158,16 @@ class R8Callback(TrainerCallback, ExportableState):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
         self._consume_pending()
-        rollback = self.config.rollback
-        if self._range_test is None and (rollback.enabled or rollback.guard_nonfinite):
+        if self._range_test is None and self._checks_steps:
             step = state.global_step + 1
             action = self._check_step(step, args.device, optimizer)
             if action is not None:
-                self._roll_back(action, step, control, optimizer)
-            elif self._rollback.should_snapshot(step):
-                # The weights are still those after step - 1, and this step's loss, computed on them,
-                # has just passed the check: a snapshot taken now is never of a damaged model.
-                self._take_snapshot(state.global_step)
+                self._roll_back(action, step, args, control, optimizer)
+            # Otherwise the weights are still those after step - 1, and this step's loss, computed on them,
+            # has just passed the check: a snapshot taken now is never of a damaged model.
+            elif (self._snapshots_allowed and self._rollback.should_snapshot(step)
+                  and self._take_snapshot(state.global_step, args.device)):
+                self._rollback.snapshot_taken(step)
         self._apply(optimizer, lr_scheduler, step_index=state.global_step)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -410,7 +413,21 @@ class R8Callback(TrainerCallback, ExportableState):
         bad = torch.stack([~torch.isfinite(param).all() for param in params]).sum().float().to(device)
         return sum_across_processes(bad).item() == 0
 
-    def _roll_back(self, action: RollbackAction, step: int, control: TrainerControl,
+    def _supported_scope(self, trainer: Any) -> tuple[bool, bool]:
+        """(check steps, take snapshots) for this run: what the parallelism in use allows."""
+        config = self.config.rollback
+        checks = config.enabled or config.guard_nonfinite
+        if checks and getattr(trainer, "is_deepspeed_enabled", False):
+            # DeepSpeed steps inside backward (zero_grad cannot skip) and keeps fp32 masters a snapshot misses.
+            logger.warning("R8: the non-finite guard and rollback are off under DeepSpeed (its engine steps inside "
+                           "backward and keeps its own fp32 master weights).")
+            return False, False
+        if config.enabled and getattr(trainer, "is_fsdp_enabled", False):
+            logger.warning("R8: rollback snapshots are off under FSDP (sharded parameters); the guard stays on.")
+            return checks, False
+        return checks, config.enabled
+
+    def _roll_back(self, action: RollbackAction, step: int, args: TrainingArguments, control: TrainerControl,
                    optimizer: torch.optim.Optimizer) -> None:
         """Skip this step; for damage, also restore a snapshot, restart the LR lower and stabilize the data."""
         optimizer.zero_grad(set_to_none=True)  # the step in flight: a spike's batch, or damaged weights
@@ -425,9 +442,14 @@ class R8Callback(TrainerCallback, ExportableState):
             self._restore_snapshot(snapshot)
             self._rollback.wasted_steps += step - 1 - snapshot.step
         if action.kind == "stop":
-            control.should_save, control.should_training_stop = True, True
-            where = f"the snapshot of step {snapshot.step}" if snapshot is not None else "the current weights"
-            reason = f"{action.reason}; {where} is saved as the step-{step} checkpoint"
+            control.should_training_stop = True
+            self._rollback.attempt = 0  # a run resumed from the checkpoint below starts a fresh series
+            if snapshot is not None or self._weights_finite(args.device):
+                control.should_save = True
+                where = f"the snapshot of step {snapshot.step}" if snapshot is not None else "the current weights"
+                reason = f"{action.reason}; {where} is saved as the step-{step} checkpoint"
+            else:
+                reason = f"{action.reason}; no healthy state to save (no snapshot, non-finite weights)"
             logger.error("R8 rollback: %s", reason)
             self.record(Event(step, -1, "rollback", "stop", 1.0, 0.0, reason, quantity="training"))
             return
@@ -435,15 +457,16 @@ class R8Callback(TrainerCallback, ExportableState):
             "no healthy snapshot yet, weights kept"
         reason = (f"{action.reason}: {origin} (rollback {action.attempt} in a row), "
                   f"LR x{action.recovery_lr_factor:.3g} "
-                  f"back to x1 over {action.stabilize_batches} steps")
+                  f"back to x1 over {action.stabilize_steps} steps")
         if action.lasting_lr_factor < 1.0:
             reason += f", gain x{action.lasting_lr_factor:.3g} for good"
         sampler = getattr(self._active_trainer, "r8_sampler", None)
-        if sampler is not None and action.stabilize_batches:
-            sampler.stabilize(action.stabilize_batches)
-            reason += f", next {action.stabilize_batches} batches from the lowest-loss quartile"
+        if sampler is not None and action.stabilize_steps:
+            # The sampler counts per-process batches of the global order; a step takes this many of them.
+            sampler.stabilize(action.stabilize_steps * args.world_size * args.gradient_accumulation_steps)
+            reason += f", the next {action.stabilize_steps} steps' batches from the lowest-loss quartile"
         for event in self.controller.rollback_brake(action.lasting_lr_factor, action.recovery_lr_factor,
-                                                    action.stabilize_batches, step, reason):
+                                                    action.stabilize_steps, step, reason):
             self.record(event)
         logger.warning("R8 rollback at step %d: %s", step, reason)
 
@@ -462,20 +485,13 @@ class R8Callback(TrainerCallback, ExportableState):
         if scaler is not None and extras.get("scaler") is not None:
             scaler.load_state_dict(extras["scaler"])
 
-    def _take_snapshot(self, step: int) -> None:
-        if not self._snapshots_allowed:
-            return
+    def _take_snapshot(self, step: int, device: torch.device) -> bool:
+        """Capture the weights after `step` updates; False when snapshots turned out not to fit in RAM."""
         config = self.config.rollback
         trainable_only = config.scope == "trainable"
-        if not self._healthy_snapshots:
-            needed = config.keep * snapshot_bytes(self._model, self._optimizer, trainable_only)
-            available = psutil.virtual_memory().available
-            if needed > config.max_ram_fraction * available:
-                self._snapshots_allowed = False
-                logger.warning("R8 rollback is off: %d snapshot(s) need %.2f GiB, more than rollback.max_ram_fraction="
-                               "%s of the %.2f GiB of host RAM available (set rollback.scope='trainable' or keep=1).",
-                               config.keep, needed / 2**30, config.max_ram_fraction, available / 2**30)
-                return
+        if not self._healthy_snapshots and not self._snapshots_fit(trainable_only, device):
+            self._snapshots_allowed = False
+            return False
         reused = self._healthy_snapshots.pop(0) if len(self._healthy_snapshots) >= config.keep else None
         snapshot = reused if reused is not None else StateSnapshot(trainable_only)
         scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
@@ -490,7 +506,25 @@ class R8Callback(TrainerCallback, ExportableState):
         }
         snapshot.capture(self._model, self._optimizer, step, extras)
         self._healthy_snapshots.append(snapshot)
-        self._rollback.snapshot_taken(step)
+        return True
+
+    def _snapshots_fit(self, trainable_only: bool, device: torch.device) -> bool:
+        """Whether `keep` snapshots of every process on this machine fit in its free RAM, agreed by all processes."""
+        config = self.config.rollback
+        on_accelerator = device.type != "cpu"
+        # Pinned host blocks are rounded up to a power of two: count the worst case, twice the bytes.
+        per_process = config.keep * snapshot_bytes(self._model, self._optimizer, trainable_only) * \
+            (2 if on_accelerator else 1)
+        processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        available = psutil.virtual_memory().available
+        fits = per_process * processes_here <= config.max_ram_fraction * available
+        refusals = sum_across_processes(torch.tensor([0.0 if fits else 1.0], device=device)).item()
+        if refusals:
+            logger.warning("R8 rollback is off: %d process(es) x %d snapshot(s) need %.2f GiB, more than "
+                           "rollback.max_ram_fraction=%s of the %.2f GiB of host RAM available on some machine "
+                           "(set rollback.scope='trainable' or keep=1).", processes_here, config.keep,
+                           per_process * processes_here / 2**30, config.max_ram_fraction, available / 2**30)
+        return refusals == 0
 
     def _add_log_metrics(self, logs: dict[str, float]) -> None:
         if self.controller is None:

@@ -486,11 +486,12 @@ class SamplerConfig(_Section):
 class RollbackConfig(_Section):
     """Guard against non-finite steps and roll back from a CPU-RAM snapshot after a loss spike.
 
-    Before each optimizer step, a non-finite loss or gradient norm (on any process) skips the step.
-    After a step, a loss spike (z-score against the recent losses, or ratio to their EMA) or
-    non-finite weights restore the last healthy snapshot, drop the step in flight, restart the LR
-    lower and feed low-loss batches for a while (R8Trainer). Rollbacks in a row back off (a lasting
-    LR cut); `max_consecutive` of them stop training with the healthy state saved as a checkpoint.
+    Before each optimizer step, a non-finite loss or gradient norm (on any process) skips the step,
+    and so does a loss spike (z-score against the recent healthy losses, or ratio to their EMA).
+    A second spike in a row, or non-finite weights, restore the last healthy snapshot, drop the step
+    in flight, restart the LR lower and feed low-loss batches for a while (R8Trainer). Rollbacks in a
+    row back off (a lasting LR cut); `max_consecutive` of them stop training with the healthy state
+    saved as a checkpoint. Off under DeepSpeed; snapshots off under FSDP.
     """
 
     SECTION: ClassVar[str] = "rollback"

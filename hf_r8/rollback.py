@@ -37,7 +37,7 @@ class RollbackAction:
     step: int
     lasting_lr_factor: float = 1.0
     recovery_lr_factor: float = 1.0
-    stabilize_batches: int = 0
+    stabilize_steps: int = 0
     attempt: int = 0
 
 
@@ -145,7 +145,7 @@ class RollbackPolicy:
         stabilize = config.stabilize_steps * 2 ** (self.attempt - 1)
         self.stabilize_until = step + stabilize
         return RollbackAction("rollback", reason, step, lasting_lr_factor=config.lr_cut ** (self.attempt - 1),
-                              recovery_lr_factor=config.lr_cut, stabilize_batches=stabilize, attempt=self.attempt)
+                              recovery_lr_factor=config.lr_cut, stabilize_steps=stabilize, attempt=self.attempt)
 
     def should_snapshot(self, step: int) -> bool:
         config = self.config

@@ -48,7 +48,8 @@ class BalancedQuartileSampler(Sampler[int]):
     def __init__(self, catalog: LossCatalog, batch_size: int, seed: int = 0,
                  proportions: Sequence[float] = (0.25, 0.25, 0.25, 0.25),
                  before_plan: Callable[[], None] | None = None, mode: str = "balanced", prune_ratio: float = 0.5,
-                 full_data_fraction: float = 0.125, total_epochs: int = 1) -> None:
+                 full_data_fraction: float = 0.125, total_epochs: int = 1,
+                 on_plan: Callable[[int, str], None] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         self.catalog = catalog
@@ -64,7 +65,10 @@ class BalancedQuartileSampler(Sampler[int]):
         self.loss_weights = np.ones(catalog.size, dtype=np.float32)
         """Per-example loss weight of the current epoch (not 1 only for InfoBatch's kept examples)."""
         self.before_plan = before_plan
-        """Called (on every process) before an epoch's plan: the trainer applies its pending catalog updates."""
+        """Called (on every process) before an epoch's plan or a stabilization: the trainer applies every
+        pending catalog update, so all processes plan from the same catalog."""
+        self.on_plan = on_plan
+        """Called with (epoch, what kind of plan) when a new epoch plan is made (the trainer logs it)."""
         self.current_epoch_plan: tuple[int, np.ndarray] | None = None
         """(epoch, plan) of the epoch under way: saved with checkpoints (with `loss_weights`), so a resumed
         epoch replays its plan."""
@@ -85,16 +89,31 @@ class BalancedQuartileSampler(Sampler[int]):
         saved = self.current_epoch_plan
         if saved is None or saved[0] != self.epoch:
             self.current_epoch_plan = (self.epoch, self.plan().astype(np.int64))
+            if self.on_plan is not None:
+                self.on_plan(self.epoch, self.describe_plan())
         plan = self.current_epoch_plan[1]
         for position in range(len(plan)):
             if self.stabilize_batches and position % self.batch_size == 0:
                 self._stabilize_from(plan, position)
             yield int(plan[position])
 
+    def describe_plan(self) -> str:
+        """What the current epoch's plan is, in words."""
+        if self.epoch == 0:
+            return "cataloging epoch, every example once in a seeded order"
+        return {"balanced": f"balanced quartiles, {self.counts.tolist()} examples of Q1..Q4 per batch",
+                "infobatch": f"InfoBatch, below-mean examples left out with probability {self.prune_ratio}",
+                "uniform": "uniform shuffle"}[self.mode]
+
     def _stabilize_from(self, plan: np.ndarray, position: int) -> None:
-        """Overwrite the plan from `position` on with Q1 examples (deterministic: same on every process)."""
+        """Overwrite the plan from `position` on with Q1 examples (deterministic: same on every process).
+
+        The examples it displaces are not visited this epoch (in the cataloging epoch too)."""
+        if self.before_plan is not None:
+            self.before_plan()  # every catalog update in: all processes draw from the same catalog
         rng = np.random.default_rng([self.seed, self.epoch, position])
         quartiles = self.catalog.quartiles()
+        quartiles[quartiles == UNSEEN] = 3
         usage = np.minimum(self.catalog.usage, np.iinfo(np.int16).max).astype(np.int16)
         room = len(plan) - position
         wanted = min(room, self.stabilize_batches * self.batch_size)

@@ -4,8 +4,9 @@ The buffers are allocated at the first capture (pinned when the model lives on C
 every later one; a tensor whose shape or dtype changed gets a new buffer. Copies are issued
 non-blocking on the current stream, so capture does not stall the device, and stream order keeps
 them ahead of the next in-place update. Restoring copies the saved values back into the live
-tensors (same objects: DDP wrappers, optimizer references and hooks stay valid) and leaves the
-parameter groups' hyperparameters (the scheduled LR) alone.
+tensors (same objects: DDP wrappers, optimizer references and hooks stay valid). Each parameter
+group's settings come back too (Prodigy's `d`, schedule-free's `weight_sum` live there), except the
+LR, which the schedule keeps driving.
 
 `extras` carries what the caller wants back with the weights (controller state, RNG, grad scaler).
 """
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 OptimizerKey = tuple[int, str]  # (position of the parameter in the optimizer's groups, state key)
+_LIVE_KEYS = ("params", "lr")  # group entries a restore leaves as they are
 
 
 def model_tensors(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
@@ -66,6 +68,7 @@ class StateSnapshot:
         self._optimizer: dict[OptimizerKey, torch.Tensor] = {}
         self._optimizer_devices: dict[OptimizerKey, torch.device] = {}
         self._optimizer_values: dict[OptimizerKey, Any] = {}
+        self._group_settings: list[dict[str, Any]] = []
 
     @property
     def nbytes(self) -> int:
@@ -91,6 +94,8 @@ class StateSnapshot:
                     self._optimizer_values[(index, key)] = copy.deepcopy(value)
         for stale in set(self._optimizer) - seen:
             del self._optimizer[stale], self._optimizer_devices[stale]
+        self._group_settings = [{key: copy.deepcopy(value) for key, value in group.items() if key not in _LIVE_KEYS}
+                                for group in optimizer.param_groups]
         self.step = step
         self.extras = copy.deepcopy(extras or {})
 
@@ -102,6 +107,8 @@ class StateSnapshot:
         with torch.no_grad():
             for name, buffer in self._model.items():
                 live[name].copy_(buffer, non_blocking=True)
+        for group, settings in zip(optimizer.param_groups, self._group_settings, strict=True):
+            group.update(copy.deepcopy(settings))
         saved_keys = set(self._optimizer) | set(self._optimizer_values)
         for index, param in enumerate(optimizer_parameters(optimizer)):
             keys = {key for position, key in saved_keys if position == index}

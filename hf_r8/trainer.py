@@ -91,9 +91,6 @@ class R8TrainerMixin(R8CallbackMixin):
         self._r8_fallback_logged = False
         self._r8_resumed_plan: tuple[int, np.ndarray, np.ndarray] | None = None
         self._r8_weights: tuple[int, torch.Tensor] | None = None
-        self._r8_outputs: Any = None
-        self._r8_hook: torch.utils.hooks.RemovableHandle | None = None
-        self._r8_hooked_model: torch.nn.Module | None = None
 
     # --------------------------------------------------------------------------------- sampling
     def _r8_owns_sampling(self) -> bool:
@@ -118,8 +115,9 @@ class R8TrainerMixin(R8CallbackMixin):
         sampler_config = self.r8_config.sampler
         self.r8_sampler = BalancedQuartileSampler(
             self.r8_catalog, self._train_batch_size, seed=self.args.seed, proportions=sampler_config.proportions,
-            before_plan=self._r8_before_plan, mode=sampler_config.mode, prune_ratio=sampler_config.prune_ratio,
-            full_data_fraction=sampler_config.full_data_fraction, total_epochs=self._r8_planned_epochs())
+            before_plan=self._r8_apply_all_updates, on_plan=self._r8_log_plan, mode=sampler_config.mode,
+            prune_ratio=sampler_config.prune_ratio, full_data_fraction=sampler_config.full_data_fraction,
+            total_epochs=self._r8_planned_epochs())
         if self._r8_resumed_plan is not None:
             # Accelerate's skip-batches wrapper hides the sampler from set_epoch: set the epoch being replayed here.
             epoch, plan, loss_weights = self._r8_resumed_plan
@@ -153,16 +151,21 @@ class R8TrainerMixin(R8CallbackMixin):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         labels = inputs.get("labels")
-        self._r8_watch_outputs(model)
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        captured: list[Any] = []
+        hook = model.register_forward_hook(_keep_first_training_output(captured))
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        finally:
+            hook.remove()
         loss = result[0] if return_outputs else result
-        outputs, self._r8_outputs = self._r8_outputs, None
         losses = None
-        if isinstance(outputs, Mapping):
-            losses = per_example_losses(outputs, labels, self._r8_shifts_labels())
+        if captured and isinstance(captured[0], Mapping):
+            losses = per_example_losses(captured[0], labels, self._r8_shifts_labels())
+            if losses is not None and losses.numel() != indices.numel():
+                losses = None  # packed sequences (padding-free), paired rows (DPO): not one loss per example
             if losses is not None and self.r8_sampler is not None and self.r8_sampler.mode == "infobatch":
-                loss = self._r8_reweighted(loss, outputs, labels, indices, num_items_in_batch)
+                loss = self._r8_reweighted(loss, captured[0], labels, indices, num_items_in_batch)
         if losses is None and not self._r8_fallback_logged:
             logger.warning("R8: per-example losses cannot be recomputed for this model; the catalog uses the "
                            "batch-loss surprise estimate.")
@@ -170,25 +173,6 @@ class R8TrainerMixin(R8CallbackMixin):
         if self._r8_updates is not None:
             self._r8_updates.record(indices, losses, loss.detach().float().reshape(-1).mean(), self.state.global_step)
         return (loss, *result[1:]) if return_outputs else loss
-
-    def _r8_watch_outputs(self, model: torch.nn.Module) -> None:
-        """Keep the last training forward's outputs (logits, or a fused head's log-probs) for the per-example losses.
-
-        A forward hook rather than `return_outputs=True`: some trainers (TRL's SFTTrainer) run an extra
-        forward pass to build the outputs they return.
-        """
-        self._r8_outputs = None
-        if self._r8_hooked_model is model:
-            return
-        if self._r8_hook is not None:
-            self._r8_hook.remove()
-
-        def keep_outputs(module: torch.nn.Module, args: Any, output: Any) -> None:
-            if module.training:
-                self._r8_outputs = output
-
-        self._r8_hook = model.register_forward_hook(keep_outputs)
-        self._r8_hooked_model = model
 
     def _r8_reweighted(self, loss: torch.Tensor, outputs: Mapping[str, Any], labels: torch.Tensor | None,
                        indices: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
@@ -220,18 +204,9 @@ class R8TrainerMixin(R8CallbackMixin):
             self._r8_updates.apply(self.r8_catalog)  # only the copies that have landed: no waiting
         return super().training_step(*args, **kwargs)
 
-    def _r8_before_plan(self) -> None:
-        """Every catalog update in, then the epoch's kind of plan into the decision log."""
-        self._r8_apply_all_updates()
-        sampler = self.r8_sampler
-        if sampler is None:
-            return
-        kinds = {"balanced": f"balanced quartiles, {sampler.counts.tolist()} examples of Q1..Q4 per batch",
-                 "infobatch": f"InfoBatch, below-mean examples pruned with probability {sampler.prune_ratio}",
-                 "uniform": "uniform shuffle"}
-        kind = "cataloging epoch, every example once in a seeded order" if sampler.epoch == 0 else kinds[sampler.mode]
-        self.r8_callback.record(Event(self.state.global_step, -1, "sampler", "plan", float(sampler.epoch - 1),
-                                      float(sampler.epoch), f"epoch {sampler.epoch}: {kind}", quantity="epoch"))
+    def _r8_log_plan(self, epoch: int, description: str) -> None:
+        self.r8_callback.record(Event(self.state.global_step, -1, "sampler", "plan", float(epoch - 1), float(epoch),
+                                      f"epoch {epoch}: {description}", quantity="epoch"))
 
     def _r8_apply_all_updates(self) -> None:
         if self._r8_updates is not None and self.r8_catalog is not None:
@@ -272,6 +247,21 @@ class R8TrainerMixin(R8CallbackMixin):
             logs.update({f"r8/{key}": value for key, value in self.r8_catalog.statistics().items()
                          if np.isfinite(value)})
         super().log(logs, *args, **kwargs)
+
+
+def _keep_first_training_output(captured: list[Any]) -> Any:
+    """A forward hook keeping the first training forward's outputs that carry gradients.
+
+    Not `return_outputs=True`: some trainers (TRL's SFTTrainer) run an extra forward to build the
+    outputs they return, and others run extra no-grad forwards (metrics, a reference model) inside
+    `compute_loss`; the loss that trains is the first forward with gradients.
+    """
+
+    def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not captured and module.training and torch.is_grad_enabled():
+            captured.append(output)
+
+    return keep
 
 
 def with_r8(trainer_class: type[Trainer]) -> type[Trainer]:

@@ -40,11 +40,11 @@ def test_spikes_are_called_against_the_healthy_window_and_back_off_until_stop():
     first = policy.observe(33, 9.0)  # again on the untouched weights: they are damaged
     assert first.kind == "rollback" and "second spike in a row" in first.reason
     # a single rollback: the LR restarts at x0.5 and comes back; nothing lasting
-    assert (first.recovery_lr_factor, first.lasting_lr_factor, first.stabilize_batches, first.attempt) == \
+    assert (first.recovery_lr_factor, first.lasting_lr_factor, first.stabilize_steps, first.attempt) == \
         (0.5, 1.0, 4, 1)
     assert policy.observe(34, 9.0).kind == "skip"
     second = policy.observe(35, 9.0)
-    assert (second.kind, second.lasting_lr_factor, second.stabilize_batches, second.attempt) == ("rollback", 0.5, 8, 2)
+    assert (second.kind, second.lasting_lr_factor, second.stabilize_steps, second.attempt) == ("rollback", 0.5, 8, 2)
     assert policy.observe(36, 9.0).kind == "skip"
     stop = policy.observe(37, 9.0)
     assert stop.kind == "stop" and "2 rollbacks in a row did not help" in stop.reason
@@ -129,10 +129,24 @@ def test_restore_is_bit_exact_and_buffers_are_reused():
     for name, tensor in model_tensors(model, False).items():
         assert torch.equal(tensor, expected_model[name]), name
     for param in model.parameters():
+        assert set(optimizer.state[param]) == set(expected_state[id(param)])
         for key, value in optimizer.state[param].items():
             assert torch.equal(value, expected_state[id(param)][key]), key
     snapshot.capture(model, optimizer, step=8)
     assert [buffer.data_ptr() for buffer in snapshot._model.values()] == pointers  # no re-allocation
+
+
+def test_a_snapshot_before_the_first_step_restores_an_empty_state_and_group_settings():
+    model = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer.param_groups[0]["d"] = 1.0  # a setting kept in the group (Prodigy keeps its estimate there)
+    snapshot = StateSnapshot()
+    snapshot.capture(model, optimizer, step=0)
+    _adam_steps(model, optimizer, 2)
+    optimizer.param_groups[0].update(d=50.0, lr=3e-3)
+    snapshot.restore(model, optimizer)
+    assert all(param not in optimizer.state for param in model.parameters())  # Adam starts afresh
+    assert optimizer.param_groups[0]["d"] == 1.0 and optimizer.param_groups[0]["lr"] == 3e-3  # the LR is the schedule's
 
 
 def test_trainable_scope_skips_frozen_parameters():
@@ -188,7 +202,7 @@ def clean_eval_loss(tokenizer, lm_dataset, tmp_path_factory):
 def test_the_run_survives_the_fault(tokenizer, lm_dataset, tmp_path, clean_eval_loss, fault, callbacks, skipped,
                                     rolled_back):
     trainer, r8 = _run(tokenizer, lm_dataset, tmp_path, fault, callbacks)
-    assert r8._rollback.skipped_steps == skipped and r8._rollback.rollbacks >= rolled_back
+    assert r8._rollback.skipped_steps == skipped and r8._rollback.rollbacks == rolled_back
     assert all(torch.isfinite(param).all() for param in trainer.model.parameters())
     assert trainer.state.global_step == 70
     eval_loss = trainer.evaluate()["eval_loss"]
@@ -230,8 +244,9 @@ def test_rollback_restores_the_snapshot_bit_for_bit_and_stops_after_the_limit(mo
     assert (checkpoint / "model.safetensors").is_file()  # the healthy state, written although save_strategy="no"
     saved = load_file(checkpoint / "model.safetensors")
     snapshot = r8._healthy_snapshots[-1]
-    assert all(torch.equal(saved[name], snapshot._model[f"inner.{name}"]) for name in saved
-               if f"inner.{name}" in snapshot._model)
+    shared = set(saved) & set(snapshot._model)
+    assert shared == set(saved)  # every tensor in the checkpoint is compared
+    assert all(torch.equal(saved[name], snapshot._model[name]) for name in shared)
 
 
 @pytest.mark.integration

@@ -224,3 +224,24 @@ def test_per_example_losses_refuse_shapes_they_cannot_split():
     assert multi_label is None  # BCE over [batch, labels] is not one number per example here
     regression = per_example_losses({"logits": torch.ones(4, 1)}, torch.zeros(4), shifts_labels=False)
     assert regression.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+class PairedRowsModel(torch.nn.Module):
+    """Per-token log-probs for two rows per example, as a preference trainer's fused LM head returns them."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, input_ids, labels=None):
+        log_probs = -(torch.cat([input_ids, input_ids]).float() / 1000.0 * self.weight).abs()
+        return {"loss": -log_probs.mean(), "log_probs": log_probs, "label_mask": torch.ones_like(log_probs)}
+
+
+def test_outputs_with_more_rows_than_examples_use_the_surprise_estimate(lm_dataset, tmp_path, caplog):
+    trainer = R8Trainer(model=PairedRowsModel(), args=training_args(tmp_path, max_steps=4,
+                        per_device_train_batch_size=4), train_dataset=lm_dataset.select(range(16)),
+                        r8=r8_config())
+    trainer.train()
+    assert trainer.r8_catalog.seen.sum() == 16 and np.isnan(trainer.r8_catalog.last_loss).all()
+    assert "surprise estimate" in caplog.text
