@@ -12,17 +12,11 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from recording_trainer import RecordingR8Trainer
 from transformers import TrainingArguments
 
-from hf_r8 import R8Config, R8Trainer
+from hf_r8 import R8Config
 from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
-
-
-class RecordingR8Trainer(R8Trainer):
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "r8_index" in inputs and model.training:
-            self.seen_indices = getattr(self, "seen_indices", []) + [inputs["r8_index"].tolist()]
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def main(output_dir: str) -> None:
