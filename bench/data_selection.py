@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "data_selection.json").write_text(json.dumps(runs))
-    lines = ["# Data selection: uniform vs balanced quartiles vs InfoBatch-style pruning", "",
+    lines = ["# Data selection: uniform, balanced quartiles, InfoBatch-style pruning, small-loss mixing", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, one torch thread per run; {len(runs)} runs in "
              f"{elapsed / 60:.1f} min; seeds {list(range(options.seeds))}; medians over seeds. LR controller off "
              "(rules: []), constant LR; passes = optimizer steps x batch size (forward+backward of one example).", "",

@@ -20,12 +20,14 @@ once the step's loss, computed on the weights about to be saved, has passed the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,8 @@ class R8Callback(TrainerCallback, ExportableState):
         self._dashboard: Dashboard | None = None
         self._run_log: RunLog | None = None
         self._applied: tuple[int, float, float] | None = None
+        self._tracks_rewards = False
+        self._reward_sum, self._reward_count = 0.0, 0
         self._taps: TrainerTaps | None = None
         self._pending: torch.Tensor | None = None
         self._pending_step = 0
@@ -142,6 +146,7 @@ class R8Callback(TrainerCallback, ExportableState):
         self._healthy_snapshots = []
         self._checks_steps, self._snapshots_allowed = self._supported_scope(trainer)
         self._checked_signals, self._drop_step_signals = None, False
+        self._reward_sum, self._reward_count = 0.0, 0
         if saved is not None:
             self._restore(saved)
         elif self.config.range_test.enabled and state.global_step == 0:
@@ -196,6 +201,10 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, float] | None = None, **kwargs: Any):
+        reward = (logs or {}).get("reward")
+        if not self._tracks_rewards and isinstance(reward, (int, float)) and math.isfinite(reward):
+            # Untracked reward functions (or a reward model): TRL's logged mean, identical on every process.
+            self._reward_sum, self._reward_count = float(reward), 1
         quartiles = [logs[f"r8/q{q}_loss"] for q in range(1, 5) if f"r8/q{q}_loss" in (logs or {})]
         if self._view is not None and quartiles:
             self._view.quartile_losses = quartiles
@@ -269,6 +278,8 @@ class R8Callback(TrainerCallback, ExportableState):
         row = {"step": observation.step, "loss": observation.loss, "grad_norm": observation.grad_norm, "lr": lr,
                "base_lr": base_lr, "gain": controller.lr_gain(0), "momentum": controller.momentum(0),
                "loss_ema": controller.loss.ema.value}
+        if observation.reward is not None:
+            row["reward"] = observation.reward
         if self.config.exploration.enabled:
             row["sigma"] = controller.sigma
         if self._view is not None:
@@ -276,6 +287,8 @@ class R8Callback(TrainerCallback, ExportableState):
             row["elapsed_s"] = time.monotonic() - view.started
             view.loss, view.loss_ema, view.grad_norm = observation.loss, row["loss_ema"], observation.grad_norm
             view.lr, view.base_lr, view.gain, view.momentum = lr, base_lr, row["gain"], row["momentum"]
+            if observation.reward is not None:
+                view.reward = observation.reward
             if observation.loss is not None:
                 view.losses.append(observation.loss)
         if self._run_log is not None:
@@ -376,18 +389,47 @@ class R8Callback(TrainerCallback, ExportableState):
             self._pending = packed.cpu()
 
     def _reduced_signals(self, device: torch.device) -> torch.Tensor:
-        """[loss, has_loss, grad_norm, has_grad_norm] summed over processes, on device (a NaN anywhere is NaN)."""
+        """[loss, has_loss, grad_norm, has_grad_norm, reward sum, reward count] summed over processes, on
+        device (a NaN anywhere is NaN). The rewards recorded since the previous step are used up here."""
         taps = self._taps
         zero, one = torch.zeros((), device=device), torch.ones((), device=device)
         loss = taps.step_loss.to(device) if taps.step_loss is not None else None
         grad_norm = None
         if taps.grad_norm is not None:
             grad_norm = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
-        packed = torch.stack([
+        rewards = torch.tensor([self._reward_sum, float(self._reward_count)], device=device)
+        self._reward_sum, self._reward_count = 0.0, 0
+        packed = torch.cat([torch.stack([
             zero if loss is None else loss, zero if loss is None else one,
             zero if grad_norm is None else grad_norm, zero if grad_norm is None else one,
-        ]).float()
+        ]).float(), rewards.float()])
         return sum_across_processes(packed)
+
+    # ------------------------------------------------------------------------------- rewards
+    def track_rewards(self, reward_funcs: Callable[..., Any] | list[Callable[..., Any]]) -> list[Callable[..., Any]]:
+        """Wrap TRL reward functions so each call's rewards reach the controller (names kept for TRL's metrics).
+
+        A generation batch is scored once and may feed several optimizer steps; the mean of the rewards
+        scored since the previous optimizer step (over every process) is that step's reward, and steps
+        without new rewards carry none. Pass the result as `reward_funcs=` to GRPOTrainer / RLOOTrainer.
+        """
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        if any(not callable(func) for func in funcs):
+            raise ValueError("track_rewards: reward_funcs must be callables (reward models cannot be wrapped; "
+                             "the logged `reward` is used for them)")
+        self._tracks_rewards = True
+        return [self._tracked(func) for func in funcs]
+
+    def _tracked(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def tracked(*args: Any, **kwargs: Any) -> Any:
+            rewards = func(*args, **kwargs)
+            finite = [float(value) for value in rewards if value is not None and math.isfinite(float(value))]
+            self._reward_sum += math.fsum(finite)
+            self._reward_count += len(finite)
+            return rewards
+
+        return tracked
 
     # ------------------------------------------------------------------------------ rollback
     def _check_step(self, step: int, device: torch.device, optimizer: torch.optim.Optimizer) -> RollbackAction | None:
@@ -580,15 +622,17 @@ class R8Callback(TrainerCallback, ExportableState):
         pending = r8_state.get("pending")
         if pending is not None:
             self._pending_step = pending["step"]
-            self._pending = torch.tensor(pending["values"], dtype=torch.float32)
+            values = pending["values"] + [0.0, 0.0] * (len(pending["values"]) == 4)  # saved before rewards were
+            self._pending = torch.tensor(values, dtype=torch.float32)
             self._copy_event = None
 
 
 def _observation(step: int, reduced: list[float]) -> Observation:
-    """The step's mean loss and gradient norm from the [sum, count, sum, count] reduced across processes."""
-    loss_sum, loss_count, grad_sum, grad_count = reduced
+    """The step's mean loss, gradient norm and reward from the (sum, count) pairs reduced across processes."""
+    loss_sum, loss_count, grad_sum, grad_count, reward_sum, reward_count = reduced
     return Observation(step=step, loss=loss_sum / loss_count if loss_count > 0 else None,
-                       grad_norm=grad_sum / grad_count if grad_count > 0 else None)
+                       grad_norm=grad_sum / grad_count if grad_count > 0 else None,
+                       reward=reward_sum / reward_count if reward_count > 0 else None)
 
 
 def _unwrap(scheduler: Any) -> Any:
