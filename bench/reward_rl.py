@@ -50,7 +50,7 @@ def letter_e(completions, **kwargs):
     return [completion.count("e") / max(1, len(completion)) for completion in completions]
 
 
-def run(trainer_name: str, method: str, learning_rate: float, seed: int, steps: int) -> dict:
+def run(trainer_name: str, method: str, learning_rate: float, seed: int, steps: int, r8_config: str) -> dict:
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
@@ -67,7 +67,7 @@ def run(trainer_name: str, method: str, learning_rate: float, seed: int, steps: 
                            use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True, beta=0.04, seed=seed)
         reward_funcs, callbacks = [letter_e], []
         if method == "r8_reward_rl":
-            config = R8Config.from_preset("reward_rl")
+            config = R8Config.from_yaml(r8_config) if r8_config.endswith(".yaml") else R8Config.from_preset(r8_config)
             config.dashboard, config.run_files, config.report = False, False, False
             r8 = R8Callback(config)
             reward_funcs, callbacks = r8.track_rewards(reward_funcs), [r8]
@@ -101,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--r8-config", default="reward_rl", help="a preset name or a YAML file for the hf_r8 runs")
+    parser.add_argument("--trainers", nargs="+", choices=list(TRAINERS), default=list(TRAINERS))
     options = parser.parse_args(argv)
     started = time.perf_counter()
-    jobs = [(trainer, method, lr, seed, options.steps) for trainer in TRAINERS for method in METHODS
-            for lr in LEARNING_RATES for seed in range(options.seeds)]
+    jobs = [(trainer, method, lr, seed, options.steps, options.r8_config) for trainer in options.trainers
+            for method in METHODS for lr in LEARNING_RATES for seed in range(options.seeds)]
     with ProcessPoolExecutor(options.workers) as pool:
         runs = list(pool.map(run, *zip(*jobs, strict=True)))
     elapsed = time.perf_counter() - started
@@ -114,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
              f"Threshold: 5-step mean reward >= {THRESHOLD}.", "",
              "| trainer | method | lr | steps to threshold (runs that reached it) | final reward | reward std | "
              "KL at threshold | final KL |", "|---|---|---|---|---|---|---|---|"]
-    figure, axes = plt.subplots(1, len(TRAINERS), figsize=(6 * len(TRAINERS), 4))
-    for axis, trainer in zip(axes, TRAINERS, strict=True):
+    figure, axes = plt.subplots(1, len(options.trainers), figsize=(6 * len(options.trainers), 4), squeeze=False)
+    for axis, trainer in zip(axes[0], options.trainers, strict=True):
         for method in METHODS:
             for lr in LEARNING_RATES:
                 chosen = [r for r in runs if r["trainer"] == trainer and r["method"] == method and r["lr"] == lr]
