@@ -1,0 +1,31 @@
+"""Every example runs offline with its smallest settings (as a user would start it, in a fresh process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.mark.parametrize(("script", "arguments", "expected"), [
+    ("stock_trainer.py", ["--steps", "5"], "step"),
+    ("trl_grpo.py", ["--steps", "3", "--model", "gpt2"], "final LR gain"),
+    ("trl_rloo.py", ["--steps", "3", "--beta", "0"], "final LR gain"),
+])
+def test_example_runs_offline(tmp_path, script, arguments, expected):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    flags = [] if script == "stock_trainer.py" else ["--output-dir", str(tmp_path / "run")]
+    completed = subprocess.run([sys.executable, str(EXAMPLES / script), *arguments, *flags], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert expected in completed.stdout
+    if script != "stock_trainer.py":
+        assert "offline:tiny-gpt2" in completed.stdout  # --model gpt2 fell back at once, offline
+        assert (tmp_path / "run" / "r8_report" / "summary.md").is_file()
