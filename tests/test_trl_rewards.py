@@ -61,3 +61,22 @@ def test_untracked_rewards_fall_back_to_the_logged_reward(rl_tokenizer, tmp_path
 def test_track_rewards_refuses_what_it_cannot_wrap():
     with pytest.raises(ValueError, match="reward_funcs must be callables"):
         R8Callback().track_rewards(["a/reward-model"])
+
+
+def test_controller_state_comes_back_on_resume(rl_tokenizer, tmp_path):
+    prompts = Dataset.from_dict({"prompt": [text[:40] for text in english_paragraphs()[:32]]})
+
+    def trainer_for(r8, steps):
+        args = GRPOConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, num_generations=4,
+                          max_completion_length=8, learning_rate=1e-3, report_to=[], use_cpu=True, logging_steps=1,
+                          save_strategy="steps", save_steps=6, disable_tqdm=True, beta=0.0, seed=0)
+        model = tiny_gpt2(len(rl_tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=128)
+        return GRPOTrainer(model=model, reward_funcs=r8.track_rewards([rising]), args=args, train_dataset=prompts,
+                           processing_class=rl_tokenizer, callbacks=[r8])
+
+    whole = R8Callback(R8Config.from_preset("reward_rl"))
+    trainer_for(whole, 10).train()  # a checkpoint at step 6 on the way
+    resumed = R8Callback(R8Config.from_preset("reward_rl"))
+    trainer_for(resumed, 10).train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert resumed.controller.state_dict() == whole.controller.state_dict()
+    assert resumed.controller.reward.ema.count >= 9
