@@ -44,6 +44,7 @@ from hf_r8.controller import Controller, Event, GroupSpec, Observation
 from hf_r8.dashboard import Dashboard, DashboardView, mute_progress_bar
 from hf_r8.decision import Decision
 from hf_r8.distributed import sum_across_processes
+from hf_r8.moe import is_router_parameter
 from hf_r8.range_test import LRRangeTest
 from hf_r8.rollback import RollbackAction, RollbackPolicy
 from hf_r8.run_log import RunLog
@@ -236,7 +237,7 @@ class R8Callback(TrainerCallback, ExportableState):
         for index, group in enumerate(self._optimizer.param_groups):
             base_lr = float(group.get("initial_lr", group["lr"]))
             param_names = [names.get(id(param), "") for param in group["params"]]
-            is_router = bool(param_names) and all(any(p in name for p in patterns) for name in param_names)
+            is_router = bool(param_names) and all(is_router_parameter(name, patterns) for name in param_names)
             initial_gain = initial_gains[index] if initial_gains else 1.0
             specs.append(GroupSpec(base_lr, _read_momentum(group), is_router, initial_gain))
         self.controller = Controller(self.config, specs, self._total_steps,

@@ -393,8 +393,9 @@ class MoEConfig(_Section):
     SECTION: ClassVar[str] = "moe"
     enabled: bool = False
     """Apply the MoE profile."""
-    router_patterns: list[str] = field(default_factory=lambda: ["router", "gate"])
-    """A parameter group whose every parameter name contains one of these is a router group."""
+    router_patterns: list[str] = field(default_factory=lambda: ["router", "gate", "shared_expert_gate"])
+    """Module names of routers: a parameter whose path has a segment equal to one of these is a router
+    parameter (`mlp.gate.weight`, not `gate_proj`); a group of router parameters only is a router group."""
     gain_min: float = 0.1
     """Lowest LR gain of a router group."""
     gain_max: float = 2.0

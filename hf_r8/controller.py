@@ -134,7 +134,8 @@ class Controller:
         self.recovery: dict[str, float] | None = None
         """After a rollback: {"start", "steps", "factor"}: the LR starts at factor x and returns to 1x, log-linearly."""
         no_router_group = not any(spec.is_router for spec in self.specs)
-        self.router_profile = [config.moe.enabled and (spec.is_router or no_router_group) for spec in self.specs]
+        # Router groups always get the MoE profile; with `moe.enabled` and no router group, every group does.
+        self.router_profile = [spec.is_router or (config.moe.enabled and no_router_group) for spec in self.specs]
         self.gain_bounds = [self._gain_bounds(i) for i in range(len(self.specs))]
         self.groups = [GroupState(running_gain=spec.initial_gain, lr_gain=spec.initial_gain, momentum=spec.momentum,
                                   cycle_length=config.cyclical.T0) for spec in self.specs]

@@ -33,6 +33,7 @@ from hf_r8.catalog import FILE_NAME, LossCatalog
 from hf_r8.catalog_updates import CatalogUpdateQueue
 from hf_r8.config import R8Config
 from hf_r8.controller import Event
+from hf_r8.moe import is_moe_model, split_router_groups
 from hf_r8.per_example import per_example_losses, weighted_loss
 from hf_r8.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
 
@@ -70,7 +71,8 @@ class IndexCarryingCollator:
 
 
 class R8CallbackMixin:
-    """Adds an `R8Callback` built from `r8=` (default preset) to a Trainer and binds it to that Trainer."""
+    """Adds an `R8Callback` built from `r8=` (default preset) to a Trainer and binds it to that Trainer;
+    on a mixture-of-experts model, the optimizer it creates keeps the routers in groups of their own."""
 
     def __init__(self, *args: Any, r8: R8Config | None = None, **kwargs: Any) -> None:
         self.r8_config = r8 if r8 is not None else R8Config.from_preset("default")
@@ -78,6 +80,16 @@ class R8CallbackMixin:
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.r8_callback]
         super().__init__(*args, **kwargs)
         self.r8_callback.bind(self)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        created_here = self.optimizer is None  # a user's optimizer (and its scheduler) is left as it is
+        optimizer = super().create_optimizer(*args, **kwargs)
+        model = self.model
+        if created_here and (is_moe_model(model) or self.r8_config.moe.enabled):
+            added = split_router_groups(optimizer, model, self.r8_config.moe.router_patterns)
+            if added:
+                logger.info("R8: %d router parameter group(s) get the MoE profile.", added)
+        return optimizer
 
 
 class R8TrainerMixin(R8CallbackMixin):
