@@ -442,6 +442,9 @@ class R8Callback(TrainerCallback, ExportableState):
         reason = policy.guard(loss, grad_norm)
         if reason is None:
             return policy.observe(step, loss)
+        scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
+        if scaler is not None and loss is not None and math.isfinite(loss):
+            return None  # an fp16 overflow in the gradients: the grad scaler skips the step and lowers its scale
         optimizer.zero_grad(set_to_none=True)
         self._drop_step_signals = True  # a skipped step is not evidence about the LR: the controller never sees it
         policy.record_skip(step)
