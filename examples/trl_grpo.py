@@ -57,7 +57,9 @@ def main(trainer_name: str = "grpo") -> None:
     options = parser.parse_args()
     output_dir = options.output_dir or f"outputs/example_{options.trainer}"
     r8 = run(options.trainer, options.steps, options.model, options.beta, output_dir)
-    print(f"final LR gain {r8.controller.lr_gain():.3f}, reward EMA {r8.controller.reward.ema.value:.3f}; "
+    reward = r8.controller.reward.ema.value
+    reward_text = "none yet" if reward is None else f"{reward:.3f}"
+    print(f"final LR gain {r8.controller.lr_gain():.3f}, reward EMA {reward_text}; "
           f"decisions and plots in {output_dir}/r8_events.jsonl and {output_dir}/r8_report/")
 
 

@@ -20,7 +20,9 @@ once the step's loss, computed on the weights about to be saved, has passed the 
 
 from __future__ import annotations
 
+import atexit
 import functools
+import inspect
 import logging
 import math
 import os
@@ -108,9 +110,12 @@ class R8Callback(TrainerCallback, ExportableState):
         self._view: DashboardView | None = None
         self._dashboard: Dashboard | None = None
         self._run_log: RunLog | None = None
-        self._applied: tuple[int, float, float] | None = None
-        self._tracks_rewards = False
-        self._reward_sum, self._reward_count = 0.0, 0
+        self._unmute_progress: Callable[[], None] | None = None
+        self._elapsed_before = 0.0
+        self._applied: tuple[int, float, float, float | None] | None = None
+        self._reward_sums: list[float] = []
+        self._reward_counts: list[int] = []
+        self._logged_reward: float | None = None
         self._taps: TrainerTaps | None = None
         self._pending: torch.Tensor | None = None
         self._pending_step = 0
@@ -147,7 +152,8 @@ class R8Callback(TrainerCallback, ExportableState):
         self._healthy_snapshots = []
         self._checks_steps, self._snapshots_allowed = self._supported_scope(trainer)
         self._checked_signals, self._drop_step_signals = None, False
-        self._reward_sum, self._reward_count = 0.0, 0
+        self._reward_sums, self._reward_counts = [0.0] * len(self._reward_sums), [0] * len(self._reward_counts)
+        self._logged_reward = None
         if saved is not None:
             self._restore(saved)
         elif self.config.range_test.enabled and state.global_step == 0:
@@ -203,9 +209,9 @@ class R8Callback(TrainerCallback, ExportableState):
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, float] | None = None, **kwargs: Any):
         reward = (logs or {}).get("reward")
-        if not self._tracks_rewards and isinstance(reward, (int, float)) and math.isfinite(reward):
-            # Untracked reward functions (or a reward model): TRL's logged mean, identical on every process.
-            self._reward_sum, self._reward_count = float(reward), 1
+        if not self._reward_counts and isinstance(reward, (int, float)) and math.isfinite(reward):
+            # No tracked reward function: TRL's logged mean (identical on every process), for the next step.
+            self._logged_reward = float(reward)
         quartiles = [logs[f"r8/q{q}_loss"] for q in range(1, 5) if f"r8/q{q}_loss" in (logs or {})]
         if self._view is not None and quartiles:
             self._view.quartile_losses = quartiles
@@ -272,12 +278,13 @@ class R8Callback(TrainerCallback, ExportableState):
             self.record(event)
 
     def _record_step(self, observation: Observation) -> None:
-        """One step's series for r8_metrics.jsonl and the dashboard (the step's LR was kept by `_apply`)."""
-        lr, base_lr = (self._applied[1], self._applied[2]) if self._applied and \
-            self._applied[0] == observation.step else (None, None)
+        """One step's series for r8_metrics.jsonl and the dashboard: the LR that step used and its gain over
+        the schedule (kept by `_apply`), its loss and gradient norm."""
+        lr, base_lr, gain = self._applied[1:] if self._applied and \
+            self._applied[0] == observation.step else (None, None, None)
         controller = self.controller
         row = {"step": observation.step, "loss": observation.loss, "grad_norm": observation.grad_norm, "lr": lr,
-               "base_lr": base_lr, "gain": controller.lr_gain(0), "momentum": controller.momentum(0),
+               "base_lr": base_lr, "gain": gain, "momentum": controller.momentum(0),
                "loss_ema": controller.loss.ema.value}
         if observation.reward is not None:
             row["reward"] = observation.reward
@@ -285,7 +292,7 @@ class R8Callback(TrainerCallback, ExportableState):
             row["sigma"] = controller.sigma
         if self._view is not None:
             view = self._view
-            row["elapsed_s"] = time.monotonic() - view.started
+            row["elapsed_s"] = self._elapsed_before + time.monotonic() - view.started
             view.loss, view.loss_ema, view.grad_norm = observation.loss, row["loss_ema"], observation.grad_norm
             view.lr, view.base_lr, view.gain, view.momentum = lr, base_lr, row["gain"], row["momentum"]
             if observation.reward is not None:
@@ -297,30 +304,43 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def _open_outputs(self, args: TrainingArguments, state: TrainerState, trainer: Any) -> None:
         """Dashboard and run files, on the main process only."""
+        self.close()  # a previous run that raised never reached on_train_end
+        self._elapsed_before = 0.0
         self._view = DashboardView(step=state.global_step, max_steps=state.max_steps, first_step=state.global_step)
-        self._dashboard, self._run_log = None, None
         if not state.is_world_process_zero:
             return
         if self.config.run_files and args.output_dir:
-            self._run_log = RunLog(args.output_dir)
+            self._run_log = RunLog(args.output_dir, resume_step=state.global_step)
+            self._elapsed_before = self._run_log.elapsed_before
         if self.config.dashboard:
-            mute_progress_bar(trainer.callback_handler.callbacks, ProgressCallback)
+            self._unmute_progress = mute_progress_bar(trainer.callback_handler.callbacks, ProgressCallback)
             self._dashboard = Dashboard()
             self._dashboard.start(self._view)
+            atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the dashboard and close the run files now (done at the end of training; call it after a
+        `train()` that raised, or leave it to the next `train()` or to interpreter exit)."""
+        if self._dashboard is not None:
+            self._dashboard.stop(self._view)
+            self._dashboard = None
+            atexit.unregister(self.close)
+        if self._unmute_progress is not None:
+            self._unmute_progress()
+            self._unmute_progress = None
+        if self._run_log is not None:
+            self._run_log.close()
+            self._run_log = None
 
     def _close_outputs(self, args: TrainingArguments, state: TrainerState) -> None:
         if self._pending is not None and self._range_test is None:  # the last step: its row, for the record only
             if self._copy_event is not None:
                 self._copy_event.synchronize()
             self._record_step(_observation(self._pending_step, self._pending.tolist()))
-        if self._dashboard is not None:
-            self._dashboard.stop(self._view)
-            self._dashboard = None
-        if self._run_log is None:
-            return
-        self._run_log.close()
-        self._run_log = None
-        if self.config.report:
+        wrote_files = self._run_log is not None
+        self._unmute_progress = None  # the progress bar's own on_train_end, next, unmutes it
+        self.close()
+        if wrote_files and self.config.report:
             from hf_r8.report import write_report
 
             try:
@@ -360,7 +380,8 @@ class R8Callback(TrainerCallback, ExportableState):
                     _write_momentum(group, momentum)
             _write_lr(group, lr)
             used.append(lr)
-        self._applied = (step_index + 1, used[0], self._schedule_lrs[0])
+        self._applied = (step_index + 1, used[0], self._schedule_lrs[0],
+                         used[0] / self._schedule_lrs[0] if self._schedule_lrs[0] else None)
         scheduler = _unwrap(lr_scheduler)
         if isinstance(getattr(scheduler, "_last_lr", None), list):
             scheduler._last_lr = used
@@ -398,8 +419,7 @@ class R8Callback(TrainerCallback, ExportableState):
         grad_norm = None
         if taps.grad_norm is not None:
             grad_norm = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
-        rewards = torch.tensor([self._reward_sum, float(self._reward_count)], device=device)
-        self._reward_sum, self._reward_count = 0.0, 0
+        rewards = torch.tensor(self._step_reward(), device=device)
         packed = torch.cat([torch.stack([
             zero if loss is None else loss, zero if loss is None else one,
             zero if grad_norm is None else grad_norm, zero if grad_norm is None else one,
@@ -408,29 +428,62 @@ class R8Callback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------------------- rewards
     def track_rewards(self, reward_funcs: Callable[..., Any] | list[Callable[..., Any]]) -> list[Callable[..., Any]]:
-        """Wrap TRL reward functions so each call's rewards reach the controller (names kept for TRL's metrics).
+        """Wrap TRL reward functions so their rewards reach the controller (names kept for TRL's metrics).
 
-        A generation batch is scored once and may feed several optimizer steps; the mean of the rewards
-        scored since the previous optimizer step (over every process) is that step's reward, and steps
-        without new rewards carry none. Pass the result as `reward_funcs=` to GRPOTrainer / RLOOTrainer.
+        A generation batch is scored once and may feed several optimizer steps. A step's reward is what
+        TRL logs as `reward`: the `reward_weights`-weighted sum of each function's mean over the
+        completions scored (in training) since the previous optimizer step, averaged over processes;
+        steps without new rewards carry none. Pass the result as `reward_funcs=` to GRPOTrainer /
+        RLOOTrainer. Reward models (and model names) are not wrapped: leave them out and the logged
+        `reward` is used.
         """
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        if any(not callable(func) for func in funcs):
-            raise ValueError("track_rewards: reward_funcs must be callables (reward models cannot be wrapped; "
-                             "the logged `reward` is used for them)")
-        self._tracks_rewards = True
-        return [self._tracked(func) for func in funcs]
+        if any(isinstance(func, (str, torch.nn.Module)) or not callable(func) for func in funcs):
+            raise ValueError("track_rewards: reward_funcs must be functions (reward models and model names cannot "
+                             "be wrapped; without tracked functions the logged `reward` is used)")
+        self._reward_sums, self._reward_counts = [0.0] * len(funcs), [0] * len(funcs)
+        return [self._tracked(func, index) for index, func in enumerate(funcs)]
 
-    def _tracked(self, func: Callable[..., Any]) -> Callable[..., Any]:
+    def _tracked(self, func: Callable[..., Any], index: int) -> Callable[..., Any]:
+        def record(rewards: Any) -> None:
+            trainer = self._active_trainer
+            if trainer is not None and not trainer.model.training:
+                return  # evaluation rewards are not a training step's
+            values = rewards.tolist() if hasattr(rewards, "tolist") else rewards
+            finite = [float(value) for value in values if value is not None and math.isfinite(float(value))]
+            self._reward_sums[index] += math.fsum(finite)
+            self._reward_counts[index] += len(finite)
+
+        if inspect.iscoroutinefunction(func):
+            @functools.wraps(func)
+            async def tracked_async(*args: Any, **kwargs: Any) -> Any:
+                rewards = await func(*args, **kwargs)
+                record(rewards)
+                return rewards
+
+            return tracked_async
+
         @functools.wraps(func)
         def tracked(*args: Any, **kwargs: Any) -> Any:
             rewards = func(*args, **kwargs)
-            finite = [float(value) for value in rewards if value is not None and math.isfinite(float(value))]
-            self._reward_sum += math.fsum(finite)
-            self._reward_count += len(finite)
+            record(rewards)
             return rewards
 
         return tracked
+
+    def _step_reward(self) -> tuple[float, float]:
+        """(reward, 1) from the tracked functions (or the logged reward) since the last step, else (0, 0)."""
+        if self._logged_reward is not None:
+            reward, self._logged_reward = self._logged_reward, None
+            return reward, 1.0
+        scored = [index for index, count in enumerate(self._reward_counts) if count > 0]
+        if not scored:
+            return 0.0, 0.0
+        weights = getattr(getattr(self._active_trainer, "args", None), "reward_weights", None) or \
+            [1.0] * len(self._reward_counts)
+        reward = math.fsum(weights[i] * self._reward_sums[i] / self._reward_counts[i] for i in scored)
+        self._reward_sums, self._reward_counts = [0.0] * len(self._reward_sums), [0] * len(self._reward_counts)
+        return reward, 1.0
 
     # ------------------------------------------------------------------------------ rollback
     def _check_step(self, step: int, device: torch.device, optimizer: torch.optim.Optimizer) -> RollbackAction | None:

@@ -12,6 +12,7 @@ While it runs, the Trainer's tqdm training bar is muted (see `mute_progress_bar`
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -131,7 +132,9 @@ class Dashboard:
     def __init__(self, console: Console | None = None, refresh_per_second: float = 4.0,
                  line_interval_s: float = 30.0) -> None:
         self.console = console if console is not None else Console()
-        self.interactive = self.console.is_terminal or self.console.is_jupyter
+        # rich draws live in Jupyter through ipywidgets; without them, the plain lines
+        self.interactive = self.console.is_terminal or (self.console.is_jupyter and
+                                                         importlib.util.find_spec("ipywidgets") is not None)
         self.refresh_interval = 1.0 / refresh_per_second
         self.line_interval_s = line_interval_s
         self._live: Live | None = None
@@ -168,10 +171,18 @@ class Dashboard:
 _MUTED_EVENTS = ("on_train_begin", "on_step_end", "on_log")
 
 
+def _print_other_logs(args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """The muted bar's `on_log`: training logs are on the dashboard; evaluation metrics and the final
+    summary are printed as the bar would have written them."""
+    if state.is_world_process_zero and logs and "learning_rate" not in logs:
+        print(logs)
+
+
 def mute_progress_bar(callbacks: list[Any], progress_type: type) -> Callable[[], None] | None:
     """Silence the Trainer's tqdm training bar (the `progress_type` instance in `callbacks`) for one run.
 
-    Its training events become no-ops on the instance; its own `on_train_end` puts them back (it
+    Its training events become no-ops on the instance (evaluation metrics and the final summary are
+    still printed); its own `on_train_end` puts them back (it
     runs after R8Callback's, so it must not find a bar to close). Evaluation bars are untouched.
     Returns a function that unmutes at once (for a run that never reaches `on_train_end`), or None.
     """
@@ -188,5 +199,6 @@ def mute_progress_bar(callbacks: list[Any], progress_type: type) -> Callable[[],
 
     for name in _MUTED_EVENTS:
         setattr(progress, name, lambda *args, **kwargs: None)
+    progress.on_log = _print_other_logs
     progress.on_train_end = unmute
     return unmute

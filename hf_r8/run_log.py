@@ -7,8 +7,10 @@
   buffered and flushed at each Trainer log, save and at the end (cheap: one line per step). Rows
   for the same step (a log step adds the catalog's quartile losses) are merged by the reader.
 
-A resumed run appends to the same files; `read_jsonl` keeps the last row written for each step.
-Non-finite numbers are written as null (strict JSON, readable by any tool).
+A fresh run (step 0) starts both files anew; a resumed run keeps what was written up to its
+checkpoint's step, drops what came after (a crashed run's last steps, about to be redone) and
+appends. A line cut short by a crash is skipped by `read_jsonl`. Non-finite numbers are written as
+null (strict JSON, readable by any tool).
 """
 
 from __future__ import annotations
@@ -33,11 +35,19 @@ def _strict(value: Any) -> Any:
 
 
 class RunLog:
-    """Appends to `folder/r8_events.jsonl` and `folder/r8_metrics.jsonl`."""
+    """Writes `folder/r8_events.jsonl` and `folder/r8_metrics.jsonl` for a run starting at `resume_step`."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, resume_step: int = 0) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.elapsed_before = 0.0
+        """Training seconds recorded before `resume_step` (a resumed run's clock goes on from there)."""
+        for name in (EVENTS_FILE, METRICS_FILE):
+            kept = [row for row in read_jsonl(self.folder / name) if row.get("step", 0) <= resume_step] \
+                if resume_step > 0 else []
+            (self.folder / name).write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+            times = [row["elapsed_s"] for row in kept if isinstance(row.get("elapsed_s"), (int, float))]
+            self.elapsed_before = max([self.elapsed_before, *times])
         self._events = (self.folder / EVENTS_FILE).open("a", encoding="utf-8")
         self._metrics = (self.folder / METRICS_FILE).open("a", encoding="utf-8")
 
@@ -62,7 +72,12 @@ def read_jsonl(path: str | Path, merge_by_step: bool = False) -> list[dict[str, 
     path = Path(path)
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
     if not merge_by_step:
         return rows
     merged: dict[int, dict[str, Any]] = {}

@@ -101,6 +101,8 @@ class BalancedQuartileSampler(Sampler[int]):
         """What the current epoch's plan is, in words."""
         if self.epoch == 0:
             return "cataloging epoch, every example once in a seeded order"
+        if self.mode == "infobatch" and self.epoch >= self.total_epochs * (1.0 - self.full_data_fraction):
+            return "InfoBatch's full-data epochs, a seeded permutation"
         return {"balanced": f"balanced quartiles, {self.counts.tolist()} examples of Q1..Q4 per batch",
                 "infobatch": f"InfoBatch, below-mean examples left out with probability {self.prune_ratio}",
                 "uniform": "uniform shuffle"}[self.mode]

@@ -15,8 +15,8 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 @pytest.mark.parametrize(("script", "arguments", "expected"), [
-    ("stock_trainer.py", ["--steps", "5"], "step"),
-    ("trl_grpo.py", ["--steps", "3", "--model", "gpt2"], "final LR gain"),
+    ("stock_trainer.py", ["--steps", "5"], "r8 step 5/5"),  # the dashboard's line: R8 ran to the end
+    ("trl_grpo.py", ["--steps", "3", "--model", "hf-r8-tests/no-such-model"], "final LR gain"),
     ("trl_rloo.py", ["--steps", "3", "--beta", "0"], "final LR gain"),
 ])
 def test_example_runs_offline(tmp_path, script, arguments, expected):
@@ -27,5 +27,5 @@ def test_example_runs_offline(tmp_path, script, arguments, expected):
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert expected in completed.stdout
     if script != "stock_trainer.py":
-        assert "offline:tiny-gpt2" in completed.stdout  # --model gpt2 fell back at once, offline
+        assert "offline:tiny-gpt2" in completed.stdout  # a --model that cannot be loaded falls back at once
         assert (tmp_path / "run" / "r8_report" / "summary.md").is_file()

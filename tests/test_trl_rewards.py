@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 import pytest
+import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -59,8 +63,20 @@ def test_untracked_rewards_fall_back_to_the_logged_reward(rl_tokenizer, tmp_path
 
 
 def test_track_rewards_refuses_what_it_cannot_wrap():
-    with pytest.raises(ValueError, match="reward_funcs must be callables"):
-        R8Callback().track_rewards(["a/reward-model"])
+    for reward_model in ("a/reward-model", torch.nn.Linear(2, 1)):
+        with pytest.raises(ValueError, match="reward models and model names cannot be wrapped"):
+            R8Callback().track_rewards([reward_model])
+
+
+def test_async_reward_functions_stay_async_and_are_tracked():
+    async def constant_one(completions, **kwargs):
+        return [1.0 for _ in completions]
+
+    r8 = R8Callback()
+    tracked = r8.track_rewards(constant_one)[0]
+    assert inspect.iscoroutinefunction(tracked) and tracked.__name__ == "constant_one"
+    assert asyncio.run(tracked(["a", "b"])) == [1.0, 1.0]
+    assert r8._step_reward() == (1.0, 1.0) and r8._step_reward() == (0.0, 0.0)  # used up by the step
 
 
 def test_controller_state_comes_back_on_resume(rl_tokenizer, tmp_path):
