@@ -519,7 +519,8 @@ class R8Callback(TrainerCallback, ExportableState):
         if checks and getattr(trainer, "is_deepspeed_enabled", False):
             # DeepSpeed steps inside backward (zero_grad cannot skip) and keeps fp32 masters a snapshot misses.
             logger.warning("R8: the non-finite guard and rollback are off under DeepSpeed (its engine steps inside "
-                           "backward and keeps its own fp32 master weights).")
+                           "backward and keeps its own fp32 master weights); for the same reason the LR R8 writes "
+                           "before the optimizer step does not reach DeepSpeed's step (not supported yet).")
             return False, False
         if config.enabled and getattr(trainer, "is_fsdp_enabled", False):
             logger.warning("R8: rollback snapshots are off under FSDP (sharded parameters); the guard stays on.")
