@@ -112,7 +112,8 @@ class RollbackPolicy:
         self.last_anomaly_step = step
 
     def observe(self, step: int, loss: float | None) -> RollbackAction | None:
-        """The loss of a finished step. A spike asks for a rollback; a healthy loss joins the window."""
+        """The loss of the step about to be applied: a healthy one joins the window, a spike skips its
+        step, and a spike right after a skipped one is damage (`damage`)."""
         if loss is None:
             return None
         if not math.isfinite(loss):
