@@ -419,7 +419,9 @@ class R8Callback(TrainerCallback, ExportableState):
         grad_norm = None
         if taps.grad_norm is not None:
             grad_norm = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
-        rewards = torch.tensor(self._step_reward(), device=device)
+        reward, reward_count = self._step_reward()
+        # Only a run with rewards copies them to the device (a small host-to-device copy per step).
+        rewards = torch.tensor([reward, reward_count], device=device) if reward_count else torch.zeros(2, device=device)
         packed = torch.cat([torch.stack([
             zero if loss is None else loss, zero if loss is None else one,
             zero if grad_norm is None else grad_norm, zero if grad_norm is None else one,
