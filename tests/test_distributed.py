@@ -69,3 +69,16 @@ def test_a_fault_on_one_rank_gets_the_same_action_on_every_rank(tmp_path):
     # The low-loss batches served after the rollback come from one plan, split disjointly between ranks.
     for first, second in zip(ranks[0]["seen_indices"], ranks[1]["seen_indices"], strict=True):
         assert not set(first) & set(second)
+
+
+def test_accelerate_launch_keeps_every_rank_in_lockstep(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+               str(SCRIPTS / "accelerate_lockstep.py"), str(tmp_path)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and ranks[0]["steps"] == ranks[1]["steps"] == 30
+    assert ranks[0]["disagreements"] == ranks[1]["disagreements"] == []  # same LRs and catalog after every step
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] > 0  # the controller acted, identically

@@ -1,0 +1,57 @@
+"""Run under `accelerate launch --multi_gpu --num_processes 2` (CPU): every rank checks, at every step,
+that all ranks use the same LR and hold the same catalog; writes OUTPUT_DIR/rank<k>.json."""
+
+from __future__ import annotations
+
+import faulthandler
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from transformers import TrainerCallback, TrainingArguments
+
+from hf_r8 import R8Config, R8Trainer
+from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+
+
+class Lockstep(TrainerCallback):
+    """After each step: gather (LR of every group, catalog digest) from all ranks; count disagreements."""
+
+    def __init__(self, trainer: R8Trainer) -> None:
+        self.trainer, self.steps, self.disagreements = trainer, 0, []
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        catalog = self.trainer.r8_catalog
+        digest = hashlib.sha256(b"".join(getattr(catalog, name).tobytes() for name in
+                                         ("ema_loss", "usage", "seen"))).hexdigest()
+        mine = ([group["lr"] for group in optimizer.param_groups], digest)
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        self.steps += 1
+        if any(other != everyone[0] for other in everyone):
+            self.disagreements.append(state.global_step)
+
+
+def main(output_dir: str) -> None:
+    tokenizer = build_tokenizer(512)
+    dataset = language_modeling_dataset(tokenizer, seq_len=32, max_examples=128)
+    model = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    args = TrainingArguments(output_dir=output_dir, max_steps=30, per_device_train_batch_size=4, learning_rate=3e-3,
+                             logging_steps=5, report_to=[], save_strategy="no", disable_tqdm=True,
+                             ddp_find_unused_parameters=False, seed=0)
+    trainer = R8Trainer(model=model, args=args, train_dataset=dataset, r8=R8Config.from_preset("aggressive"))
+    lockstep = Lockstep(trainer)
+    trainer.add_callback(lockstep)
+    trainer.train()
+    result = {"world_size": dist.get_world_size(), "steps": lockstep.steps, "disagreements": lockstep.disagreements,
+              "decisions": sum(event.rule == "decision" for event in trainer.r8_callback.events)}
+    Path(output_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    faulthandler.dump_traceback_later(240, exit=True)
+    main(sys.argv[1])
