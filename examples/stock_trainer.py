@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_r8 import R8Callback
@@ -26,7 +27,8 @@ def main() -> None:
     model = tiny_gpt2(len(tokenizer))
     args = TrainingArguments(output_dir="outputs/example", max_steps=options.steps, learning_rate=1e-3,
                              per_device_train_batch_size=16, lr_scheduler_type="cosine", warmup_steps=10,
-                             logging_steps=20, report_to=[], save_strategy="no")
+                             logging_steps=20, report_to=[], save_strategy="no",
+                             use_cpu=not torch.cuda.is_available())  # several CPU processes: a real DDP run
     r8 = R8Callback.from_preset(options.preset)
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=[r8]).train()
     for event in r8.events:

@@ -79,6 +79,9 @@ def test_accelerate_launch_keeps_every_rank_in_lockstep(tmp_path):
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert ranks[0]["world_size"] == 2 and ranks[0]["steps"] == ranks[1]["steps"] == 30
+    assert ranks[0]["world_size"] == ranks[0]["accelerate_processes"] == 2  # a real 2-process run, not 2 alone
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 30
+    for first, second in zip(ranks[0]["seen_indices"], ranks[1]["seen_indices"], strict=True):
+        assert not set(first) & set(second)  # each process trains on its own share
     assert ranks[0]["disagreements"] == ranks[1]["disagreements"] == []  # same LRs and catalog after every step
     assert ranks[0]["decisions"] == ranks[1]["decisions"] > 0  # the controller acted, identically

@@ -29,3 +29,12 @@ def test_example_runs_offline(tmp_path, script, arguments, expected):
     if script != "stock_trainer.py":
         assert "offline:tiny-gpt2" in completed.stdout  # a --model that cannot be loaded falls back at once
         assert (tmp_path / "run" / "r8_report" / "summary.md").is_file()
+
+
+def test_accelerate_example_runs_two_processes_with_one_dashboard(tmp_path):
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the `accelerate` of this Python
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}
+    completed = subprocess.run(["bash", str(EXAMPLES / "accelerate_ddp.sh"), "--steps", "5"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("r8 step 5/5") == 1  # two processes, the dashboard on the main one only

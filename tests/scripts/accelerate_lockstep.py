@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from recording_trainer import RecordingR8Trainer
 from transformers import TrainerCallback, TrainingArguments
 
 from hf_r8 import R8Config, R8Trainer
@@ -39,14 +40,18 @@ def main(output_dir: str) -> None:
     dataset = language_modeling_dataset(tokenizer, seq_len=32, max_examples=128)
     model = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
     args = TrainingArguments(output_dir=output_dir, max_steps=30, per_device_train_batch_size=4, learning_rate=3e-3,
-                             logging_steps=5, report_to=[], save_strategy="no", disable_tqdm=True,
-                             ddp_find_unused_parameters=False, seed=0)
-    trainer = R8Trainer(model=model, args=args, train_dataset=dataset, r8=R8Config.from_preset("aggressive"))
+                             logging_steps=5, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+                             ddp_find_unused_parameters=False, seed=0)  # use_cpu: without it each process
+    # would train alone on a machine without GPUs (Accelerate's state says 1 process)
+    trainer = RecordingR8Trainer(model=model, args=args, train_dataset=dataset,
+                                 r8=R8Config.from_preset("aggressive"))
     lockstep = Lockstep(trainer)
     trainer.add_callback(lockstep)
     trainer.train()
-    result = {"world_size": dist.get_world_size(), "steps": lockstep.steps, "disagreements": lockstep.disagreements,
-              "decisions": sum(event.rule == "decision" for event in trainer.r8_callback.events)}
+    result = {"world_size": dist.get_world_size(), "accelerate_processes": trainer.accelerator.num_processes,
+              "steps": lockstep.steps, "disagreements": lockstep.disagreements,
+              "decisions": sum(event.rule == "decision" for event in trainer.r8_callback.events),
+              "seen_indices": trainer.seen_indices}
     Path(output_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
