@@ -103,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--r8-config", default="reward_rl", help="a preset name or a YAML file for the hf_r8 runs")
     parser.add_argument("--trainers", nargs="+", choices=list(TRAINERS), default=list(TRAINERS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--name", default="reward_rl", help="results file name (bench/results/NAME.md/.png)")
+    parser.add_argument("--lrs", nargs="+", type=float, default=list(LEARNING_RATES))
     options = parser.parse_args(argv)
     started = time.perf_counter()
     jobs = [(trainer, method, lr, seed, options.steps, options.r8_config) for trainer in options.trainers
-            for method in METHODS for lr in LEARNING_RATES for seed in range(options.seeds)]
+            for method in options.methods for lr in options.lrs for seed in range(options.seeds)]
     with ProcessPoolExecutor(options.workers) as pool:
         runs = list(pool.map(run, *zip(*jobs, strict=True)))
     elapsed = time.perf_counter() - started
@@ -118,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
              "KL at threshold | final KL |", "|---|---|---|---|---|---|---|---|"]
     figure, axes = plt.subplots(1, len(options.trainers), figsize=(6 * len(options.trainers), 4), squeeze=False)
     for axis, trainer in zip(axes[0], options.trainers, strict=True):
-        for method in METHODS:
-            for lr in LEARNING_RATES:
+        for method in options.methods:
+            for lr in options.lrs:
                 chosen = [r for r in runs if r["trainer"] == trainer and r["method"] == method and r["lr"] == lr]
                 reached = [steps_to_threshold(r["reward"]) for r in chosen]
                 kl_at = [r["kl"][step - 1] for r, step in zip(chosen, reached, strict=True) if step is not None]
@@ -136,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         axis.legend(fontsize=7)
     figure.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    figure.savefig(RESULTS / "reward_rl.png", dpi=110)
-    lines += ["", "![reward vs steps](reward_rl.png)", ""]
-    (RESULTS / "reward_rl.md").write_text("\n".join(lines))
+    figure.savefig(RESULTS / f"{options.name}.png", dpi=110)
+    lines += ["", f"![reward vs steps]({options.name}.png)", ""]
+    (RESULTS / f"{options.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -9,6 +9,10 @@ Per optimizer step, in the Trainer's own event order:
 * `on_optimizer_step` / `on_step_end`: give the scheduler its own value back before it steps;
   reduce this step's signals across processes and start their copy to the host.
 
+A Trainer that runs its own loop and fires only `on_step_end` (TRL's PPOTrainer: one event per PPO
+update of several optimizer steps) is recognised at its first `on_step_end`: the LR is then set
+once per update, at its end, for the next one (see `_enter_update_loop`).
+
 Rollback (`rollback.py`, `snapshot.py`), on by default: in `on_pre_optimizer_step` this step's loss
 and gradient norm are read on the host (one sync; the stock Trainer's NaN filter already syncs on
 the loss). A non-finite value skips the step (gradients dropped); a spike, or non-finite weights,
@@ -58,6 +62,8 @@ logger = logging.getLogger(__name__)
 # Schedulers stepped on eval metrics read `param_groups[0]["lr"]` for logging and chain from it.
 _METRIC_SCHEDULERS = (ReduceLROnPlateau, GreedyLR)
 _MAX_EVENTS_KEPT = 10_000
+# The mean reward in training logs: TRL's GRPO/RLOO, then PPO.
+_LOGGED_REWARD_KEYS = ("reward", "objective/scores")
 
 
 class R8Callback(TrainerCallback, ExportableState):
@@ -116,6 +122,7 @@ class R8Callback(TrainerCallback, ExportableState):
         self._reward_sums: list[float] = []
         self._reward_counts: list[int] = []
         self._logged_reward: float | None = None
+        self._update_loop = False
         self._taps: TrainerTaps | None = None
         self._pending: torch.Tensor | None = None
         self._pending_step = 0
@@ -154,6 +161,7 @@ class R8Callback(TrainerCallback, ExportableState):
         self._checked_signals, self._drop_step_signals = None, False
         self._reward_sums, self._reward_counts = [0.0] * len(self._reward_sums), [0] * len(self._reward_counts)
         self._logged_reward = None
+        self._update_loop = False
         if saved is not None:
             self._restore(saved)
         elif self.config.range_test.enabled and state.global_step == 0:
@@ -189,6 +197,8 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
+        if not self._update_loop and (self._applied is None or self._applied[0] != state.global_step):
+            self._enter_update_loop(state.global_step)
         if isinstance(_unwrap(lr_scheduler), _METRIC_SCHEDULERS):
             self._restore_schedule(optimizer)
         if self._range_test is not None and self._range_test.finished:
@@ -199,6 +209,9 @@ class R8Callback(TrainerCallback, ExportableState):
             self._drop_step_signals, self._checked_signals = False, None
         else:
             self._stage_signals(state.global_step, args.device)
+        if self._update_loop:  # the next update's LR, from this update's signals (one small host read per update)
+            self._consume_pending()
+            self._apply(optimizer, lr_scheduler, step_index=state.global_step)
         if self._view is not None:
             self._view.step = state.global_step
             if self._rollback is not None:
@@ -208,7 +221,9 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, float] | None = None, **kwargs: Any):
-        reward = (logs or {}).get("reward")
+        if self._update_loop and self._schedule_lrs:  # an update loop logs, then steps its scheduler
+            self._restore_schedule(self._optimizer)
+        reward = next((logs[key] for key in _LOGGED_REWARD_KEYS if key in (logs or {})), None)
         if not self._reward_counts and isinstance(reward, (int, float)) and math.isfinite(reward):
             # No tracked reward function: TRL's logged mean (identical on every process), for the next step.
             self._logged_reward = float(reward)
@@ -248,6 +263,19 @@ class R8Callback(TrainerCallback, ExportableState):
             specs.append(GroupSpec(base_lr, _read_momentum(group), is_router, initial_gain))
         self.controller = Controller(self.config, specs, self._total_steps,
                                      self._warmup_steps if warmup_steps is None else warmup_steps)
+
+    def _enter_update_loop(self, step: int) -> None:
+        """The Trainer runs its own loop (TRL's PPOTrainer: several optimizer steps per PPO update) and fires
+        only `on_step_end` per update, not `on_pre_optimizer_step`: from now on the LR and momentum are set
+        once per update, at its end, for the next one. Nothing can be checked before an optimizer step there,
+        so the non-finite guard, rollback and the LR range test are off."""
+        self._update_loop = True
+        if self._checks_steps or self._range_test is not None:
+            logger.warning("R8: %s runs its own loop (no on_pre_optimizer_step): the LR is set once per update "
+                           "(from step %d); the non-finite guard, rollback and the LR range test are off.",
+                           type(self._active_trainer).__name__, step)
+        self._checks_steps = self._snapshots_allowed = False
+        self._range_test = self._snapshot = None
 
     def _finish_range_test(self, step: int) -> None:
         """Restore the weights from before the test and rebase the controller on the chosen gain."""

@@ -99,7 +99,7 @@ class TrainerTaps:
 
     def _tap_log(self, original: Callable[..., None]) -> Callable[..., None]:
         def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if "learning_rate" in logs:  # training logs only, not evaluation metrics
+            if "learning_rate" in logs or "lr" in logs:  # training logs (TRL's PPO says lr), not evaluations
                 self.add_log_metrics(logs)
             return original(logs, *args, **kwargs)
 
