@@ -62,8 +62,9 @@ logger = logging.getLogger(__name__)
 # Schedulers stepped on eval metrics read `param_groups[0]["lr"]` for logging and chain from it.
 _METRIC_SCHEDULERS = (ReduceLROnPlateau, GreedyLR)
 _MAX_EVENTS_KEPT = 10_000
-# The mean reward in training logs: TRL's GRPO/RLOO, then PPO.
+# The mean reward and the KL to the reference model in training logs: TRL's GRPO/RLOO, then PPO.
 _LOGGED_REWARD_KEYS = ("reward", "objective/scores")
+_LOGGED_KL_KEYS = ("kl", "objective/kl")
 
 
 class R8Callback(TrainerCallback, ExportableState):
@@ -122,6 +123,7 @@ class R8Callback(TrainerCallback, ExportableState):
         self._reward_sums: list[float] = []
         self._reward_counts: list[int] = []
         self._logged_reward: float | None = None
+        self._logged_kl: float | None = None
         self._update_loop = False
         self._taps: TrainerTaps | None = None
         self._pending: torch.Tensor | None = None
@@ -160,7 +162,7 @@ class R8Callback(TrainerCallback, ExportableState):
         self._checks_steps, self._snapshots_allowed = self._supported_scope(trainer)
         self._checked_signals, self._drop_step_signals = None, False
         self._reward_sums, self._reward_counts = [0.0] * len(self._reward_sums), [0] * len(self._reward_counts)
-        self._logged_reward = None
+        self._logged_reward = self._logged_kl = None
         self._update_loop = False
         if saved is not None:
             self._restore(saved)
@@ -227,6 +229,9 @@ class R8Callback(TrainerCallback, ExportableState):
         if not self._reward_counts and isinstance(reward, (int, float)) and math.isfinite(reward):
             # No tracked reward function: TRL's logged mean (identical on every process), for the next step.
             self._logged_reward = float(reward)
+        kl = next((logs[key] for key in _LOGGED_KL_KEYS if key in (logs or {})), None)
+        if isinstance(kl, (int, float)) and math.isfinite(kl):
+            self._logged_kl = float(kl)  # TRL's KL to the reference model, identical on every process
         quartiles = [logs[f"r8/q{q}_loss"] for q in range(1, 5) if f"r8/q{q}_loss" in (logs or {})]
         if self._view is not None and quartiles:
             self._view.quartile_losses = quartiles
@@ -297,6 +302,7 @@ class R8Callback(TrainerCallback, ExportableState):
         if self._copy_event is not None:
             self._copy_event.synchronize()
         observation = _observation(self._pending_step, self._pending.tolist())
+        observation.kl, self._logged_kl = self._logged_kl, None
         self._pending = None
         self._record_step(observation)
         if self._range_test is not None:

@@ -266,9 +266,18 @@ class RewardConfig(_Section):
     span: float = 1.0
     """center - span maps to ~0x, center + span to ~2x the LR (scaling)."""
     up_factor: float = 1.03
-    """`trend`: gain multiplier when the reward EMA rose."""
+    """`trend`: gain multiplier per step while the reward rises significantly."""
     down_factor: float = 0.9
-    """`trend`: gain multiplier when it did not."""
+    """`trend`: gain multiplier per step while it falls significantly."""
+    trend_t: float = 2.0
+    """`trend` (and the `reward` momentum rule): the least-squares slope of the last `trend_window`
+    rewards must be this many standard errors away from flat; in between, the gain holds. A noisy
+    flat reward then moves nothing (a per-step "did the EMA rise" test is a coin flip there)."""
+    trend_window: int = 16
+    """Rewards in the trend test (it starts once half of them are in)."""
+    kl_limit: float | None = None
+    """KL to the reference model (as TRL logs it: `kl`, PPO's `objective/kl`) above which every step
+    multiplies the gain by `down_factor` and the reward trend may not raise it; None: KL is not watched."""
     variance_scale: float = 1.0
     """`variance`: level = 1 / (1 + variance_scale * var(reward) / span^2)."""
 
@@ -281,6 +290,12 @@ class RewardConfig(_Section):
         self._greater("span", 0.0)
         self._greater("up_factor", 1.0)
         self._between("down_factor", 0.0, 1.0, open_low=True, open_high=True)
+        self._greater("trend_t", 0.0)
+        if self.kl_limit is not None:
+            self._greater("kl_limit", 0.0)
+        self._positive_int("trend_window")
+        if self.trend_window < 4:
+            _fail(self.SECTION, "trend_window", self.trend_window, "an integer >= 4")
         self._greater("variance_scale", 0.0, inclusive=True)
 
 
@@ -298,9 +313,9 @@ class MomentumConfig(_Section):
     cv_reference: float = 0.5
     """`normalized`: mu = max - (max - min) * min(1, cv / cv_reference)."""
     reward_up: float = 0.01
-    """`reward`: mu += reward_up when the reward EMA rose."""
+    """`reward`: mu += reward_up while the reward rises significantly (see `reward.trend_t`)."""
     reward_down: float = 0.99
-    """`reward`: mu *= reward_down when it did not."""
+    """`reward`: mu *= reward_down while it falls significantly."""
     min: float = 0.0
     """Lowest momentum ever written."""
     max: float = 0.999

@@ -72,6 +72,8 @@ class Observation:
     loss: float | None = None
     grad_norm: float | None = None
     reward: float | None = None
+    kl: float | None = None
+    """KL divergence to the reference model (RL fine-tuning), when the trainer logs it."""
 
 
 @dataclass
@@ -103,6 +105,8 @@ class GroupState:
     cycle_position: int = 0
     cycle_length: int = 0
     trend_direction: int = 0
+    reward_direction: int = 0
+    kl_braking: bool = False
 
 
 class Controller:
@@ -125,7 +129,7 @@ class Controller:
         self.warmup_steps = config.warmup_steps if config.warmup_steps is not None else warmup_steps
         self.window = config.signals.window or max(5, min(50, (total_steps or 1000) // 20))
         self.loss = LossStatistics(self.window, config.signals.ema_beta)
-        self.reward = RewardStatistics(self.window, config.reward.ema_beta)
+        self.reward = RewardStatistics(self.window, config.reward.ema_beta, config.reward.trend_window)
         self.grad_fast = Ema(config.grad_norm.fast_beta)
         self.grad_slow = Ema(config.grad_norm.slow_beta)
         self.sigma = config.exploration.sigma_init if config.exploration.enabled else 0.0
@@ -178,14 +182,23 @@ class Controller:
         reward_updated = is_finite_number(observation.reward)
         if reward_updated:
             self.reward.update(observation.reward)
+        reward_direction = self._reward_direction() if reward_updated else None
         if observation.step <= self.warmup_steps:
             return []
         instability = min(1.0, self.loss.rolling_cv() / self.config.decision.instability_threshold)
         events: list[Event] = []
         for index in range(len(self.groups)):
-            events += self._adapt_group(index, loss_step, grad_jump, grad_collapse, reward_updated, instability)
+            events += self._adapt_group(index, loss_step, grad_jump, grad_collapse, reward_direction, observation.kl,
+                                        instability)
         events += self._adapt_sigma(loss_step, events)
         return events
+
+    def _reward_direction(self) -> int:
+        """1 / -1 while the recent rewards rise / fall by more than `reward.trend_t` standard errors, else 0
+        (the caller passes None for a step without a new reward)."""
+        t = self.reward.trend_t()
+        threshold = self.config.reward.trend_t
+        return 0 if t is None or abs(t) <= threshold else (1 if t > 0 else -1)
 
     def _update_grad_norm(self, grad_norm: float | None) -> tuple[bool, bool]:
         if not is_finite_number(grad_norm) or grad_norm < 0:
@@ -199,10 +212,10 @@ class Controller:
         return jump, collapse
 
     def _adapt_group(self, index: int, loss_step: LossStep | None, grad_jump: bool, grad_collapse: bool,
-                     reward_updated: bool, instability: float) -> list[Event]:
+                     reward_direction: int | None, kl: float | None, instability: float) -> list[Event]:
         config, group = self.config, self.groups[index]
         rules = set(config.rules)
-        step_proposals = self._step_proposals(index, loss_step, grad_jump, grad_collapse, reward_updated)
+        step_proposals = self._step_proposals(index, loss_step, grad_jump, grad_collapse, reward_direction, kl)
         level_proposals = self._level_proposals(index, loss_step)
 
         max_change = config.moe.max_change_per_step if self.router_profile[index] else config.bounds.max_change_per_step
@@ -215,12 +228,12 @@ class Controller:
         group.lr_gain = min(gain_max, max(gain_min, new_gain)) if math.isfinite(new_gain) else group.lr_gain
         if "cyclical" in rules:
             self._advance_cycle(group)
-        self._adapt_momentum(index, loss_step, reward_updated)
+        self._adapt_momentum(index, loss_step, reward_direction)
         return [Event(self.step, index, p.rule, p.action, old_gain, group.lr_gain, p.reason)
                 for p in step_proposals if p.action]
 
     def _step_proposals(self, index: int, loss_step: LossStep | None, grad_jump: bool, grad_collapse: bool,
-                        reward_updated: bool) -> list[Proposal]:
+                        reward_direction: int | None, kl: float | None) -> list[Proposal]:
         config, group = self.config, self.groups[index]
         rules = set(config.rules)
         proposals: list[Proposal] = []
@@ -254,10 +267,24 @@ class Controller:
                                               f"{config.grad_norm.collapse_ratio} x slow EMA {slow:.4g}"))
         if "plateau" in rules and loss_step is not None and loss_step.finite:
             proposals += self._plateau_proposal(group, loss_step.ema)
-        if "trend" in config.reward.rules and reward_updated and self.reward.rose() is not None:
-            rose = self.reward.rose()
-            proposals.append(Proposal("reward_trend", reward_trend_factor(rose, config.reward),
-                                      f"reward_{'up' if rose else 'down'}", f"reward EMA {self.reward.ema.value:.4g}"))
+        kl_limit = config.reward.kl_limit
+        over_kl = kl_limit is not None and is_finite_number(kl) and kl > kl_limit
+        if over_kl:  # acts every step while over the limit; an event marks the start
+            proposals.append(Proposal("reward_kl", config.reward.down_factor, "" if group.kl_braking else "kl_brake",
+                                      f"KL {kl:.4g} above reward.kl_limit={kl_limit:g}", blendable=False))
+        if kl is not None:
+            group.kl_braking = over_kl
+        if "trend" in config.reward.rules and reward_direction and not (over_kl and reward_direction > 0):
+            # Like the loss trend: the rule acts every step, an event marks a change of direction.
+            action = "" if reward_direction == group.reward_direction else \
+                f"reward_{'up' if reward_direction > 0 else 'down'}"
+            reason = (f"reward slope {abs(self.reward.trend_t()):.1f} standard errors "
+                      f"{'above' if reward_direction > 0 else 'below'} flat over the last {len(self.reward.recent)} "
+                      f"rewards (EMA {self.reward.ema.value:.4g})")
+            proposals.append(Proposal("reward_trend", reward_trend_factor(reward_direction, config.reward), action,
+                                      reason))
+        if reward_direction is not None:  # a step without a new reward changes nothing
+            group.reward_direction = reward_direction
         return proposals
 
     def _decision_factor(self, index: int, decision: Decision) -> float:
@@ -311,7 +338,7 @@ class Controller:
             group.cycle_position = 0
             group.cycle_length *= self.config.cyclical.T_mult
 
-    def _adapt_momentum(self, index: int, loss_step: LossStep | None, reward_updated: bool) -> None:
+    def _adapt_momentum(self, index: int, loss_step: LossStep | None, reward_direction: int | None) -> None:
         config, group = self.config.momentum, self.groups[index]
         if config.rule == "none" or group.momentum is None:
             return
@@ -323,8 +350,8 @@ class Controller:
             momentum = relative_momentum(momentum, window, config)
         elif config.rule == "normalized" and len(self.loss.rolling) >= 2:
             momentum = normalized_momentum(self.loss.rolling_cv(), config)
-        elif config.rule == "reward" and reward_updated and self.reward.rose() is not None:
-            momentum = reward_momentum(momentum, self.reward.rose(), config)
+        elif config.rule == "reward" and reward_direction:
+            momentum = reward_momentum(momentum, reward_direction, config)
         if math.isfinite(momentum):
             group.momentum = min(config.max, max(config.min, momentum))
 
@@ -426,7 +453,7 @@ class Controller:
         self.last_window = WindowSummary(**state["last_window"]) if state["last_window"] else None
         self.loss = LossStatistics(self.window, self.config.signals.ema_beta)
         self.loss.load_state_dict(state["loss"])
-        self.reward = RewardStatistics(self.window, self.config.reward.ema_beta)
+        self.reward = RewardStatistics(self.window, self.config.reward.ema_beta, self.config.reward.trend_window)
         self.reward.load_state_dict(state["reward"])
         self.grad_fast.load_state_dict(state["grad_fast"])
         self.grad_slow.load_state_dict(state["grad_slow"])

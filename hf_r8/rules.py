@@ -75,9 +75,9 @@ def reward_scaling_level(reward_ema: float, config: RewardConfig) -> float:
     return 1.0 + max(-1.0, min(1.0, (reward_ema - config.center) / config.span))
 
 
-def reward_trend_factor(rose: bool, config: RewardConfig) -> float:
-    """x up_factor when the reward EMA rose, x down_factor otherwise."""
-    return config.up_factor if rose else config.down_factor
+def reward_trend_factor(direction: int, config: RewardConfig) -> float:
+    """x up_factor while the reward rises significantly (direction 1), x down_factor while it falls (-1), else 1."""
+    return config.up_factor if direction > 0 else config.down_factor if direction < 0 else 1.0
 
 
 def reward_variance_level(variance: float, config: RewardConfig) -> float:
@@ -125,9 +125,10 @@ def normalized_momentum(cv: float, config: MomentumConfig) -> float:
     return config.max - (config.max - config.min) * min(1.0, cv / config.cv_reference)
 
 
-def reward_momentum(momentum: float, rose: bool, config: MomentumConfig) -> float:
-    """mu + reward_up when the reward EMA rose, mu * reward_down otherwise."""
-    return momentum + config.reward_up if rose else momentum * config.reward_down
+def reward_momentum(momentum: float, direction: int, config: MomentumConfig) -> float:
+    """mu + reward_up while the reward rises significantly, mu * reward_down while it falls, else mu."""
+    return momentum + config.reward_up if direction > 0 else momentum * config.reward_down if direction < 0 \
+        else momentum
 
 
 def next_sigma(sigma: float, window: WindowSummary, spiked: bool, instability_threshold: float,

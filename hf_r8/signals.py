@@ -202,18 +202,18 @@ class LossStatistics:
 
 
 class RewardStatistics:
-    """Reward EMA, its previous value (for trends) and a rolling window (for variance)."""
+    """Reward EMA, a rolling window (for variance) and the most recent rewards (for the trend test)."""
 
-    def __init__(self, window: int, ema_beta: float) -> None:
+    def __init__(self, window: int, ema_beta: float, trend_window: int) -> None:
         self.window = window
         self.ema = Ema(ema_beta)
-        self.previous_ema: float | None = None
         self.rolling: deque[float] = deque(maxlen=window)
+        self.recent: deque[float] = deque(maxlen=trend_window)
 
     def update(self, reward: float) -> None:
-        self.previous_ema = self.ema.value
         self.ema.update(reward)
         self.rolling.append(reward)
+        self.recent.append(reward)
 
     def variance(self) -> float:
         if len(self.rolling) < 2:
@@ -221,16 +221,17 @@ class RewardStatistics:
         std = mean_and_std(list(self.rolling))[1]
         return std * std if std < 1e150 else math.inf  # squaring a huge std would overflow
 
-    def rose(self) -> bool | None:
-        """Did the last reward lift the EMA? None before two rewards arrived."""
-        if self.previous_ema is None or self.ema.value is None:
+    def trend_t(self) -> float | None:
+        """Least-squares slope of the recent rewards in standard errors (`slope_t_statistic`); None until
+        half the trend window (at least 4 rewards) is in."""
+        if len(self.recent) < max(4, (self.recent.maxlen or 0) // 2):
             return None
-        return self.ema.value > self.previous_ema
+        return slope_t_statistic(list(self.recent))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict(), "previous_ema": self.previous_ema, "rolling": list(self.rolling)}
+        return {"ema": self.ema.state_dict(), "rolling": list(self.rolling), "recent": list(self.recent)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema.load_state_dict(state["ema"])
-        self.previous_ema = state["previous_ema"]
         self.rolling = deque(state["rolling"], maxlen=self.window)
+        self.recent = deque(state.get("recent", []), maxlen=self.recent.maxlen)

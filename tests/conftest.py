@@ -11,6 +11,7 @@ import torch
 from hypothesis import settings
 from transformers import TrainingArguments
 
+from hf_r8 import R8Config
 from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
 
 VOCAB_SIZE = 512
@@ -25,6 +26,16 @@ if os.environ.get("CI"):
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer(VOCAB_SIZE)
+
+
+@pytest.fixture
+def reward_rl_with_reward_momentum():
+    """The `reward_rl` preset with the reward momentum rule on (off in the preset: see configs/reward_rl.yaml)
+    and a trend test that starts after 4 rewards, for short runs."""
+    config = R8Config.from_preset("reward_rl").to_dict()
+    config["momentum"]["rule"] = "reward"
+    config["reward"]["trend_window"] = 8
+    return R8Config.from_dict(config)
 
 
 @pytest.fixture(scope="session")

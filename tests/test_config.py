@@ -16,7 +16,8 @@ def test_every_documented_preset_ships_and_loads():
 
 def test_presets_differ_where_they_should():
     assert R8Config.from_preset("moe").moe.enabled
-    assert "scaling" in R8Config.from_preset("reward_rl").reward.rules
+    reward_rl = R8Config.from_preset("reward_rl")
+    assert "trend" in reward_rl.reward.rules and not reward_rl.rollback.enabled and not R8Config().reward.rules
     assert R8Config.from_preset("conservative").decision.increase_factor < R8Config().decision.increase_factor
     assert R8Config.from_preset("find_lr").range_test.enabled and not R8Config().range_test.enabled
 

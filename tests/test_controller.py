@@ -236,11 +236,13 @@ def test_relative_momentum_rises_with_window_improvement():
 
 
 def test_reward_momentum_goes_up_then_down():
-    controller = make([], momentum=MomentumConfig(rule="reward"), reward=RewardConfig(ema_beta=0.0))
-    feed(controller, rewards=[0.0, 1.0])
+    controller = make([], momentum=MomentumConfig(rule="reward"), reward=RewardConfig(trend_window=4))
+    feed(controller, rewards=[0.0, 1.0, 2.0, 3.0])  # the trend test starts with the 4th reward
     assert controller.momentum(0) == pytest.approx(0.91, rel=1e-12)
-    feed(controller, rewards=[0.0], start=3)
-    assert controller.momentum(0) == pytest.approx(0.91 * 0.99, rel=1e-12)
+    feed(controller, rewards=[2.0, 1.0], start=5)  # windows 1,2,3,2 and 2,3,2,1: no clear slope, momentum holds
+    assert controller.momentum(0) == pytest.approx(0.91, rel=1e-12)
+    feed(controller, rewards=[0.0, -1.0], start=7)  # 3,2,1,0 and 2,1,0,-1: falling
+    assert controller.momentum(0) == pytest.approx(0.91 * 0.99 * 0.99, rel=1e-12)
 
 
 def test_momentum_is_never_written_to_an_optimizer_without_one():
@@ -256,11 +258,25 @@ def test_reward_scaling_maps_center_plus_minus_span_to_0_and_2x(reward, expected
     assert gains[-1] == pytest.approx(expected, rel=1e-12)
 
 
-def test_reward_trend_and_variance_rules():
-    trend = make([], reward=RewardConfig(rules=["trend"], ema_beta=0.0, up_factor=1.03, down_factor=0.9))
-    gains, events = feed(trend, rewards=[0.0, 1.0, 0.5])
-    assert gains == pytest.approx([1.0, 1.03, 1.03 * 0.9], rel=1e-12)
-    assert [event.action for event in events] == ["reward_up", "reward_down"]
+def test_reward_trend_acts_on_significant_slopes_only():
+    trend = make([], reward=RewardConfig(rules=["trend"], up_factor=1.03, down_factor=0.9, trend_window=4))
+    gains, events = feed(trend, rewards=[0.0, 1.0, 2.0, 3.0, 4.0, 4.0, 4.0, 4.0])
+    # Rising from the 4th reward (the first full test) while the window's slope is clear, then flat: hold.
+    assert gains == pytest.approx([1.0, 1.0, 1.0, 1.03, 1.03**2, 1.03**3, 1.03**3, 1.03**3], rel=1e-12)
+    gains, events2 = feed(trend, rewards=[3.0, 2.0, 1.0, 0.0], start=9)
+    assert gains == pytest.approx([1.03**3, 1.03**3 * 0.9, 1.03**3 * 0.9**2, 1.03**3 * 0.9**3], rel=1e-12)
+    # An event marks each change of direction; the factor applies every step.
+    assert [event.action for event in events + events2] == ["reward_up", "reward_down"]
+    assert "standard errors above flat over the last 4 rewards" in events[0].reason
+
+
+def test_reward_trend_ignores_a_noisy_flat_reward():
+    trend = make([], reward=RewardConfig(rules=["trend"], trend_window=16))
+    gains, events = feed(trend, rewards=[0.3 + 0.2 * (-1) ** i for i in range(40)])
+    assert gains[-1] == 1.0 and events == []
+
+
+def test_reward_variance_rule():
     variance = make([], reward=RewardConfig(rules=["variance"], ema_beta=0.5, span=1.0, variance_scale=1.0))
     gains, _ = feed(variance, rewards=[0.0, 2.0])
     assert gains[-1] == pytest.approx(0.5, rel=1e-12)  # var([0, 2]) = 1
@@ -380,3 +396,17 @@ def test_plateau_rule_drops_after_patience_then_cools_down():
     assert [event.step for event in events] == [4, 9]
     assert gains[3] == pytest.approx(0.5) and gains[-1] == pytest.approx(0.25)
     assert events[0].action == "plateau_drop"
+
+
+def test_kl_above_its_limit_brakes_and_stops_the_reward_trend_raising_the_lr():
+    controller = make([], reward=RewardConfig(rules=["trend"], up_factor=1.05, down_factor=0.9, trend_window=4,
+                                              kl_limit=0.5))
+    gains, events = [], []
+    for step, (reward, kl) in enumerate([(0.0, 0.1), (1.0, 0.1), (2.0, 0.1), (3.0, 0.2), (4.0, 0.6), (5.0, 0.7),
+                                         (6.0, 0.3)], start=1):
+        events += controller.observe(Observation(step, reward=reward, kl=kl))
+        gains.append(controller.lr_gain(0))
+    # Rising reward lifts the gain at step 4; over the KL limit (steps 5-6) it is braked instead; then it rises again.
+    assert gains == pytest.approx([1.0, 1.0, 1.0, 1.05, 1.05 * 0.9, 1.05 * 0.81, 1.05**2 * 0.81], rel=1e-12)
+    assert [event.action for event in events] == ["reward_up", "kl_brake"]
+    assert events[1].reason == "KL 0.6 above reward.kl_limit=0.5"

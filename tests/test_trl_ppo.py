@@ -68,8 +68,8 @@ def _ppo_run(tokenizer, tmp_path, callbacks, optimizer_groups=None, save_steps=N
     return trainer
 
 
-def test_rising_score_raises_the_lr_once_per_update(tokenizer, tmp_path):
-    r8, used = R8Callback(R8Config.from_preset("reward_rl")), UsedLearningRates()
+def test_rising_score_raises_the_lr_once_per_update(tokenizer, tmp_path, reward_rl_with_reward_momentum):
+    r8, used = R8Callback(reward_rl_with_reward_momentum), UsedLearningRates()
     trainer = _ppo_run(tokenizer, tmp_path, [r8, used])
     # Every update's score reached the controller in that update (not a step late).
     assert r8.controller.reward.ema.count == UPDATES
@@ -100,6 +100,16 @@ def test_policy_and_value_groups_keep_their_own_state(tokenizer, tmp_path):
     # Both groups follow the policy's reward with their own base LR and bounds.
     assert policy_lr / value_lr == pytest.approx(2.0, rel=1e-6)
     assert r8.controller.lr_gain(0) > 1.0 and r8.controller.lr_gain(1) > 1.0
+
+
+def test_the_logged_kl_reaches_the_controller_and_brakes_above_its_limit(tokenizer, tmp_path):
+    config = R8Config.from_preset("reward_rl").to_dict()
+    config["reward"]["kl_limit"] = 1e-6  # any positive KL estimate is over the limit
+    r8 = R8Callback(R8Config.from_dict(config))
+    trainer = _ppo_run(tokenizer, tmp_path, [r8])
+    over = [step + 1 for step, kl in enumerate(logged(trainer, "objective/kl")) if kl > 1e-6]
+    brakes = [event for event in r8.events if event.action == "kl_brake"]
+    assert over and brakes and brakes[0].step == over[0] and "above reward.kl_limit=1e-06" in brakes[0].reason
 
 
 def test_checkpoints_carry_the_controller_state(tokenizer, tmp_path):

@@ -44,8 +44,9 @@ def rl_tokenizer(tokenizer):
 
 
 @pytest.mark.parametrize(("trainer_type", "config_type"), [(GRPOTrainer, GRPOConfig), (RLOOTrainer, RLOOConfig)])
-def test_tracked_rising_reward_raises_the_lr(rl_tokenizer, tmp_path, trainer_type, config_type):
-    r8 = R8Callback(R8Config.from_preset("reward_rl"))
+def test_tracked_rising_reward_raises_the_lr(rl_tokenizer, tmp_path, trainer_type, config_type,
+                                            reward_rl_with_reward_momentum):
+    r8 = R8Callback(reward_rl_with_reward_momentum)
     trainer, used = _train(trainer_type, config_type, rl_tokenizer, tmp_path, r8, r8.track_rewards([rising]))
     assert r8.controller.reward.ema.value is not None and r8.controller.reward.ema.count >= STEPS - 1
     assert "rewards/rising/mean" in trainer.state.log_history[0]  # the wrapper kept the function's name
