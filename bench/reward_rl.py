@@ -4,8 +4,8 @@
 
 The task, solvable on a CPU: make a random-init tiny GPT-2 (2 layers x 64, the offline BPE) write
 completions rich in the letter "e" (reward = share of "e" among the completion's characters) after
-prompts cut from Python's bundled documentation. KL to the initial model is on (beta 0.04; the model
-is saved to a folder first, since TRL rebuilds the reference model by name). hf_r8 runs on the
+prompts cut from Python's bundled documentation. KL to the initial model is on (GRPO beta 0.04, RLOO 0.005: see
+SETTINGS; the model is saved to a folder first, since TRL rebuilds the reference model by name). hf_r8 runs on the
 constant schedule with `R8Callback.track_rewards`. Reported per method: steps until the 5-step mean
 reward reaches the threshold, final reward, reward std within a generation batch, KL at the
 threshold step and at the end; medians over seeds.
@@ -42,7 +42,10 @@ RESULTS = Path(__file__).parent / "results"
 THRESHOLD = 0.5
 TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
 METHODS = ("constant", "cosine", "r8_reward_rl")
-LEARNING_RATES = (1e-3, 3e-3)
+# KL coefficient and LR grid per trainer. RLOO puts the KL into the reward, summed over the completion's
+# tokens: at beta 0.04 that penalty drowns the task's reward differences (~0.04) and no method learns in 80
+# steps (also not with normalize_advantages=True, nor at constant 1e-2); at beta 0.005 it learns from 1e-2.
+SETTINGS = {"grpo": {"beta": 0.04, "lrs": (1e-3, 3e-3)}, "rloo": {"beta": 0.005, "lrs": (3e-3, 1e-2)}}
 
 
 def letter_e(completions, **kwargs):
@@ -64,7 +67,8 @@ def run(trainer_name: str, method: str, learning_rate: float, seed: int, steps: 
         args = config_type(output_dir=os.path.join(folder, "run"), max_steps=steps, per_device_train_batch_size=16,
                            num_generations=8, max_completion_length=16, learning_rate=learning_rate,
                            lr_scheduler_type="cosine" if method == "cosine" else "constant", report_to=[],
-                           use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True, beta=0.04, seed=seed)
+                           use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                           beta=SETTINGS[trainer_name]["beta"], seed=seed)
         reward_funcs, callbacks = [letter_e], []
         if method == "r8_reward_rl":
             config = R8Config.from_yaml(r8_config) if r8_config.endswith(".yaml") else R8Config.from_preset(r8_config)
@@ -74,9 +78,15 @@ def run(trainer_name: str, method: str, learning_rate: float, seed: int, steps: 
         trainer = trainer_type(model=model_dir, reward_funcs=reward_funcs, args=args, train_dataset=prompts,
                                processing_class=tokenizer, callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        diverged = False
+        try:
+            trainer.train()
+        except RuntimeError as error:  # NaN/inf weights: sampling from the policy fails
+            if "nan" not in str(error) and "inf" not in str(error):
+                raise
+            diverged = True
     history = [entry for entry in trainer.state.log_history if "reward" in entry]
-    return {"trainer": trainer_name, "method": method, "lr": learning_rate, "seed": seed,
+    return {"trainer": trainer_name, "method": method, "lr": learning_rate, "seed": seed, "diverged": diverged,
             "reward": [entry["reward"] for entry in history], "reward_std": [entry["reward_std"] for entry in history],
             "kl": [entry.get("kl", float("nan")) for entry in history],
             "lr_used": [entry["learning_rate"] for entry in history]}
@@ -105,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainers", nargs="+", choices=list(TRAINERS), default=list(TRAINERS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--name", default="reward_rl", help="results file name (bench/results/NAME.md/.png)")
-    parser.add_argument("--lrs", nargs="+", type=float, default=list(LEARNING_RATES))
+    parser.add_argument("--lrs", nargs="+", type=float, default=None, help="instead of each trainer's grid")
     options = parser.parse_args(argv)
     started = time.perf_counter()
     jobs = [(trainer, method, lr, seed, options.steps, options.r8_config) for trainer in options.trainers
-            for method in options.methods for lr in options.lrs for seed in range(options.seeds)]
+            for method in options.methods for lr in options.lrs or SETTINGS[trainer]["lrs"]
+            for seed in range(options.seeds)]
     with ProcessPoolExecutor(options.workers) as pool:
         runs = list(pool.map(run, *zip(*jobs, strict=True)))
     elapsed = time.perf_counter() - started
@@ -117,22 +128,27 @@ def main(argv: list[str] | None = None) -> int:
              f"Machine: {platform.machine()}, {os.cpu_count()} cores; {len(runs)} runs in {elapsed / 60:.1f} min; "
              f"{options.steps} steps of 16 completions (8 per prompt), seeds {list(range(options.seeds))}, medians. "
              f"Threshold: 5-step mean reward >= {THRESHOLD}.", "",
-             "| trainer | method | lr | steps to threshold (runs that reached it) | final reward | reward std | "
-             "KL at threshold | final KL |", "|---|---|---|---|---|---|---|---|"]
+             "A diverged run (NaN weights, the policy cannot sample) counts as never reaching the threshold; final "
+             "reward, reward std and final KL are medians over the runs that finished.", "",
+             "| trainer | method | lr | steps to threshold (runs that reached it) | diverged | final reward | "
+             "reward std | KL at threshold | final KL |", "|---|---|---|---|---|---|---|---|---|"]
     figure, axes = plt.subplots(1, len(options.trainers), figsize=(6 * len(options.trainers), 4), squeeze=False)
     for axis, trainer in zip(axes[0], options.trainers, strict=True):
         for method in options.methods:
-            for lr in options.lrs:
+            for lr in options.lrs or SETTINGS[trainer]["lrs"]:
                 chosen = [r for r in runs if r["trainer"] == trainer and r["method"] == method and r["lr"] == lr]
                 reached = [steps_to_threshold(r["reward"]) for r in chosen]
                 kl_at = [r["kl"][step - 1] for r, step in zip(chosen, reached, strict=True) if step is not None]
                 kl_text = f"{statistics.median(kl_at):.3f}" if kl_at else "—"
-                final = statistics.median(r["reward"][-1] for r in chosen)
-                spread = statistics.median(statistics.fmean(r["reward_std"]) for r in chosen)
-                final_kl = statistics.median(r["kl"][-1] for r in chosen)
-                lines.append(f"| {trainer} | {method} | {lr:g} | {_median_or_never(reached)} | {final:.3f} | "
-                             f"{spread:.3f} | {kl_text} | {final_kl:.3f} |")
-                curve = [statistics.median(r["reward"][i] for r in chosen) for i in range(len(chosen[0]["reward"]))]
+                finished = [r for r in chosen if not r["diverged"]]
+                final, spread, final_kl = (f"{statistics.median(values):.3f}" if finished else "—" for values in (
+                    [r["reward"][-1] for r in finished], [statistics.fmean(r["reward_std"]) for r in finished],
+                    [r["kl"][-1] for r in finished]))
+                lines.append(f"| {trainer} | {method} | {lr:g} | {_median_or_never(reached)} | "
+                             f"{len(chosen) - len(finished)} | {final} | {spread} | {kl_text} | {final_kl} |")
+                length = max(len(r["reward"]) for r in chosen)
+                curve = [statistics.median(r["reward"][i] for r in chosen if i < len(r["reward"]))
+                         for i in range(length)]
                 axis.plot(range(1, len(curve) + 1), curve, label=f"{method} {lr:g}", linewidth=0.9)
         axis.axhline(THRESHOLD, color="gray", linewidth=0.6)
         axis.set(title=trainer.upper(), xlabel="step", ylabel="mean reward (median over seeds)")
