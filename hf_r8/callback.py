@@ -65,6 +65,7 @@ _MAX_EVENTS_KEPT = 10_000
 # The mean reward and the KL to the reference model in training logs: TRL's GRPO/RLOO, then PPO.
 _LOGGED_REWARD_KEYS = ("reward", "objective/scores")
 _LOGGED_KL_KEYS = ("kl", "objective/kl")
+_SIGNAL_COUNT = 8  # (sum, count) of loss, gradient norm, reward, router aux loss: see `_reduced_signals`
 
 
 class R8Callback(TrainerCallback, ExportableState):
@@ -170,6 +171,8 @@ class R8Callback(TrainerCallback, ExportableState):
             self._range_test = LRRangeTest(self.config.range_test)
             self._snapshot = StateSnapshot()
             self._snapshot.capture(self._model, optimizer, step=0)
+        if self._taps is not None:  # a run that raised never reached on_train_end
+            self._taps.remove()
         self._taps = TrainerTaps(trainer, self._add_log_metrics)
         self._taps.install()
         self._open_outputs(args, state, trainer)
@@ -445,12 +448,13 @@ class R8Callback(TrainerCallback, ExportableState):
             self._pending = packed.cpu()
 
     def _reduced_signals(self, device: torch.device) -> torch.Tensor:
-        """[loss, has_loss, grad_norm, has_grad_norm, reward sum, reward count] summed over processes, on
-        device (a NaN anywhere is NaN). The rewards recorded since the previous step are used up here."""
+        """[loss, has_loss, grad_norm, has_grad_norm, reward sum, reward count, router aux loss, has_aux_loss]
+        summed over processes, on device (a NaN anywhere is NaN). The rewards recorded since the previous
+        step are used up here."""
         taps = self._taps
         zero, one = torch.zeros((), device=device), torch.ones((), device=device)
         loss = taps.step_loss.to(device) if taps.step_loss is not None else None
-        grad_norm = None
+        grad_norm, aux_loss = None, taps.step_aux_loss()
         if taps.grad_norm is not None:
             grad_norm = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
         reward, reward_count = self._step_reward()
@@ -459,7 +463,8 @@ class R8Callback(TrainerCallback, ExportableState):
         packed = torch.cat([torch.stack([
             zero if loss is None else loss, zero if loss is None else one,
             zero if grad_norm is None else grad_norm, zero if grad_norm is None else one,
-        ]).float(), rewards.float()])
+        ]).float(), rewards.float(), torch.stack([
+            zero if aux_loss is None else aux_loss.to(device), zero if aux_loss is None else one]).float()])
         return sum_across_processes(packed)
 
     # ------------------------------------------------------------------------------- rewards
@@ -716,17 +721,20 @@ class R8Callback(TrainerCallback, ExportableState):
         pending = r8_state.get("pending")
         if pending is not None:
             self._pending_step = pending["step"]
-            values = pending["values"] + [0.0, 0.0] * (len(pending["values"]) == 4)  # saved before rewards were
+            # Checkpoints saved before rewards (4 values) or router aux losses (6) were signals.
+            values = pending["values"] + [0.0] * (_SIGNAL_COUNT - len(pending["values"]))
             self._pending = torch.tensor(values, dtype=torch.float32)
             self._copy_event = None
 
 
 def _observation(step: int, reduced: list[float]) -> Observation:
-    """The step's mean loss, gradient norm and reward from the (sum, count) pairs reduced across processes."""
-    loss_sum, loss_count, grad_sum, grad_count, reward_sum, reward_count = reduced
+    """The step's mean loss, gradient norm, reward and router aux loss from the (sum, count) pairs reduced
+    across processes."""
+    loss_sum, loss_count, grad_sum, grad_count, reward_sum, reward_count, aux_sum, aux_count = reduced
     return Observation(step=step, loss=loss_sum / loss_count if loss_count > 0 else None,
                        grad_norm=grad_sum / grad_count if grad_count > 0 else None,
-                       reward=reward_sum / reward_count if reward_count > 0 else None)
+                       reward=reward_sum / reward_count if reward_count > 0 else None,
+                       router_aux_loss=aux_sum / aux_count if aux_count > 0 else None)
 
 
 def _unwrap(scheduler: Any) -> Any:

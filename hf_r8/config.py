@@ -421,6 +421,16 @@ class MoEConfig(_Section):
     """Replaces decision.decrease_factor (and floors every damping factor) for router groups."""
     max_change_per_step: float = 0.15
     """Rate limit for router groups."""
+    aux_loss_rise: float | None = 0.05
+    """Router load-balancing loss (`aux_loss`, returned with `output_router_logits=True`): when its fast
+    EMA exceeds its slow EMA by this fraction (routing getting less balanced), router groups' gain is
+    multiplied by `decrease_factor`; None turns the rule off."""
+    aux_loss_fast_beta: float = 0.8
+    """Smoothing of the aux loss's fast EMA."""
+    aux_loss_slow_beta: float = 0.98
+    """Smoothing of its slow EMA (the reference level)."""
+    aux_loss_cooldown_steps: int = 10
+    """Steps between two aux-loss damping decisions; the rule also waits for this many aux losses."""
 
     def __post_init__(self) -> None:
         if not self.router_patterns or not all(isinstance(p, str) and p for p in self.router_patterns):
@@ -430,6 +440,14 @@ class MoEConfig(_Section):
         self._greater("increase_factor", 1.0)
         self._between("decrease_factor", 0.0, 1.0, open_low=True, open_high=True)
         self._between("max_change_per_step", 0.0, 1.0, open_low=True, open_high=True)
+        if self.aux_loss_rise is not None:
+            self._greater("aux_loss_rise", 0.0)
+        self._between("aux_loss_fast_beta", 0.0, 1.0, open_high=True)
+        self._between("aux_loss_slow_beta", 0.0, 1.0, open_high=True)
+        if self.aux_loss_fast_beta >= self.aux_loss_slow_beta:
+            _fail(self.SECTION, "aux_loss_fast_beta", self.aux_loss_fast_beta,
+                  f"< moe.aux_loss_slow_beta={self.aux_loss_slow_beta}")
+        self._positive_int("aux_loss_cooldown_steps")
 
 
 @dataclass

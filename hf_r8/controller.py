@@ -74,6 +74,8 @@ class Observation:
     reward: float | None = None
     kl: float | None = None
     """KL divergence to the reference model (RL fine-tuning), when the trainer logs it."""
+    router_aux_loss: float | None = None
+    """MoE router load-balancing loss, when the model returns it."""
 
 
 @dataclass
@@ -107,6 +109,7 @@ class GroupState:
     trend_direction: int = 0
     reward_direction: int = 0
     kl_braking: bool = False
+    steps_since_aux_rule: int = 0
 
 
 class Controller:
@@ -132,6 +135,8 @@ class Controller:
         self.reward = RewardStatistics(self.window, config.reward.ema_beta, config.reward.trend_window)
         self.grad_fast = Ema(config.grad_norm.fast_beta)
         self.grad_slow = Ema(config.grad_norm.slow_beta)
+        self.aux_fast = Ema(config.moe.aux_loss_fast_beta)
+        self.aux_slow = Ema(config.moe.aux_loss_slow_beta)
         self.sigma = config.exploration.sigma_init if config.exploration.enabled else 0.0
         self.step = 0
         self.last_window: WindowSummary | None = None
@@ -179,6 +184,7 @@ class Controller:
         if loss_step is not None and loss_step.closed_window is not None:
             self.last_window = loss_step.closed_window
         grad_jump, grad_collapse = self._update_grad_norm(observation.grad_norm)
+        aux_rise = self._update_aux_loss(observation.router_aux_loss)
         reward_updated = is_finite_number(observation.reward)
         if reward_updated:
             self.reward.update(observation.reward)
@@ -190,6 +196,8 @@ class Controller:
         for index in range(len(self.groups)):
             events += self._adapt_group(index, loss_step, grad_jump, grad_collapse, reward_direction, observation.kl,
                                         instability)
+            if self.router_profile[index]:
+                events += self._damp_router_on_aux_rise(index, aux_rise)
         events += self._adapt_sigma(loss_step, events)
         return events
 
@@ -199,6 +207,33 @@ class Controller:
         t = self.reward.trend_t()
         threshold = self.config.reward.trend_t
         return 0 if t is None or abs(t) <= threshold else (1 if t > 0 else -1)
+
+    def _update_aux_loss(self, aux_loss: float | None) -> float | None:
+        """Update the aux-loss EMAs; the fast EMA's relative excess over the slow one, once it is meaningful."""
+        config = self.config.moe
+        if config.aux_loss_rise is None or not is_finite_number(aux_loss):
+            return None
+        self.aux_fast.update(aux_loss)
+        self.aux_slow.update(aux_loss)
+        if self.aux_slow.count < config.aux_loss_cooldown_steps or self.aux_slow.value <= 0:
+            return None
+        return self.aux_fast.value / self.aux_slow.value - 1.0
+
+    def _damp_router_on_aux_rise(self, index: int, aux_rise: float | None) -> list[Event]:
+        """Rising load-balancing loss (routing less balanced): x moe.decrease_factor on a router group's gain."""
+        config, group = self.config.moe, self.groups[index]
+        group.steps_since_aux_rule += 1
+        if aux_rise is None or aux_rise <= config.aux_loss_rise or \
+                group.steps_since_aux_rule < config.aux_loss_cooldown_steps:
+            return []
+        group.steps_since_aux_rule = 0
+        gain_min, gain_max = self.gain_bounds[index]
+        old_gain = group.lr_gain
+        group.running_gain = min(gain_max, max(gain_min, group.running_gain * config.decrease_factor))
+        group.lr_gain = min(gain_max, max(gain_min, group.lr_gain * config.decrease_factor))
+        reason = (f"router aux loss fast EMA {self.aux_fast.value:.4g} is {aux_rise:.1%} above its slow EMA "
+                  f"{self.aux_slow.value:.4g} (> moe.aux_loss_rise={config.aux_loss_rise:g})")
+        return [Event(self.step, index, "moe_aux_loss", "router_damp", old_gain, group.lr_gain, reason)]
 
     def _update_grad_norm(self, grad_norm: float | None) -> tuple[bool, bool]:
         if not is_finite_number(grad_norm) or grad_norm < 0:
@@ -414,6 +449,7 @@ class Controller:
             "loss_slope": self.last_window.slope if self.last_window else None,
             "improvement_rate": self.last_window.improvement_rate if self.last_window else None,
             "grad_norm_ema": self.grad_slow.value,
+            "router_aux_loss_ema": self.aux_fast.value,
             "reward_ema": self.reward.ema.value,
             "momentum": self.momentum(0),
             "sigma": self.sigma if self.config.exploration.enabled else None,
@@ -435,6 +471,8 @@ class Controller:
             "reward": self.reward.state_dict(),
             "grad_fast": self.grad_fast.state_dict(),
             "grad_slow": self.grad_slow.state_dict(),
+            "aux_fast": self.aux_fast.state_dict(),
+            "aux_slow": self.aux_slow.state_dict(),
             "groups": [asdict(group) for group in self.groups],
             "recovery": self.recovery,
         }
@@ -457,6 +495,9 @@ class Controller:
         self.reward.load_state_dict(state["reward"])
         self.grad_fast.load_state_dict(state["grad_fast"])
         self.grad_slow.load_state_dict(state["grad_slow"])
+        if "aux_fast" in state:  # saved before the aux-loss rule existed: it starts fresh
+            self.aux_fast.load_state_dict(state["aux_fast"])
+            self.aux_slow.load_state_dict(state["aux_slow"])
         for group, saved in zip(self.groups, state["groups"], strict=True):
             saved = dict(saved)
             group.engine.load_state_dict(saved.pop("engine"))

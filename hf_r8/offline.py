@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,21 @@ def tiny_gpt2(vocab_size: int, n_embd: int = 64, n_layer: int = 2, n_head: int =
     # counts num_items_in_batch without the causal shift and scales the loss by (T-1)/T.
     model.loss_type = "ForCausalLM"
     return model
+
+
+def tiny_mixtral(vocab_size: int, hidden_size: int = 32, num_hidden_layers: int = 2, num_local_experts: int = 4,
+                 output_router_logits: bool = False, seed: int = 0) -> MixtralForCausalLM:
+    """A randomly initialised Mixtral (top-2 of `num_local_experts` experts) small enough for a CPU test.
+
+    `output_router_logits=True` makes it return (and add to its loss) the router load-balancing loss.
+    """
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                                            intermediate_size=2 * hidden_size, num_hidden_layers=num_hidden_layers,
+                                            num_attention_heads=2, num_key_value_heads=2,
+                                            num_local_experts=num_local_experts, num_experts_per_tok=2,
+                                            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                            output_router_logits=output_router_logits))
 
 
 def load_hub_or_offline(model_name: str | None, vocab_size: int = 2048,

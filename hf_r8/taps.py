@@ -10,6 +10,9 @@ removes the wrappers when training ends:
   step, NaN included (the Trainer's own NaN filter runs after);
 * `_get_grad_norm`: its return value is the pre-clip global gradient norm (a device tensor);
 * `log`: training logs get the callback's `r8/*` metrics before reporters and history see them.
+
+A forward hook on the model also keeps the router load-balancing loss (`aux_loss`) that MoE models
+return when `output_router_logits` is on, averaged over the step's training forwards.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class TrainerTaps:
         self.add_log_metrics = add_log_metrics
         self.step_loss: torch.Tensor | None = None
         self.grad_norm: torch.Tensor | float | None = None
+        self.aux_loss_sum: torch.Tensor | None = None
+        self.aux_loss_count = 0
+        self._aux_hook: torch.utils.hooks.RemovableHandle | None = None
 
     def install(self) -> None:
         # A run that crashed never reached on_train_end: unwrap its taps so nothing is counted twice.
@@ -59,9 +65,14 @@ class TrainerTaps:
         self._wrap("log", self._tap_log)
         if hasattr(self.trainer, "_get_grad_norm"):
             self._wrap("_get_grad_norm", self._tap_grad_norm)
+        if isinstance(self.trainer.model, torch.nn.Module):
+            self._aux_hook = self.trainer.model.register_forward_hook(self._keep_aux_loss)
 
     def remove(self) -> None:
         """Put back exactly what each tapped name was before (an instance attribute or the class method)."""
+        if self._aux_hook is not None:
+            self._aux_hook.remove()
+            self._aux_hook = None
         for name in _TAPPED_METHODS:
             while (restore := getattr(self.trainer.__dict__.get(name), "_r8_restore", None)) is not None:
                 had_instance_attribute, original = restore
@@ -73,6 +84,19 @@ class TrainerTaps:
     def start_step(self) -> None:
         self.step_loss = None
         self.grad_norm = None
+        self.aux_loss_sum, self.aux_loss_count = None, 0
+
+    def step_aux_loss(self) -> torch.Tensor | None:
+        """The mean router aux loss of this step's training forwards (a device tensor), or None."""
+        return None if self.aux_loss_sum is None else self.aux_loss_sum / self.aux_loss_count
+
+    def _keep_aux_loss(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        aux_loss = getattr(output, "aux_loss", None)
+        if not module.training or not torch.is_grad_enabled() or not torch.is_tensor(aux_loss):
+            return
+        value = aux_loss.detach().float().reshape(-1).mean()
+        self.aux_loss_sum = value if self.aux_loss_sum is None else self.aux_loss_sum + value
+        self.aux_loss_count += 1
 
     def _wrap(self, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
         original = getattr(self.trainer, name)

@@ -410,3 +410,23 @@ def test_kl_above_its_limit_brakes_and_stops_the_reward_trend_raising_the_lr():
     assert gains == pytest.approx([1.0, 1.0, 1.0, 1.05, 1.05 * 0.9, 1.05 * 0.81, 1.05**2 * 0.81], rel=1e-12)
     assert [event.action for event in events] == ["reward_up", "kl_brake"]
     assert events[1].reason == "KL 0.6 above reward.kl_limit=0.5"
+
+
+def test_rising_router_aux_loss_damps_router_groups_only():
+    controller = make([], groups=[GroupSpec(BASE_LR), GroupSpec(BASE_LR, is_router=True)],
+                      moe=MoEConfig(aux_loss_rise=0.05, aux_loss_cooldown_steps=5, decrease_factor=0.85))
+    events = []
+    for step in range(1, 21):  # balanced routing: a flat aux loss, nothing happens
+        events += controller.observe(Observation(step, router_aux_loss=2.0))
+    assert events == [] and controller.lr_gain(1) == 1.0
+    for step in range(21, 31):  # imbalance grows: the router group is damped, at most once per cooldown
+        events += controller.observe(Observation(step, router_aux_loss=2.0 + 0.2 * (step - 20)))
+    damps = [event for event in events if event.action == "router_damp"]
+    assert damps and all(event.group == 1 for event in damps)
+    assert [b.step - a.step for a, b in zip(damps, damps[1:], strict=False)] == [5] * (len(damps) - 1)
+    assert controller.lr_gain(1) == pytest.approx(0.85 ** len(damps), rel=1e-12) and controller.lr_gain(0) == 1.0
+    assert "above its slow EMA" in damps[0].reason
+    restored = make([], groups=[GroupSpec(BASE_LR), GroupSpec(BASE_LR, is_router=True)],
+                    moe=MoEConfig(aux_loss_rise=0.05, aux_loss_cooldown_steps=5))
+    restored.load_state_dict(controller.state_dict())
+    assert restored.aux_slow.value == controller.aux_slow.value and restored.groups[1] == controller.groups[1]

@@ -71,17 +71,33 @@ def test_a_fault_on_one_rank_gets_the_same_action_on_every_rank(tmp_path):
         assert not set(first) & set(second)
 
 
-def test_accelerate_launch_keeps_every_rank_in_lockstep(tmp_path):
+def accelerate_launch_two(script: str, output_dir: Path, *arguments: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-               str(SCRIPTS / "accelerate_lockstep.py"), str(tmp_path)]
+               str(SCRIPTS / script), str(output_dir), *arguments]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_accelerate_launch_keeps_every_rank_in_lockstep(tmp_path):
+    ranks = accelerate_launch_two("accelerate_lockstep.py", tmp_path)
     assert ranks[0]["world_size"] == ranks[0]["accelerate_processes"] == 2  # a real 2-process run, not 2 alone
     assert ranks[0]["steps"] == ranks[1]["steps"] == 30
     for first, second in zip(ranks[0]["seen_indices"], ranks[1]["seen_indices"], strict=True):
         assert not set(first) & set(second)  # each process trains on its own share
     assert ranks[0]["disagreements"] == ranks[1]["disagreements"] == []  # same LRs and catalog after every step
     assert ranks[0]["decisions"] == ranks[1]["decisions"] > 0  # the controller acted, identically
+
+
+def test_a_moe_model_on_two_processes_keeps_routers_apart_and_ranks_in_lockstep(tmp_path):
+    ranks = accelerate_launch_two("accelerate_lockstep.py", tmp_path, "moe")
+    assert ranks[0]["world_size"] == ranks[0]["accelerate_processes"] == 2
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 30
+    assert ranks[0]["disagreements"] == ranks[1]["disagreements"] == []  # same LRs (routers too) after every step
+    assert ranks[0]["routers"] == [False, False, True]
+    (low, high, gain), = ranks[0]["router_gains"]
+    assert (low, high) == (0.1, 2.0) and low <= gain <= high
+    # The router aux loss was averaged over both processes: every rank's controller holds the same value.
+    assert ranks[0]["aux_loss_ema"] is not None and ranks[0]["aux_loss_ema"] == ranks[1]["aux_loss_ema"]

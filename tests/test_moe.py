@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers import MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, TrainerCallback
 
-from hf_r8 import R8Config, R8Trainer
+from hf_r8 import R8Config, R8Trainer, offline
 from hf_r8.moe import is_moe_model, is_router_parameter, split_router_groups
 from hf_r8.offline import tiny_gpt2
 from tests.conftest import VOCAB_SIZE, training_args
 
 
-def tiny_mixtral() -> MixtralForCausalLM:
-    torch.manual_seed(0)
-    return MixtralForCausalLM(MixtralConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                            num_local_experts=4, num_experts_per_tok=2, bos_token_id=0,
-                                            eos_token_id=0, pad_token_id=0))
+def tiny_mixtral(output_router_logits: bool = False) -> MixtralForCausalLM:
+    return offline.tiny_mixtral(VOCAB_SIZE, output_router_logits=output_router_logits)
 
 
 def test_routers_are_module_segments_not_substrings():
@@ -63,3 +59,35 @@ def test_r8trainer_gives_routers_their_own_groups_and_bounds(lm_dataset, tmp_pat
         assert (low, high) == ((0.1, 2.0) if is_router else (0.01, 20.0))
         assert low <= controller.lr_gain(index) <= high
     assert 1.0 < controller.lr_gain(2) < controller.lr_gain(0)  # the routers' LR grew, more gently
+
+
+class AuxLossesSeen(TrainerCallback):
+    """The router aux loss of every training forward, read from the model's own output."""
+
+    def __init__(self, model):
+        self.per_step, self.current = [], []
+        model.register_forward_hook(lambda module, args, output: self.current.append(float(output.aux_loss.detach()))
+                                    if module.training and torch.is_grad_enabled() else None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.per_step.append(sum(self.current) / len(self.current))
+        self.current = []
+
+
+@pytest.mark.integration
+def test_the_router_aux_loss_reaches_the_controller(lm_dataset, tmp_path):
+    model = tiny_mixtral(output_router_logits=True)
+    seen = AuxLossesSeen(model)
+    config = R8Config.from_preset("moe").to_dict()
+    config["moe"]["aux_loss_fast_beta"] = 0.0  # the fast EMA is the last step's aux loss
+    trainer = R8Trainer(model=model, args=training_args(tmp_path, max_steps=12, gradient_accumulation_steps=2,
+                                                        eval_strategy="steps", eval_steps=6),
+                        train_dataset=lm_dataset.select(range(128)), eval_dataset=lm_dataset.select(range(16)),
+                        r8=R8Config.from_dict(config), callbacks=[seen])
+    trainer.train()
+    controller = trainer.r8_callback.controller
+    # One value per optimizer step (the mean of its 2 micro-batches; evaluation forwards left out), through the
+    # same delayed path as the loss: the controller has seen steps 1-11 when training ends.
+    assert controller.aux_slow.count == 11
+    assert controller.aux_fast.value == pytest.approx(seen.per_step[10], rel=1e-5)
+    assert any("r8/router_aux_loss_ema" in entry for entry in trainer.state.log_history)
