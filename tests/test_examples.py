@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_distributed import free_port
+
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -33,7 +35,8 @@ def test_example_runs_offline(tmp_path, script, arguments, expected):
 
 def test_accelerate_example_runs_two_processes_with_one_dashboard(tmp_path):
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the `accelerate` of this Python
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}
+    # Its own port: another 2-process job on the default one would join this one's rendezvous.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path, "PORT": str(free_port())}
     completed = subprocess.run(["bash", str(EXAMPLES / "accelerate_ddp.sh"), "--steps", "5"], cwd=tmp_path, env=env,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
