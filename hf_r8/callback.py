@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.optimization import GreedyLR
@@ -54,7 +55,7 @@ from hf_r8.moe import is_router_parameter
 from hf_r8.range_test import LRRangeTest
 from hf_r8.rollback import RollbackAction, RollbackPolicy
 from hf_r8.run_log import RunLog
-from hf_r8.snapshot import StateSnapshot, snapshot_bytes
+from hf_r8.snapshot import StateSnapshot, local_part, snapshot_bytes
 from hf_r8.taps import TrainerTaps, find_trainer
 
 logger = logging.getLogger(__name__)
@@ -549,7 +550,7 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def _weights_finite(self, device: torch.device) -> bool:
         """Whether every trainable parameter is finite on every process (read only after a non-finite loss)."""
-        params = [param for param in self._model.parameters() if param.requires_grad]
+        params = [local_part(param) for param in self._model.parameters() if param.requires_grad]  # own shards
         bad = torch.stack([~torch.isfinite(param).all() for param in params]).sum().float().to(device)
         return sum_across_processes(bad).item() == 0
 
@@ -563,8 +564,12 @@ class R8Callback(TrainerCallback, ExportableState):
                            "backward and keeps its own fp32 master weights); for the same reason the LR R8 writes "
                            "before the optimizer step does not reach DeepSpeed's step (not supported yet).")
             return False, False
-        if config.enabled and getattr(trainer, "is_fsdp_enabled", False):
-            logger.warning("R8: rollback snapshots are off under FSDP (sharded parameters); the guard stays on.")
+        sharded = any(isinstance(param, DTensor) for param in trainer.model.parameters())
+        if config.enabled and getattr(trainer, "is_fsdp_enabled", False) and not sharded:
+            # FSDP1 flattens parameters into its own FlatParameters; FSDP2 keeps each as a DTensor whose
+            # local shard a snapshot can hold (each process its own, see snapshot.py).
+            logger.warning("R8: rollback snapshots are off under FSDP1 (flattened parameters); use FSDP2 "
+                           "(fsdp_version: 2) for sharded snapshots. The non-finite guard stays on.")
             return checks, False
         return checks, config.enabled
 

@@ -9,6 +9,10 @@ group's settings come back too (Prodigy's `d`, schedule-free's `weight_sum` live
 LR, which the schedule keeps driving.
 
 `extras` carries what the caller wants back with the weights (controller state, RNG, grad scaler).
+
+Sharded models (FSDP2's `fully_shard`: parameters and optimizer state are `DTensor`s): each process
+captures and restores its own shard (`to_local()`), so a snapshot costs every process its shard's
+bytes and restoring needs no communication.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import copy
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 OptimizerKey = tuple[int, str]  # (position of the parameter in the optimizer's groups, state key)
 _LIVE_KEYS = ("params", "lr")  # group entries a restore leaves as they are
@@ -30,21 +35,27 @@ def model_tensors(model: torch.nn.Module, trainable_only: bool) -> dict[str, tor
     return tensors
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a `DTensor`; any other tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [param for group in optimizer.param_groups for param in group["params"]]
 
 
 def snapshot_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> int:
     """Host bytes one snapshot takes with the optimizer state as it is now."""
-    total = sum(t.numel() * t.element_size() for t in model_tensors(model, trainable_only).values())
+    total = sum(local_part(t).numel() * t.element_size() for t in model_tensors(model, trainable_only).values())
     for param in optimizer_parameters(optimizer):
         for value in optimizer.state.get(param, {}).values():
             if torch.is_tensor(value):
-                total += value.numel() * value.element_size()
+                total += local_part(value).numel() * value.element_size()
     return total
 
 
 def _copy_into(buffers: dict[Any, torch.Tensor], key: Any, tensor: torch.Tensor) -> None:
+    tensor = local_part(tensor)
     buffer = buffers.get(key)
     if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
         buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
@@ -67,6 +78,7 @@ class StateSnapshot:
         self._model: dict[str, torch.Tensor] = {}
         self._optimizer: dict[OptimizerKey, torch.Tensor] = {}
         self._optimizer_devices: dict[OptimizerKey, torch.device] = {}
+        self._optimizer_layouts: dict[OptimizerKey, tuple[Any, ...]] = {}  # a DTensor's mesh, placements, shape
         self._optimizer_values: dict[OptimizerKey, Any] = {}
         self._group_settings: list[dict[str, Any]] = []
 
@@ -89,11 +101,15 @@ class StateSnapshot:
                 if torch.is_tensor(value):
                     _copy_into(self._optimizer, (index, key), value)
                     self._optimizer_devices[(index, key)] = value.device
+                    if isinstance(value, DTensor):
+                        self._optimizer_layouts[(index, key)] = (value.device_mesh, value.placements, value.shape,
+                                                                 value.stride())
                     seen.add((index, key))
                 else:
                     self._optimizer_values[(index, key)] = copy.deepcopy(value)
         for stale in set(self._optimizer) - seen:
             del self._optimizer[stale], self._optimizer_devices[stale]
+            self._optimizer_layouts.pop(stale, None)
         self._group_settings = [{key: copy.deepcopy(value) for key, value in group.items() if key not in _LIVE_KEYS}
                                 for group in optimizer.param_groups]
         self.step = step
@@ -106,7 +122,7 @@ class StateSnapshot:
         live = model_tensors(model, self.trainable_only)
         with torch.no_grad():
             for name, buffer in self._model.items():
-                live[name].copy_(buffer, non_blocking=True)
+                local_part(live[name]).copy_(buffer, non_blocking=True)
         for group, settings in zip(optimizer.param_groups, self._group_settings, strict=True):
             group.update(copy.deepcopy(settings))
         saved_keys = set(self._optimizer) | set(self._optimizer_values)
@@ -123,7 +139,13 @@ class StateSnapshot:
                     state[key] = copy.deepcopy(self._optimizer_values[(index, key)])
                     continue
                 buffer, current = self._optimizer[(index, key)], state.get(key)
-                if torch.is_tensor(current) and current.shape == buffer.shape and current.dtype == buffer.dtype:
-                    current.copy_(buffer, non_blocking=True)
-                else:
-                    state[key] = buffer.to(self._optimizer_devices[(index, key)], copy=True)
+                local = local_part(current) if torch.is_tensor(current) else None
+                if local is not None and local.shape == buffer.shape and local.dtype == buffer.dtype:
+                    local.copy_(buffer, non_blocking=True)
+                    continue
+                value = buffer.to(self._optimizer_devices[(index, key)], copy=True)
+                layout = self._optimizer_layouts.get((index, key))
+                if layout is not None:
+                    mesh, placements, shape, stride = layout
+                    value = DTensor.from_local(value, mesh, placements, run_check=False, shape=shape, stride=stride)
+                state[key] = value
