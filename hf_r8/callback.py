@@ -135,6 +135,15 @@ class R8Callback(TrainerCallback, ExportableState):
         self._events_since_log = 0
         self._decision_since_log = 0
 
+    @property
+    def rollback_counts(self) -> dict[str, int]:
+        """Steps skipped by the guard, rollbacks, and steps lost to rollbacks so far (zeros before training)."""
+        policy = self._rollback
+        if policy is None:
+            return {"skipped_steps": 0, "rollbacks": 0, "wasted_steps": 0}
+        return {"skipped_steps": policy.skipped_steps, "rollbacks": policy.rollbacks,
+                "wasted_steps": policy.wasted_steps}
+
     @classmethod
     def from_preset(cls, name: str) -> R8Callback:
         return cls(R8Config.from_preset(name))

@@ -1,35 +1,49 @@
-"""`hf-r8` command line: `hf-r8 demo`, `hf-r8 presets`, `hf-r8 report OUTPUT_DIR`."""
+"""`hf-r8` command line: `hf-r8 demo`, `hf-r8 presets`, `hf-r8 report OUTPUT_DIR`, `hf-r8 config-reference`."""
 
 from __future__ import annotations
 
 import argparse
 
 from hf_r8.config import R8Config, available_presets
+from hf_r8.demo import MODEL_SIZES, DemoSettings, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-r8", description="learnit::r8 for Hugging Face")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train a small GPT-2 with R8Callback and show its decisions")
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--preset", default="default", choices=available_presets())
-    demo.add_argument("--learning-rate", type=float, default=1e-3)
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--model", default=None, help="a Hub model name; falls back to the offline tiny GPT-2")
-    demo.add_argument("--output-dir", default="outputs/demo")
+    demo = commands.add_parser("demo", help="fine-tune GPT-2 on WikiText-2 with hf_r8 (offline: a GPT-2 from config "
+                                            "on local text), then plot and summarize the run")
+    demo.add_argument("--steps", type=int, default=DemoSettings.steps)
+    demo.add_argument("--train-examples", type=int, default=DemoSettings.train_examples,
+                      help="blocks of 128 tokens to train on (0: all); the default makes 300 steps 4 epochs")
+    demo.add_argument("--model-size", default=DemoSettings.model_size, choices=sorted(MODEL_SIZES),
+                      help="shape of the GPT-2 built from a config when offline")
+    demo.add_argument("--preset", default=DemoSettings.preset, choices=available_presets())
+    demo.add_argument("--output-dir", default=DemoSettings.output_dir)
+    demo.add_argument("--no-dashboard", action="store_true", help="periodic lines instead of the live dashboard")
+    demo.add_argument("--compare", action="store_true",
+                      help="first train the same model with the stock Trainer's cosine schedule, for comparison")
+    demo.add_argument("--learning-rate", type=float, default=None,
+                      help="default: 5e-5 for the pretrained gpt2, 1e-3 for a model trained from scratch")
+    demo.add_argument("--batch-size", type=int, default=DemoSettings.batch_size)
+    demo.add_argument("--model", default=DemoSettings.model, help="the Hub model to fine-tune when online")
+    demo.add_argument("--offline", action="store_true", help="do not ask the Hub: use the offline fallback")
 
     commands.add_parser("presets", help="list the shipped presets and their active rules")
+
+    commands.add_parser("config-reference", help="print the configuration reference (Markdown) from the dataclasses")
 
     report = commands.add_parser("report", help="plots and a summary of a run from its r8_*.jsonl files")
     report.add_argument("output_dir", help="the Trainer's output_dir of the run")
 
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from hf_r8.demo import DemoSettings, run_demo
-
-        run_demo(DemoSettings(steps=args.steps, preset=args.preset, learning_rate=args.learning_rate,
-                              batch_size=args.batch_size, model=args.model, output_dir=args.output_dir))
+        run_demo(DemoSettings(steps=args.steps, train_examples=args.train_examples or None,
+                              model_size=args.model_size, preset=args.preset,
+                              output_dir=args.output_dir, dashboard=not args.no_dashboard, compare=args.compare,
+                              learning_rate=args.learning_rate, batch_size=args.batch_size, model=args.model,
+                              offline=args.offline))
     elif args.command == "report":
         from hf_r8.report import write_report
 
@@ -38,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as error:
             raise SystemExit(f"hf-r8 report: {error}") from error
         print("\n".join(str(path) for path in written))
+    elif args.command == "config-reference":
+        from hf_r8.config_reference import config_reference
+
+        print(config_reference(), end="")
     elif args.command == "presets":
         for name in available_presets():
             config = R8Config.from_preset(name)

@@ -6,7 +6,8 @@ the schedule's; gain, momentum, reward, gradient norm; rollbacks and skipped ste
 quartile losses and batch mix (R8Trainer); the last decisions with their reasons.
 
 `Dashboard` shows it: a `rich.live.Live` refreshed a few times a second on a terminal or in
-Jupyter; on anything else (CI, a file, `nohup`) one concise line every `line_interval_s`.
+Jupyter (with ipywidgets); on anything else (CI, a file, `nohup`, Jupyter without ipywidgets) one
+concise line every `line_interval_s`, and in Jupyter the whole view once at the end.
 While it runs, the Trainer's tqdm training bar is muted (see `mute_progress_bar`).
 """
 
@@ -164,6 +165,8 @@ class Dashboard:
             self._live.update(render(view))
             self._live.stop()
             self._live = None
+        elif self.console.is_jupyter:  # without ipywidgets: the whole view once, rendered in the cell's output
+            self.console.print(render(view))
         else:
             self.console.print(plain_line(view), markup=False, highlight=False, soft_wrap=True)
 
