@@ -13,4 +13,4 @@ here="$(cd "$(dirname "$0")" && pwd)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec accelerate launch --multi_gpu --num_processes "${NPROC:-2}" --num_machines 1 --mixed_precision no \
     --main_process_port "${PORT:-29500}" \
-    "$here/stock_trainer.py" "$@"
+    "$here/trainer_callback_only.py" "$@"

@@ -16,21 +16,30 @@ pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
+NO_SUCH_MODEL = "hf-r8-tests/no-such-model"  # a --model that cannot be loaded: the example falls back at once
+
+
 @pytest.mark.parametrize(("script", "arguments", "expected"), [
-    ("stock_trainer.py", ["--steps", "5"], "r8 step 5/5"),  # the dashboard's line: R8 ran to the end
-    ("trl_grpo.py", ["--steps", "3", "--model", "hf-r8-tests/no-such-model"], "final LR gain"),
+    ("trainer_callback_only.py", ["--steps", "5", "--model", NO_SUCH_MODEL], "r8 step 5/5"),  # the dashboard's line
+    # 2 steps an epoch: the cataloging epoch, then one planned from the catalog
+    ("r8_trainer.py", ["--steps", "4", "--examples", "32", "--model", NO_SUCH_MODEL],
+     "sampler/plan: epoch 1: balanced quartiles"),
+    ("sft_trl.py", ["--steps", "4", "--examples", "32", "--model", NO_SUCH_MODEL],
+     "sampler/plan: epoch 1: balanced quartiles"),
+    ("peft_lora.py", ["--steps", "4", "--model", NO_SUCH_MODEL], "4 parameter tensors, LoRA adapters only"),
+    ("moe_tiny.py", ["--steps", "4", "--model", NO_SUCH_MODEL], "LR gain within bounds at every step: True"),
+    ("trl_grpo.py", ["--steps", "3", "--model", NO_SUCH_MODEL], "final LR gain"),
     ("trl_rloo.py", ["--steps", "3", "--beta", "0"], "final LR gain"),
 ])
 def test_example_runs_offline(tmp_path, script, arguments, expected):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    flags = [] if script == "stock_trainer.py" else ["--output-dir", str(tmp_path / "run")]
-    completed = subprocess.run([sys.executable, str(EXAMPLES / script), *arguments, *flags], cwd=tmp_path, env=env,
-                               capture_output=True, text=True, timeout=300)
+    run_dir = tmp_path / "run"
+    completed = subprocess.run([sys.executable, str(EXAMPLES / script), *arguments, "--output-dir", str(run_dir)],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert expected in completed.stdout
-    if script != "stock_trainer.py":
-        assert "offline:tiny-gpt2" in completed.stdout  # a --model that cannot be loaded falls back at once
-        assert (tmp_path / "run" / "r8_report" / "summary.md").is_file()
+    assert "model: offline:" in completed.stdout  # the offline tiny model (GPT-2, or Mixtral for moe_tiny.py)
+    assert (run_dir / "r8_report" / "summary.md").is_file()
 
 
 def test_accelerate_example_runs_two_processes_with_one_dashboard(tmp_path):

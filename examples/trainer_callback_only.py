@@ -1,8 +1,11 @@
 """R8Callback on a stock transformers.Trainer, offline: a tiny GPT-2 on the Python docs.
 
-    python examples/stock_trainer.py [--preset conservative]
+    python examples/trainer_callback_only.py [--steps 200] [--preset conservative] [--model gpt2]
+        [--output-dir outputs/example]
 
-Everything R8 adds is the `callbacks=[...]` line; the rest is an ordinary Trainer script.
+Everything R8 adds is the `callbacks=[...]` line; the rest is an ordinary Trainer script (no R8Trainer:
+no loss catalog, no balanced sampler). `--model` loads a Hub model instead (falls back to the offline
+tiny GPT-2 when the Hub is unreachable).
 """
 
 from __future__ import annotations
@@ -13,19 +16,21 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_r8 import R8Callback
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+from hf_r8.offline import language_modeling_dataset, load_hub_or_offline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--model", default=None, help="a Hub model name (default: the offline tiny GPT-2)")
+    parser.add_argument("--output-dir", default="outputs/example")
     options = parser.parse_args()
 
-    tokenizer = build_tokenizer(2048)
+    model, tokenizer, source = load_hub_or_offline(options.model)
+    print(f"model: {source}")
     dataset = language_modeling_dataset(tokenizer, seq_len=64)
-    model = tiny_gpt2(len(tokenizer))
-    args = TrainingArguments(output_dir="outputs/example", max_steps=options.steps, learning_rate=1e-3,
+    args = TrainingArguments(output_dir=options.output_dir, max_steps=options.steps, learning_rate=1e-3,
                              per_device_train_batch_size=16, lr_scheduler_type="cosine", warmup_steps=10,
                              logging_steps=20, report_to=[], save_strategy="no",
                              use_cpu=not torch.cuda.is_available())  # several CPU processes: a real DDP run
