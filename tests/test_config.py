@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hf_r8.config import DecisionConfig, MomentumConfig, R8Config, available_presets
@@ -70,3 +72,12 @@ def test_sections_validate_when_built_in_code():
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ValueError, match=r"preset='fast': must be one of \['aggressive'"):
         R8Config.from_preset("fast")
+
+
+def test_configuration_reference_is_generated_from_the_dataclasses_and_committed():
+    from hf_r8.config_reference import config_reference
+
+    committed = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert committed == config_reference(), "regenerate: hf-r8 config-reference > docs/configuration.md"
+    rows = [line for line in committed.splitlines() if line.startswith("| `")]
+    assert len(rows) > 100 and not [row for row in rows if row.endswith("|  |")]  # every field documented
