@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import faulthandler
 import hashlib
-import json
 import sys
-from pathlib import Path
 
 import torch.distributed as dist
+from rank_result import write_rank_result
 from recording_trainer import RecordingR8Trainer
 from transformers import TrainerCallback, TrainingArguments
 
@@ -61,9 +60,7 @@ def main(output_dir: str, moe: bool) -> None:
     result["router_gains"] = [[*controller.gain_bounds[i], controller.lr_gain(i)] for i, spec in
                               enumerate(controller.specs) if spec.is_router]
     result["aux_loss_ema"] = controller.aux_slow.value
-    Path(output_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    write_rank_result(output_dir, result)
 
 
 if __name__ == "__main__":

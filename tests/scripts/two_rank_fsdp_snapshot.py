@@ -6,12 +6,11 @@ Each process captures and restores only its own shards; writes OUTPUT_DIR/rank<k
 from __future__ import annotations
 
 import faulthandler
-import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rank_result import write_rank_result
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -76,9 +75,7 @@ def main(output_dir: str) -> None:
         "estimated_bytes": snapshot_bytes(model, optimizer, trainable_only=True),
         "full_parameter_bytes": full_bytes,
     }
-    Path(output_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    write_rank_result(output_dir, result)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ indices it trained on, for tests/test_distributed.py to compare.
 from __future__ import annotations
 
 import faulthandler
-import json
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from rank_result import write_rank_result
 from recording_trainer import RecordingR8Trainer
 from transformers import TrainingArguments
 
@@ -33,9 +33,7 @@ def main(output_dir: str) -> None:
     folder = Path(output_dir, f"rank{rank}")
     folder.mkdir(parents=True, exist_ok=True)
     trainer.r8_catalog.save(folder)
-    Path(output_dir, f"rank{rank}.json").write_text(json.dumps({"seen_indices": trainer.seen_indices}))
-    dist.barrier()
-    dist.destroy_process_group()
+    write_rank_result(output_dir, {"seen_indices": trainer.seen_indices})
 
 
 if __name__ == "__main__":

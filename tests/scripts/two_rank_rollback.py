@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import faulthandler
 import hashlib
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rank_result import write_rank_result
 from recording_trainer import RecordingR8Trainer
 from transformers import TrainingArguments
 
@@ -68,9 +68,7 @@ def main(output_dir: str) -> None:
     folder = Path(output_dir, f"rank{rank}")
     folder.mkdir(parents=True, exist_ok=True)
     trainer.r8_catalog.save(folder)
-    Path(output_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    write_rank_result(output_dir, result)
 
 
 if __name__ == "__main__":

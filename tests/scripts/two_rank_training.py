@@ -7,11 +7,10 @@ loss of each step as seen on that rank alone, for tests/test_distributed.py to c
 from __future__ import annotations
 
 import faulthandler
-import json
 import sys
-from pathlib import Path
 
 import torch.distributed as dist
+from rank_result import write_rank_result
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_r8 import R8Callback
@@ -40,16 +39,13 @@ def main(output_dir: str) -> None:
                              ddp_find_unused_parameters=False, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[r8, local])
     trainer.train()
-    rank = dist.get_rank()
     result = {
         "world_size": dist.get_world_size(),
         "controller": r8.controller.state_dict(),
         "learning_rates": [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry],
         "local_losses": local.losses,
     }
-    Path(output_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()  # both ranks have written their results
-    dist.destroy_process_group()  # a gloo group left open can abort the interpreter at exit
+    write_rank_result(output_dir, result)
 
 
 if __name__ == "__main__":
