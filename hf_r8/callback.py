@@ -51,7 +51,11 @@ from hf_r8.controller import Controller, Event, GroupSpec, Observation
 from hf_r8.dashboard import Dashboard, DashboardView, mute_progress_bar
 from hf_r8.decision import Decision
 from hf_r8.distributed import sum_across_processes
+from hf_r8.dither import Dither
+from hf_r8.freezing import ParameterFreezer, trainable_parameters
+from hf_r8.host_copy import HostCopy
 from hf_r8.moe import is_router_parameter
+from hf_r8.param_groups import read_momentum, write_lr, write_momentum
 from hf_r8.range_test import LRRangeTest
 from hf_r8.rollback import RollbackAction, RollbackPolicy
 from hf_r8.run_log import RunLog
@@ -128,9 +132,11 @@ class R8Callback(TrainerCallback, ExportableState):
         self._logged_kl: float | None = None
         self._update_loop = False
         self._taps: TrainerTaps | None = None
-        self._pending: torch.Tensor | None = None
+        self._dither: Dither | None = None
+        self._freezer: ParameterFreezer | None = None
+        self._trainable: list[torch.Tensor] = []
+        self._pending: HostCopy | None = None
         self._pending_step = 0
-        self._copy_event: torch.cuda.Event | None = None
         self._schedule_lrs: list[float] = []
         self._events_since_log = 0
         self._decision_since_log = 0
@@ -175,6 +181,7 @@ class R8Callback(TrainerCallback, ExportableState):
         self._reward_sums, self._reward_counts = [0.0] * len(self._reward_sums), [0] * len(self._reward_counts)
         self._logged_reward = self._logged_kl = None
         self._update_loop = False
+        self._dither, self._freezer = self._parameter_actions(trainer, optimizer)
         if saved is not None:
             self._restore(saved)
         elif self.config.range_test.enabled and state.global_step == 0:
@@ -189,6 +196,8 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._taps.start_step()
+        if self._freezer is not None and self._range_test is None:
+            self._freezer.before_step(state.global_step + 1)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
@@ -203,12 +212,20 @@ class R8Callback(TrainerCallback, ExportableState):
             elif (self._snapshots_allowed and self._rollback.should_snapshot(step)
                   and self._take_snapshot(state.global_step, args.device)):
                 self._rollback.snapshot_taken(step)
+        if self._freezer is not None and self._range_test is None:  # also on a skipped step: ends its probe
+            for event in self._freezer.after_backward(state.global_step + 1):
+                self.record(event)
         self._apply(optimizer, lr_scheduler, step_index=state.global_step)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
         if not isinstance(_unwrap(lr_scheduler), _METRIC_SCHEDULERS):
             self._restore_schedule(optimizer)
+        step = state.global_step + 1
+        if (self._dither is not None and self._range_test is None and not self._drop_step_signals
+                and step > self.controller.warmup_steps):
+            parameters = self._freezer.active_parameters() if self._freezer is not None else self._trainable
+            self._dither.apply(parameters, self.controller.sigma, step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
@@ -263,6 +280,8 @@ class R8Callback(TrainerCallback, ExportableState):
             self._run_log.flush()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._freezer is not None:
+            self._freezer.release()
         if self._taps is not None:
             self._taps.remove()
             self._taps = None
@@ -278,7 +297,7 @@ class R8Callback(TrainerCallback, ExportableState):
             param_names = [names.get(id(param), "") for param in group["params"]]
             is_router = bool(param_names) and all(is_router_parameter(name, patterns) for name in param_names)
             initial_gain = initial_gains[index] if initial_gains else 1.0
-            specs.append(GroupSpec(base_lr, _read_momentum(group), is_router, initial_gain))
+            specs.append(GroupSpec(base_lr, read_momentum(group), is_router, initial_gain))
         self.controller = Controller(self.config, specs, self._total_steps,
                                      self._warmup_steps if warmup_steps is None else warmup_steps)
 
@@ -312,9 +331,7 @@ class R8Callback(TrainerCallback, ExportableState):
     def _consume_pending(self) -> None:
         if self._pending is None:
             return
-        if self._copy_event is not None:
-            self._copy_event.synchronize()
-        observation = _observation(self._pending_step, self._pending.tolist())
+        observation = _observation(self._pending_step, self._pending.result().tolist())
         observation.kl, self._logged_kl = self._logged_kl, None
         self._pending = None
         self._record_step(observation)
@@ -381,9 +398,7 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def _close_outputs(self, args: TrainingArguments, state: TrainerState) -> None:
         if self._pending is not None and self._range_test is None:  # the last step: its row, for the record only
-            if self._copy_event is not None:
-                self._copy_event.synchronize()
-            self._record_step(_observation(self._pending_step, self._pending.tolist()))
+            self._record_step(_observation(self._pending_step, self._pending.result().tolist()))
         wrote_files = self._run_log is not None
         self._unmute_progress = None  # the progress bar's own on_train_end, next, unmutes it
         self.close()
@@ -424,8 +439,8 @@ class R8Callback(TrainerCallback, ExportableState):
                 lr = self.controller.compose_lr(index, schedule_lr)
                 momentum = self.controller.momentum(index)
                 if momentum is not None:
-                    _write_momentum(group, momentum)
-            _write_lr(group, lr)
+                    write_momentum(group, momentum)
+            write_lr(group, lr)
             used.append(lr)
         self._applied = (step_index + 1, used[0], self._schedule_lrs[0],
                          used[0] / self._schedule_lrs[0] if self._schedule_lrs[0] else None)
@@ -435,7 +450,7 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def _restore_schedule(self, optimizer: torch.optim.Optimizer) -> None:
         for group, schedule_lr in zip(optimizer.param_groups, self._schedule_lrs, strict=False):
-            _write_lr(group, schedule_lr)
+            write_lr(group, schedule_lr)
         self._schedule_lrs = []
 
     def _stage_signals(self, step: int, device: torch.device) -> None:
@@ -443,19 +458,10 @@ class R8Callback(TrainerCallback, ExportableState):
         rollback check, or reduced on device now and copied to the host without waiting."""
         self._pending_step = step
         if self._checked_signals is not None:
-            self._copy_event, self._pending = None, torch.tensor(self._checked_signals, dtype=torch.float32)
+            self._pending = HostCopy(torch.tensor(self._checked_signals, dtype=torch.float32))
             self._checked_signals = None
             return
-        packed = self._reduced_signals(device)
-        if packed.device.type == "cuda":
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            self._copy_event = torch.cuda.Event()
-            self._copy_event.record()
-            self._pending = host
-        else:
-            self._copy_event = None
-            self._pending = packed.cpu()
+        self._pending = HostCopy(self._reduced_signals(device))
 
     def _reduced_signals(self, device: torch.device) -> torch.Tensor:
         """[loss, has_loss, grad_norm, has_grad_norm, reward sum, reward count, router aux loss, has_aux_loss]
@@ -562,6 +568,24 @@ class R8Callback(TrainerCallback, ExportableState):
         params = [local_part(param) for param in self._model.parameters() if param.requires_grad]  # own shards
         bad = torch.stack([~torch.isfinite(param).all() for param in params]).sum().float().to(device)
         return sum_across_processes(bad).item() == 0
+
+    def _parameter_actions(self, trainer: Any, optimizer: torch.optim.Optimizer,
+                           ) -> tuple[Dither | None, ParameterFreezer | None]:
+        """The dither and the freezer this run asked for and its parallelism allows."""
+        wanted = self.config.exploration.enabled or self.config.freezing.enabled
+        if not wanted:
+            return None, None
+        if getattr(trainer, "is_deepspeed_enabled", False) or any(
+                isinstance(param, DTensor) for param in trainer.model.parameters()):
+            logger.warning("R8: dither and freezing are off with DeepSpeed and FSDP (sharded parameters).")
+            return None, None
+        named = trainable_parameters(trainer.model, optimizer)
+        self._trainable = [parameter for _, parameter in named]
+        dither = Dither(self.config.exploration) if self.config.exploration.enabled else None
+        freezer = None
+        if self.config.freezing.enabled:
+            freezer = ParameterFreezer(self.config.freezing, named, several_processes=trainer.args.world_size > 1)
+        return dither, freezer
 
     def _supported_scope(self, trainer: Any) -> tuple[bool, bool]:
         """(check steps, take snapshots) for this run: what the parallelism in use allows."""
@@ -690,6 +714,8 @@ class R8Callback(TrainerCallback, ExportableState):
             metrics.update({f"lr_gain/group_{i}": gain for i, gain in enumerate(gains)})
         # The most recent non-HOLD decision since the previous log, so a log every N steps misses none.
         metrics.update(self._rollback.metrics() if self._rollback is not None else {})
+        if self._freezer is not None:
+            metrics["frozen_fraction"] = self._freezer.frozen_fraction
         metrics["decision"] = float(self._decision_since_log)
         metrics["events"] = float(self._events_since_log)
         self._events_since_log = self._decision_since_log = 0
@@ -702,15 +728,14 @@ class R8Callback(TrainerCallback, ExportableState):
             return {"args": {"config": self.config.to_dict()}, "attributes": {"r8_state": None}}
         pending = None
         if self._pending is not None:
-            if self._copy_event is not None:
-                self._copy_event.synchronize()
-            pending = {"step": self._pending_step, "values": self._pending.tolist()}
+            pending = {"step": self._pending_step, "values": self._pending.result().tolist()}
         r8_state = {
             "controller": self.controller.state_dict(),
             "pending": pending,
             "initial_gains": [spec.initial_gain for spec in self.controller.specs],
             "range_test_running": self._range_test is not None,
             "rollback": self._rollback.state_dict() if self._rollback is not None else None,
+            "freezing": self._freezer.policy.state_dict() if self._freezer is not None else None,
         }
         return {"args": {"config": self.config.to_dict()}, "attributes": {"r8_state": r8_state}}
 
@@ -732,13 +757,14 @@ class R8Callback(TrainerCallback, ExportableState):
         self.controller.load_state_dict(r8_state["controller"])
         if r8_state.get("rollback") is not None:
             self._rollback.load_state_dict(r8_state["rollback"])
+        if r8_state.get("freezing") is not None and self._freezer is not None:
+            self._freezer.load_state_dict(r8_state["freezing"])
         pending = r8_state.get("pending")
         if pending is not None:
             self._pending_step = pending["step"]
             # Checkpoints saved before rewards (4 values) or router aux losses (6) were signals.
             values = pending["values"] + [0.0] * (_SIGNAL_COUNT - len(pending["values"]))
-            self._pending = torch.tensor(values, dtype=torch.float32)
-            self._copy_event = None
+            self._pending = HostCopy(torch.tensor(values, dtype=torch.float32))
 
 
 def _observation(step: int, reduced: list[float]) -> Observation:
@@ -754,25 +780,3 @@ def _observation(step: int, reduced: list[float]) -> Observation:
 def _unwrap(scheduler: Any) -> Any:
     """The torch scheduler inside Accelerate's `AcceleratedScheduler`, if wrapped."""
     return getattr(scheduler, "scheduler", scheduler)
-
-
-def _read_momentum(group: dict[str, Any]) -> float | None:
-    if "betas" in group:
-        return float(group["betas"][0])
-    if "momentum" in group:
-        return float(group["momentum"])
-    return None
-
-
-def _write_momentum(group: dict[str, Any], momentum: float) -> None:
-    if "betas" in group:
-        group["betas"] = (momentum, *tuple(group["betas"])[1:])
-    elif "momentum" in group:
-        group["momentum"] = momentum
-
-
-def _write_lr(group: dict[str, Any], lr: float) -> None:
-    if torch.is_tensor(group["lr"]):
-        group["lr"].fill_(lr)
-    else:
-        group["lr"] = lr

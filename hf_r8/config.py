@@ -25,6 +25,7 @@ REWARD_RULES = ("scaling", "trend", "variance")
 BLENDABLE_RULES = LR_RULES + tuple(f"reward_{rule}" for rule in REWARD_RULES)
 SAMPLER_MODES = ("balanced", "infobatch", "uniform")
 SNAPSHOT_SCOPES = ("trainable", "all")
+DITHER_SHAPINGS = ("rms", "magnitude")
 MOMENTUM_RULES = ("none", "inverse", "exp", "relative", "normalized", "reward")
 
 
@@ -337,11 +338,17 @@ class MomentumConfig(_Section):
 
 @dataclass
 class ExplorationConfig(_Section):
-    """Exploration strength sigma: raised on plateaus, cut on instability (noise applied elsewhere)."""
+    """Exploration dither: its strength sigma is raised on plateaus and cut on instability (see dither.py)."""
 
     SECTION: ClassVar[str] = "exploration"
     enabled: bool = False
-    """Run the sigma law at all."""
+    """Run the sigma law and add its dither to the trainable parameters after each optimizer step (past
+    warmup, never on a skipped step): sigma * D(theta) * standard normal noise."""
+    shaping: str = "rms"
+    """D(theta): `rms` (each tensor's root-mean-square: noise relative to the tensor's scale) or `magnitude`
+    (each element's absolute value: zeros stay zero)."""
+    seed: int = 0
+    """Noise seed; with the step number it makes the same noise on every process (parameters stay equal)."""
     sigma_init: float = 1e-3
     """Starting sigma."""
     sigma_min: float = 1e-5
@@ -359,6 +366,46 @@ class ExplorationConfig(_Section):
         self._between("sigma_init", self.sigma_min, self.sigma_max)
         self._greater("raise_factor", 1.0)
         self._between("cut_factor", 0.0, 1.0, open_low=True, open_high=True)
+        if self.shaping not in DITHER_SHAPINGS:
+            _fail(self.SECTION, "shaping", self.shaping, f"one of {list(DITHER_SHAPINGS)}")
+        self._non_negative_int("seed")
+
+
+@dataclass
+class FreezingConfig(_Section):
+    """Reversible freezing of parameter tensors whose gradients went quiet."""
+
+    SECTION: ClassVar[str] = "freezing"
+    enabled: bool = False
+    """Freeze quiet tensors (no gradient computed, no optimizer update) and unfreeze revived ones."""
+    check_every: int = 10
+    """Steps between reads of the per-tensor gradient norms (one host read each time)."""
+    ema_beta: float = 0.7
+    """Smoothing of each tensor's gradient-norm EMA, updated at every check."""
+    threshold: float = 0.01
+    """A tensor is quiet while its gradient-norm EMA is below this fraction of the median EMA of the
+    unfrozen tensors."""
+    patience_steps: int = 50
+    """Steps a tensor must stay quiet before it is frozen."""
+    probe_every: int = 100
+    """Steps between probes: frozen tensors get a gradient for one step (not applied) to see if it revived.
+    A multiple of check_every."""
+    revive_threshold: float = 0.05
+    """A probed tensor whose gradient norm exceeds this fraction of the median EMA is unfrozen (above
+    `threshold`: a tensor near the line does not flip at every probe)."""
+    max_frozen_fraction: float = 0.9
+    """Never freeze more than this fraction of the trainable parameters (by element count)."""
+
+    def __post_init__(self) -> None:
+        self._positive_int("check_every")
+        self._between("ema_beta", 0.0, 1.0, open_high=True)
+        self._between("threshold", 0.0, 1.0, open_low=True)
+        self._positive_int("patience_steps")
+        self._positive_int("probe_every")
+        if self.probe_every % self.check_every:
+            _fail(self.SECTION, "probe_every", self.probe_every, f"a multiple of check_every ({self.check_every})")
+        self._greater("revive_threshold", self.threshold)
+        self._between("max_frozen_fraction", 0.0, 1.0, open_low=True, open_high=True)
 
 
 @dataclass
@@ -594,6 +641,7 @@ _SECTIONS: dict[str, type] = {
     "range_test": RangeTestConfig,
     "sampler": SamplerConfig,
     "rollback": RollbackConfig,
+    "freezing": FreezingConfig,
 }
 
 
@@ -629,6 +677,7 @@ class R8Config:
     range_test: RangeTestConfig = field(default_factory=RangeTestConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rollback: RollbackConfig = field(default_factory=RollbackConfig)
+    freezing: FreezingConfig = field(default_factory=FreezingConfig)
     dashboard: bool = True
     """Live rich dashboard on the main process (periodic lines when stdout is not a terminal)."""
     run_files: bool = True

@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 def run_two_ranks(script: str, output_dir: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # The repository root on the path: a script may share test helpers (`tests.…`).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SCRIPTS.parent.parent)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(free_port()), str(SCRIPTS / script), str(output_dir)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=280)
