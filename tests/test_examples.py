@@ -42,6 +42,19 @@ def test_example_runs_offline(tmp_path, script, arguments, expected):
     assert (run_dir / "r8_report" / "summary.md").is_file()
 
 
+@pytest.mark.parametrize(("script", "arguments", "expected"), [
+    ("plain_torch_loop.py", ["--steps", "60"], "after 60 steps"),
+    ("ask_for_batches.py", ["--epochs", "2", "--examples", "128"], "every example cataloged: True"),
+])
+def test_examples_outside_the_trainer_run_offline(tmp_path, script, arguments, expected):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run([sys.executable, str(EXAMPLES / script), *arguments, "--model", NO_SUCH_MODEL],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "model: offline:" in completed.stdout and expected in completed.stdout
+    assert "decision/increase" in completed.stdout  # the controller acted on the losses it was handed
+
+
 def test_accelerate_example_runs_two_processes_with_one_dashboard(tmp_path):
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the `accelerate` of this Python
     # Its own port: another 2-process job on the default one would join this one's rendezvous.

@@ -1,0 +1,203 @@
+"""`R8Loop`: hf_r8 for a loop that asks for its next batch (no Trainer, no DataLoader of ours needed).
+
+    with R8Loop(len(dataset), batch_size=32, base_lr=1e-3, num_epochs=3, save=save, load=load) as loop:
+        for epoch in loop.epochs():
+            for indices, lr in loop.batches():
+                set_lr(optimizer, lr)
+                losses = per_example_loss(model, dataset[indices])   # or just the batch loss
+                losses.mean().backward(); optimizer.step(); optimizer.zero_grad()
+                loop.report(losses.mean(), per_example_losses=losses)
+
+The same parts as `R8Trainer`, thinly wired: the loss catalog and the quartile-balanced sampler choose
+the indices (the first epoch visits every index once), the controller chooses the LR, and the rollback
+policy judges each reported loss. A reported loss is staged without waiting (tensors are copied to the
+host asynchronously) and consumed when the next batch is asked for, so the LR of step t+1 reacts to step
+t and nothing forces a device sync. Rollback goes through the user's callables: `save()` returns a state
+(weights, optimizer...) taken every `rollback.every_steps` healthy steps (or handed over with
+`snapshot(state)`), and `load(state)` puts it back when a NaN or repeated spikes say the weights are
+damaged; then the LR restarts lower and the next batches come from the lowest-loss quartile. Since the
+step of a reported loss has already been applied, a single spike cannot be skipped: it is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+
+from hf_r8.catalog import LossCatalog
+from hf_r8.config import R8Config
+from hf_r8.controller import Controller, Event, GroupSpec, Observation
+from hf_r8.dashboard import Dashboard, DashboardView
+from hf_r8.host_copy import HostCopy
+from hf_r8.rollback import RollbackAction, RollbackPolicy
+from hf_r8.sampler import BalancedQuartileSampler
+
+
+class R8Loop:
+    """Indices and LR for each batch; losses back through `report`.
+
+    Args:
+        num_samples: dataset size (>= 1).
+        batch_size: examples per batch (>= 1).
+        config: an `R8Config` (default: the `default` preset); its `sampler`, `rollback` and LR rules apply.
+        base_lr: the LR the gain multiplies.
+        num_epochs: how many epochs `epochs()` yields (sizes the statistics window too).
+        seed: the sampler's seed.
+        save: returns a state to roll back to (called at snapshot time); None: rollback needs `snapshot()`.
+        load: puts a state from `save`/`snapshot` back.
+        dashboard: show the live dashboard (default: `config.dashboard`).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, config: R8Config | None = None, *, base_lr: float = 1e-3,
+                 num_epochs: int = 1, seed: int = 0, save: Callable[[], Any] | None = None,
+                 load: Callable[[Any], None] | None = None, dashboard: bool | None = None) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
+        if not (isinstance(base_lr, (int, float)) and math.isfinite(base_lr) and base_lr > 0):
+            raise ValueError(f"base_lr={base_lr!r}: must be a finite number > 0")
+        if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
+            raise ValueError(f"num_epochs={num_epochs!r}: must be an integer >= 1")
+        self.config = config if config is not None else R8Config.from_preset("default")
+        sampler_config = self.config.sampler
+        self.catalog = LossCatalog(num_samples, alpha=sampler_config.catalog_alpha)
+        self.sampler = BalancedQuartileSampler(self.catalog, batch_size, seed=seed,
+                                               proportions=sampler_config.proportions, mode=sampler_config.mode,
+                                               prune_ratio=sampler_config.prune_ratio,
+                                               full_data_fraction=sampler_config.full_data_fraction,
+                                               total_epochs=num_epochs)
+        self.batch_size, self.base_lr, self.num_epochs = batch_size, float(base_lr), num_epochs
+        total_steps = num_epochs * math.ceil(num_samples / batch_size)
+        self.controller = Controller(self.config, [GroupSpec(self.base_lr)], total_steps=total_steps)
+        self.rollback = RollbackPolicy(self.config.rollback)
+        self.save, self.load = save, load
+        self.events: list[Event] = []
+        self.step = 0
+        self.stopped = False
+        self._batch: np.ndarray | None = None
+        self._staged: tuple[int, np.ndarray, HostCopy, HostCopy | None] | None = None
+        self._snapshot: tuple[int, Any, dict[str, Any], dict[str, Any]] | None = None
+        self._view = DashboardView(max_steps=total_steps)
+        show = self.config.dashboard if dashboard is None else dashboard
+        self._dashboard = Dashboard() if show else None
+        if self._dashboard is not None:
+            self._dashboard.start(self._view)
+
+    # --------------------------------------------------------------------------------- iteration
+    def epochs(self) -> Iterator[int]:
+        for epoch in range(self.num_epochs):
+            if self.stopped:
+                return
+            self.sampler.set_epoch(epoch)
+            yield epoch
+
+    def batches(self) -> Iterator[tuple[np.ndarray, float]]:
+        """This epoch's batches: (indices, LR to use). Ends early when rollback says stop."""
+        order = iter(self.sampler)  # planned at the first batch: after the previous epoch's last report
+        while True:
+            self._consume()  # before drawing: a rollback's low-loss batches start with this one
+            if self.stopped:
+                return
+            indices = np.fromiter(islice(order, self.batch_size), dtype=np.int64)
+            if len(indices) == 0:
+                return
+            self._batch = indices
+            yield indices, self.controller.compose_lr(0, self.base_lr)
+
+    def report(self, loss: Any, per_example_losses: Any = None) -> None:
+        """The batch's loss (tensor or float) and, if known, each example's loss (same order as the indices)."""
+        if self._batch is None:
+            raise RuntimeError("report() without a batch: ask for one with batches() first")
+        self.step += 1
+        losses = None
+        if per_example_losses is not None:
+            losses = torch.as_tensor(per_example_losses).detach().float().reshape(-1)
+            if losses.numel() != len(self._batch):
+                raise ValueError(f"per_example_losses has {losses.numel()} values for a batch of {len(self._batch)}")
+            losses = HostCopy(losses)
+        self._staged = (self.step, self._batch, HostCopy(torch.as_tensor(loss).detach().float().reshape(())), losses)
+        self._batch = None
+
+    def snapshot(self, state: Any) -> None:
+        """Hold `state` as the state to roll back to (instead of, or besides, `save`)."""
+        self._consume()
+        self._snapshot = (self.step, state, self.controller.state_dict(), self.rollback.detector.state_dict())
+        self.rollback.snapshot_taken(self.step)
+
+    # ------------------------------------------------------------------------------- the wiring
+    def _consume(self) -> None:
+        if self._staged is None:
+            return
+        step, indices, loss_copy, losses_copy = self._staged
+        self._staged = None
+        loss = float(loss_copy.result().item())
+        if losses_copy is not None:
+            self.catalog.update_exact(indices, losses_copy.result().numpy(), step)
+        elif math.isfinite(loss):
+            self.catalog.update_surprise(indices, loss, step)
+        action = self.rollback.damage(step, f"non-finite loss {loss}") if not math.isfinite(loss) \
+            else self.rollback.observe(step, loss)
+        if action is not None and action.kind == "skip":
+            self._record(Event(step, -1, "rollback", "spike", 1.0, 1.0, f"{action.reason.split(':')[0]}: its step "
+                               "was already applied (a second spike in a row rolls back)", quantity="step_applied"))
+        elif action is not None:
+            self._roll_back(action)
+            return
+        for event in self.controller.observe(Observation(step=step, loss=loss)):
+            self._record(event)
+        if self.save is not None and math.isfinite(loss) and self.rollback.should_snapshot(step):
+            self.snapshot(self.save())
+        self._update_view(loss)
+
+    def _roll_back(self, action: RollbackAction) -> None:
+        if action.kind == "stop" or self._snapshot is None or self.load is None:
+            self.stopped = True
+            why = "no state to roll back to (pass save/load or call snapshot())" if action.kind != "stop" else ""
+            self._record(Event(action.step, -1, "rollback", "stop", 1.0, 0.0,
+                               f"{action.reason}; {why or 'training stops'}", quantity="training"))
+            return
+        step, state, controller_state, detector_state = self._snapshot
+        self.load(state)
+        self.controller.load_state_dict(controller_state)
+        self.rollback.detector.load_state_dict(detector_state)
+        self.rollback.wasted_steps += action.step - step
+        reason = (f"{action.reason}: restored the state of step {step}, LR x{action.recovery_lr_factor:.3g} back to x1 "
+                  f"over {action.stabilize_steps} steps, their batches from the lowest-loss quartile")
+        for event in self.controller.rollback_brake(action.lasting_lr_factor, action.recovery_lr_factor,
+                                                    action.stabilize_steps, action.step, reason):
+            self._record(event)
+        self.sampler.stabilize(action.stabilize_steps)
+
+    def _record(self, event: Event) -> None:
+        self.events.append(event)
+        if event.group <= 0:
+            self._view.decisions.append(f"step {event.step} {event.rule}/{event.action}: {event.reason}")
+
+    def _update_view(self, loss: float) -> None:
+        view = self._view
+        view.step, view.loss, view.loss_ema = self.step, loss, self.controller.loss.ema.value
+        view.lr, view.base_lr, view.gain = self.controller.compose_lr(0, self.base_lr), self.base_lr, \
+            self.controller.lr_gain(0)
+        view.rollbacks, view.skipped_steps = self.rollback.rollbacks, self.rollback.skipped_steps
+        view.losses.append(loss)
+        if self._dashboard is not None:
+            self._dashboard.update(view)
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Consume the last report and stop the dashboard."""
+        self._consume()
+        if self._dashboard is not None:
+            self._dashboard.stop(self._view)
+            self._dashboard = None
+
+    def __enter__(self) -> R8Loop:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+

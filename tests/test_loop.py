@@ -1,0 +1,99 @@
+"""`R8Loop`: every index in the first epoch, balanced quartiles after, the LR reacting to reported
+losses, and a reported NaN rolling back through the user's save/load callables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hf_r8 import R8Config, R8Loop
+
+
+def _config() -> R8Config:
+    config = R8Config.from_preset("default")
+    config.dashboard = False
+    return config
+
+
+def test_first_epoch_visits_every_index_once_then_batches_balance_the_quartiles():
+    difficulty = np.linspace(0.1, 4.0, 64)  # example i's loss: a fixed, known difficulty
+    seen: list[list[np.ndarray]] = []
+    with R8Loop(64, batch_size=8, config=_config(), num_epochs=3) as loop:
+        for _ in loop.epochs():
+            seen.append([])
+            for indices, lr in loop.batches():
+                assert lr > 0
+                seen[-1].append(indices)
+                losses = torch.tensor(difficulty[indices])
+                loop.report(losses.mean(), per_example_losses=losses)
+    first = np.concatenate(seen[0])
+    assert sorted(first.tolist()) == list(range(64))
+    quartile_of = np.searchsorted(np.quantile(difficulty, [0.25, 0.5, 0.75]), difficulty, side="right")
+    for batch in seen[1]:
+        assert np.bincount(quartile_of[batch], minlength=4).tolist() == [2, 2, 2, 2]
+    assert loop.catalog.seen.all() and loop.step == 24
+
+
+def test_the_lr_follows_the_reported_losses():
+    config = _config()
+    config.warmup_steps = 0
+    lrs = []
+    with R8Loop(400, batch_size=4, config=config, base_lr=1e-3) as loop:
+        for _ in loop.epochs():
+            for step, (_, lr) in enumerate(loop.batches()):
+                lrs.append(lr)
+                loop.report(5.0 * 0.98 ** step)  # a steady, certain fall: the LR may grow
+    assert lrs[-1] > 1e-3 and any(event.action == "increase" for event in loop.events)
+
+
+def test_a_reported_nan_rolls_back_through_the_users_callables():
+    config = _config()
+    config.rollback.every_steps, config.rollback.healthy_steps = 10, 5
+    weights = {"w": 1.0}
+    saved, loaded = [], []
+
+    def save() -> dict:
+        saved.append(dict(weights))
+        return dict(weights)
+
+    def load(state: dict) -> None:
+        loaded.append(state)
+        weights.update(state)
+
+    lrs, quartiles_after_rollback = [], []
+    with R8Loop(256, batch_size=4, config=config, save=save, load=load) as loop:
+        for _ in loop.epochs():
+            for step, (indices, lr) in enumerate(loop.batches(), start=1):
+                lrs.append(lr)
+                if step == 31:
+                    quartiles_after_rollback = loop.catalog.quartiles()[indices].tolist()
+                weights["w"] += 1.0
+                loop.report(float("nan") if step == 30 else 3.0 - 0.01 * step)
+                if step == 40:
+                    break
+    assert saved and loaded == [saved[-1]] and weights["w"] < 40  # the weights went back to a healthy state
+    assert loop.rollback.rollbacks == 1 and not loop.stopped
+    assert lrs[30] < 0.75 * lrs[29]  # the step after the NaN restarts lower
+    assert quartiles_after_rollback == [0, 0, 0, 0]  # ... on the lowest-loss examples
+    assert any(event.rule == "rollback" and "restored the state of step" in event.reason for event in loop.events)
+
+
+def test_without_a_state_to_return_to_a_nan_stops_the_loop():
+    with R8Loop(64, batch_size=4, config=_config()) as loop:
+        for _ in loop.epochs():
+            for _ in loop.batches():
+                loop.report(float("nan"))
+    assert loop.stopped and loop.step == 1
+    assert "no state to roll back to" in loop.events[-1].reason
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"num_samples": 0, "batch_size": 4}, "catalog size=0"),
+    ({"num_samples": 10, "batch_size": 0}, "batch_size=0"),
+    ({"num_samples": 10, "batch_size": 2, "base_lr": float("nan")}, "base_lr=nan"),
+    ({"num_samples": 10, "batch_size": 2, "num_epochs": 0}, "num_epochs=0"),
+])
+def test_bad_arguments_name_the_field(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        R8Loop(**arguments, config=_config())

@@ -1,0 +1,149 @@
+"""`AdaptiveScheduler` outside the Trainer: the same LR trajectory as R8Callback on the same signals,
+state round trip, reward-only driving, momentum only where the optimizer has it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_r8 import AdaptiveScheduler, R8Callback, R8Config
+from hf_r8.config import MomentumConfig
+
+
+def _quiet(config: R8Config) -> R8Config:
+    config.dashboard = config.run_files = config.report = False
+    return config
+
+
+def _lrs_after_each_step(optimizer: torch.optim.Optimizer, scheduler: AdaptiveScheduler,
+                         signals: list[dict[str, float | None]]) -> list[float]:
+    """A loop with zero gradients (so the weights do not matter): step, record the LR used, report the signals."""
+    used = []
+    for signal in signals:
+        optimizer.step()
+        used.append(optimizer.param_groups[0]["lr"])
+        scheduler.step_loss(signal["loss"], grad_norm=signal["grad_norm"])
+    return used
+
+
+@pytest.mark.integration
+def test_same_lr_trajectory_as_the_callback_on_the_same_signals(model, lm_dataset, tmp_path):
+    config = _quiet(R8Config.from_preset("aggressive"))
+    callback = R8Callback(config)
+    seen = []
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=4,
+                             learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=1, report_to=[],
+                             save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset, callbacks=[callback])
+    original_build = callback._build_controller
+
+    def build_and_record(*build_args, **build_kwargs):
+        original_build(*build_args, **build_kwargs)
+        observe = callback.controller.observe
+        callback.controller.observe = lambda observation: (seen.append(observation), observe(observation))[1]
+
+    callback._build_controller = build_and_record
+    trainer.train()
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert len({round(lr, 12) for lr in logged}) > 2  # the controller did move the LR
+
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    parameter.grad = torch.zeros(3)
+    optimizer = torch.optim.SGD([parameter], lr=3e-3)  # the constant schedule's base LR
+    scheduler = AdaptiveScheduler(optimizer, config, total_steps=60)
+    signals = [{"loss": observation.loss, "grad_norm": observation.grad_norm} for observation in seen]
+    assert [observation.step for observation in seen] == list(range(1, len(seen) + 1))
+    assert _lrs_after_each_step(optimizer, scheduler, signals) == pytest.approx(logged[:len(signals)], rel=1e-12)
+
+
+def _signals(steps: int, seed: int = 0) -> list[dict[str, float | None]]:
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(steps, generator=generator).tolist()
+    return [{"loss": 5.0 * math.exp(-step / 40) + 0.05 * noise[step], "grad_norm": 1.0 + noise[step]}
+            for step in range(steps)]
+
+
+def test_state_round_trip_continues_the_same_trajectory():
+    config = _quiet(R8Config.from_preset("aggressive"))
+
+    def fresh() -> tuple[torch.optim.Optimizer, AdaptiveScheduler]:
+        parameter = torch.nn.Parameter(torch.zeros(3))
+        parameter.grad = torch.zeros(3)
+        optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+        return optimizer, AdaptiveScheduler(optimizer, config, total_steps=120)
+
+    signals = _signals(120)
+    optimizer, scheduler = fresh()
+    straight = _lrs_after_each_step(optimizer, scheduler, signals)
+    optimizer, scheduler = fresh()
+    first = _lrs_after_each_step(optimizer, scheduler, signals[:50])
+    saved_scheduler, saved_optimizer = scheduler.state_dict(), optimizer.state_dict()
+    optimizer, scheduler = fresh()
+    optimizer.load_state_dict(saved_optimizer)
+    scheduler.load_state_dict(saved_scheduler)
+    assert first + _lrs_after_each_step(optimizer, scheduler, signals[50:]) == straight
+    assert len(set(straight)) > 2
+    assert scheduler.get_last_lr() == [optimizer.param_groups[0]["lr"]]
+
+
+def test_reward_alone_drives_the_lr_and_momentum_goes_only_where_the_optimizer_has_it():
+    config = _quiet(R8Config.from_preset("reward_rl"))
+    config.momentum = MomentumConfig(rule="reward")
+    weights, plain = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    weights.grad, plain.grad = torch.zeros(3), torch.zeros(3)
+    adam = torch.optim.AdamW([weights], lr=1e-3)
+    adagrad = torch.optim.Adagrad([plain], lr=1e-3)  # neither betas nor momentum
+    schedulers = [AdaptiveScheduler(adam, config), AdaptiveScheduler(adagrad, config)]
+    for step in range(80):
+        for optimizer, scheduler in zip((adam, adagrad), schedulers, strict=True):
+            optimizer.step()
+            scheduler.observe(reward=0.1 + step / 100)  # a steadily rising reward, no loss at all
+    assert adam.param_groups[0]["lr"] > 1e-3 and adagrad.param_groups[0]["lr"] > 1e-3
+    assert adam.param_groups[0]["betas"][0] != 0.9  # the reward momentum rule moved beta1
+    assert "momentum" not in adagrad.param_groups[0] and "betas" not in adagrad.param_groups[0]
+    assert any(event.rule.startswith("reward") for event in schedulers[0].events)
+
+
+def test_tensor_and_nan_losses_are_taken_as_they_are():
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    parameter.grad = torch.zeros(3)
+    optimizer = torch.optim.SGD([parameter], lr=1e-2, momentum=0.9)
+    scheduler = AdaptiveScheduler(optimizer, _quiet(R8Config.from_preset("default")), total_steps=100)
+    for signal in _signals(30):
+        optimizer.step()
+        scheduler.step_loss(torch.tensor(signal["loss"]), grad_norm=torch.tensor(signal["grad_norm"]))
+    before = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step_loss(torch.tensor(float("nan")))
+    optimizer.step()
+    assert optimizer.param_groups[0]["lr"] < before  # a NaN loss is a spike: the brake, not a missing value
+    assert scheduler.controller.metrics()["nonfinite_losses"] == 1
+
+
+def test_a_wrong_optimizer_type_is_refused():
+    with pytest.raises(ValueError, match="optimizer=.*must be a torch.optim.Optimizer"):
+        AdaptiveScheduler(object())
+
+
+def test_set_metrics_then_step_is_step_loss():
+    config = _quiet(R8Config.from_preset("aggressive"))
+    trajectories = []
+    for split_call in (False, True):
+        parameter = torch.nn.Parameter(torch.zeros(3))
+        parameter.grad = torch.zeros(3)
+        optimizer = torch.optim.SGD([parameter], lr=1e-2, momentum=0.9)
+        scheduler = AdaptiveScheduler(optimizer, config, total_steps=100)
+        used = []
+        for signal in _signals(100):
+            optimizer.step()
+            used.append(scheduler.get_last_lr()[0])
+            if split_call:
+                scheduler.set_metrics(loss=signal["loss"], grad_norm=signal["grad_norm"])
+                scheduler.step()
+            else:
+                scheduler.step_loss(signal["loss"], grad_norm=signal["grad_norm"])
+        trajectories.append(used)
+    assert trajectories[0] == trajectories[1] and len(set(trajectories[0])) > 2
