@@ -66,7 +66,8 @@ class AdaptiveScheduler(LRScheduler):
 
     def observe(self, loss: Any = None, reward: Any = None, model: torch.nn.Module | None = None) -> None:
         """Like `step_loss`, with keyword signals (a reward-only run passes just `reward`); with `model`,
-        the total norm of its current gradients is the gradient-norm signal (computed on the device)."""
+        the total norm of its current gradients is the gradient-norm signal (computed on the device: call
+        `observe` before `optimizer.zero_grad()`)."""
         grad_norm = None
         if model is not None:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
