@@ -117,13 +117,15 @@ class ParameterFreezer:
         self.parameters = [p for _, p in named]
         self.policy = FreezePolicy(config, self.names, [p.numel() for p in self.parameters])
         self.drop_gradients_only = several_processes
+        self._frozen: list[torch.Tensor] = []
+        self._active: list[torch.Tensor] = list(self.parameters)
 
     @property
     def frozen_fraction(self) -> float:
         return self.policy.frozen_fraction
 
     def active_parameters(self) -> list[torch.Tensor]:
-        return [p for p, state in zip(self.parameters, self.policy.tensors, strict=True) if not state.frozen]
+        return self._active
 
     def before_step(self, step: int) -> None:
         """Before the step's first forward: at a probe step, frozen tensors compute a gradient again."""
@@ -135,9 +137,10 @@ class ParameterFreezer:
         events = []
         if step % self.config.check_every == 0:
             events = self.policy.observe(step, self._gradient_norms())
-        for parameter, state in zip(self.parameters, self.policy.tensors, strict=True):
-            if state.frozen:
-                parameter.grad = None
+            if events:
+                self._split()
+        for parameter in self._frozen:
+            parameter.grad = None
         if not self.drop_gradients_only:
             self._set_requires_grad(False)
         return events
@@ -150,13 +153,19 @@ class ParameterFreezer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state)
+        self._split()
         for parameter, tensor in zip(self.parameters, self.policy.tensors, strict=True):
             parameter.requires_grad_(not (tensor.frozen and not self.drop_gradients_only))
 
+    def _split(self) -> None:
+        """The frozen and the active tensors, kept as lists: the per-step work is over the frozen ones only."""
+        states = self.policy.tensors
+        self._frozen = [p for p, state in zip(self.parameters, states, strict=True) if state.frozen]
+        self._active = [p for p, state in zip(self.parameters, states, strict=True) if not state.frozen]
+
     def _set_requires_grad(self, probing: bool) -> None:
-        for parameter, state in zip(self.parameters, self.policy.tensors, strict=True):
-            if state.frozen:
-                parameter.requires_grad_(probing)
+        for parameter in self._frozen:
+            parameter.requires_grad_(probing)
 
     @torch.no_grad()
     def _gradient_norms(self) -> list[float | None]:
