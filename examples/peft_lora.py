@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 
 from hf_r8 import R8Config, R8Trainer
 from hf_r8.offline import language_modeling_dataset, load_hub_or_offline
-from hf_r8.snapshot import model_tensors, snapshot_bytes
+from hf_r8.snapshot import model_tensors, snapshot_bytes, trainable_parameter_names
 
 
 def main() -> None:
@@ -52,10 +52,10 @@ def main() -> None:
     rollback = next((log for log in reversed(trainer.state.log_history) if "r8/rollbacks" in log), {})
     print(f"rollbacks {rollback.get('r8/rollbacks', 0):.0f}, skipped steps {rollback.get('r8/skipped_steps', 0):.0f}")
     # What StateSnapshot.capture copies at this scope (plus the optimizer state of the trainable parameters).
-    trainable_only = config.rollback.scope == "trainable"
-    held = [name for name in model_tensors(model, trainable_only) if not name.startswith("buffer:")]
-    snapshot_kb = snapshot_bytes(model, trainer.optimizer, trainable_only) / 1e3
-    whole_kb = snapshot_bytes(model, trainer.optimizer, trainable_only=False) / 1e3
+    held_names = trainable_parameter_names(model) if config.rollback.scope == "trainable" else None
+    held = [name for name in model_tensors(model, held_names) if not name.startswith("buffer:")]
+    snapshot_kb = snapshot_bytes(model, trainer.optimizer, held_names) / 1e3
+    whole_kb = snapshot_bytes(model, trainer.optimizer) / 1e3
     adapters_only = bool(held) and all("lora_" in name for name in held)
     print(f"rollback snapshot (scope={config.rollback.scope}): {len(held)} parameter tensors, "
           f"{'LoRA adapters only' if adapters_only else 'not only adapters'}, {snapshot_kb:.1f} kB "

@@ -59,7 +59,7 @@ from hf_r8.param_groups import read_momentum, write_lr, write_momentum
 from hf_r8.range_test import LRRangeTest
 from hf_r8.rollback import RollbackAction, RollbackPolicy
 from hf_r8.run_log import RunLog
-from hf_r8.snapshot import StateSnapshot, local_part, snapshot_bytes
+from hf_r8.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
 from hf_r8.taps import TrainerTaps, find_trainer
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class R8Callback(TrainerCallback, ExportableState):
         self._active_trainer: Any = None
         self._rollback: RollbackPolicy | None = None
         self._healthy_snapshots: list[StateSnapshot] = []
+        self._snapshot_parameters: frozenset[str] | None = None  # None: every parameter
         self._snapshots_allowed = True
         self._checks_steps = True
         self._checked_signals: list[float] | None = None
@@ -177,6 +178,9 @@ class R8Callback(TrainerCallback, ExportableState):
         self._rollback = RollbackPolicy(self.config.rollback)
         self._healthy_snapshots = []
         self._checks_steps, self._snapshots_allowed = self._supported_scope(trainer)
+        # Fixed before the freezer (or a resumed freezer state) turns any requires_grad off.
+        self._snapshot_parameters = trainable_parameter_names(self._model) \
+            if self.config.rollback.scope == "trainable" else None
         self._checked_signals, self._drop_step_signals = None, False
         self._reward_sums, self._reward_counts = [0.0] * len(self._reward_sums), [0] * len(self._reward_counts)
         self._logged_reward = self._logged_kl = None
@@ -663,16 +667,18 @@ class R8Callback(TrainerCallback, ExportableState):
         scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
         if scaler is not None and extras.get("scaler") is not None:
             scaler.load_state_dict(extras["scaler"])
+        if self._freezer is not None and extras.get("freezing") is not None:
+            # Tensors frozen since were frozen on the discarded trajectory: back to the snapshot's frozen set.
+            self._freezer.load_state_dict(extras["freezing"])
 
     def _take_snapshot(self, step: int, device: torch.device) -> bool:
         """Capture the weights after `step` updates; False when snapshots turned out not to fit in RAM."""
         config = self.config.rollback
-        trainable_only = config.scope == "trainable"
-        if not self._healthy_snapshots and not self._snapshots_fit(trainable_only, device):
+        if not self._healthy_snapshots and not self._snapshots_fit(device):
             self._snapshots_allowed = False
             return False
         reused = self._healthy_snapshots.pop(0) if len(self._healthy_snapshots) >= config.keep else None
-        snapshot = reused if reused is not None else StateSnapshot(trainable_only)
+        snapshot = reused if reused is not None else StateSnapshot(self._snapshot_parameters)
         scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
         extras = {
             "controller": self.controller.state_dict(),
@@ -682,17 +688,18 @@ class R8Callback(TrainerCallback, ExportableState):
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "freezing": self._freezer.policy.state_dict() if self._freezer is not None else None,
         }
         snapshot.capture(self._model, self._optimizer, step, extras)
         self._healthy_snapshots.append(snapshot)
         return True
 
-    def _snapshots_fit(self, trainable_only: bool, device: torch.device) -> bool:
+    def _snapshots_fit(self, device: torch.device) -> bool:
         """Whether `keep` snapshots of every process on this machine fit in its free RAM, agreed by all processes."""
         config = self.config.rollback
         on_accelerator = device.type != "cpu"
         # Pinned host blocks are rounded up to a power of two: count the worst case, twice the bytes.
-        per_process = config.keep * snapshot_bytes(self._model, self._optimizer, trainable_only) * \
+        per_process = config.keep * snapshot_bytes(self._model, self._optimizer, self._snapshot_parameters) * \
             (2 if on_accelerator else 1)
         processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         available = psutil.virtual_memory().available

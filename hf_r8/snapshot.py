@@ -18,6 +18,7 @@ bytes and restoring needs no communication.
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -27,12 +28,17 @@ OptimizerKey = tuple[int, str]  # (position of the parameter in the optimizer's 
 _LIVE_KEYS = ("params", "lr")  # group entries a restore leaves as they are
 
 
-def model_tensors(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """Parameters (all, or those that train) and every buffer, by name; tied weights once."""
+def model_tensors(model: torch.nn.Module, parameter_names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Parameters (all, or those named in `parameter_names`) and every buffer, by name; tied weights once."""
     tensors = {name: param for name, param in model.named_parameters()
-               if param.requires_grad or not trainable_only}
+               if parameter_names is None or name in parameter_names}
     tensors.update({f"buffer:{name}": buffer for name, buffer in model.named_buffers()})
     return tensors
+
+
+def trainable_parameter_names(model: torch.nn.Module) -> frozenset[str]:
+    """The parameters that require a gradient now (with PEFT, the adapters): the ones training can change."""
+    return frozenset(name for name, param in model.named_parameters() if param.requires_grad)
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
@@ -44,9 +50,10 @@ def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]
     return [param for group in optimizer.param_groups for param in group["params"]]
 
 
-def snapshot_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool) -> int:
-    """Host bytes one snapshot takes with the optimizer state as it is now."""
-    total = sum(local_part(t).numel() * t.element_size() for t in model_tensors(model, trainable_only).values())
+def snapshot_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   parameter_names: Collection[str] | None = None) -> int:
+    """Host bytes one snapshot of these parameters takes with the optimizer state as it is now."""
+    total = sum(local_part(t).numel() * t.element_size() for t in model_tensors(model, parameter_names).values())
     for param in optimizer_parameters(optimizer):
         for value in optimizer.state.get(param, {}).values():
             if torch.is_tensor(value):
@@ -67,12 +74,15 @@ class StateSnapshot:
     """One restorable copy of a model's tensors and its optimizer's state.
 
     Args:
-        trainable_only: keep only parameters that require grad (frozen ones cannot change; with
-            PEFT this is the adapters), plus all buffers.
+        parameter_names: the parameters to keep (None: all of them), plus all buffers. The set is
+            fixed for the snapshot's life, so a parameter whose `requires_grad` changes between
+            capture and restore (R8's freezer, its probe steps) is restored all the same. With
+            `rollback.scope='trainable'` R8Callback passes those trainable when training starts
+            (frozen ones cannot change; with PEFT, the adapters).
     """
 
-    def __init__(self, trainable_only: bool = False) -> None:
-        self.trainable_only = trainable_only
+    def __init__(self, parameter_names: Collection[str] | None = None) -> None:
+        self.parameter_names = frozenset(parameter_names) if parameter_names is not None else None
         self.step = -1
         self.extras: dict[str, Any] = {}
         self._model: dict[str, torch.Tensor] = {}
@@ -89,7 +99,7 @@ class StateSnapshot:
 
     def capture(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                 extras: dict[str, Any] | None = None) -> None:
-        live = model_tensors(model, self.trainable_only)
+        live = model_tensors(model, self.parameter_names)
         for name, tensor in live.items():
             _copy_into(self._model, name, tensor)
         for name in set(self._model) - set(live):
@@ -119,7 +129,7 @@ class StateSnapshot:
         """Write the captured values back into `model` and `optimizer`, bit for bit."""
         if self.step < 0:
             raise RuntimeError("restore() before any capture()")
-        live = model_tensors(model, self.trainable_only)
+        live = model_tensors(model, self.parameter_names)
         with torch.no_grad():
             for name, buffer in self._model.items():
                 local_part(live[name]).copy_(buffer, non_blocking=True)

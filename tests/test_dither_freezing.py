@@ -10,11 +10,14 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_r8 import R8Callback, R8Config
-from hf_r8.config import ExplorationConfig, FreezingConfig
+from hf_r8.config import ExplorationConfig, FreezingConfig, RollbackConfig
 from hf_r8.dither import Dither
 from hf_r8.freezing import FreezePolicy
+from tests.conftest import training_args
 from tests.dither_freezing_models import QUIET_PREFIX, ReviveAt, model_with_a_silenceable_block
+from tests.faults import LearningRateBlast
 from tests.test_distributed import run_two_ranks
+from tests.test_rollback import RestoreProbe
 
 
 @pytest.mark.parametrize("shaping", ["rms", "magnitude"])
@@ -119,6 +122,27 @@ def test_freezing_state_comes_back_on_resume(tokenizer, lm_dataset, tmp_path):
     resumed = run(30, resume=True)
     assert resumed._freezer.policy.state_dict().keys() == first._freezer.policy.state_dict().keys()
     assert resumed._freezer.frozen_fraction > 0  # still frozen after the resume: no re-learning from scratch
+
+
+@pytest.mark.integration
+def test_a_rollback_restores_tensors_frozen_since_the_snapshot_and_the_frozen_set(tokenizer, lm_dataset, tmp_path):
+    config = _freezing_config()
+    config.freezing.patience_steps = 35  # the quiet block freezes at step 35, after the last snapshot (step 34)
+    config.rollback = RollbackConfig(every_steps=10, healthy_steps=5, window=20, min_history=10)
+    model, _ = model_with_a_silenceable_block(len(tokenizer))
+    r8 = R8Callback(config)
+    probe = RestoreProbe(r8)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=60, per_device_train_batch_size=8,
+                                                      learning_rate=3e-3, logging_steps=10),
+                      train_dataset=lm_dataset, callbacks=[r8, LearningRateBlast(), probe])
+    trainer.train()
+    assert trainer.state.global_step == 60 and r8.rollback_counts["rollbacks"] == 1 and probe.compared == 1
+    rollback_step = next(event.step for event in r8.events if event.action == "cut")
+    quiet = {name for name, _ in model.named_parameters() if name.startswith(QUIET_PREFIX)}
+    assert quiet <= set(r8._healthy_snapshots[-1]._model)  # trainable at the start: in every snapshot
+    freeze_steps = sorted({event.step for event in r8.events if event.action == "freeze"})
+    # Frozen on the discarded trajectory, unfrozen by the rollback, frozen again by the restored patience count.
+    assert freeze_steps[0] < rollback_step < freeze_steps[1]
 
 
 @pytest.mark.integration

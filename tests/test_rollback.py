@@ -20,7 +20,7 @@ from hf_r8.catalog import LossCatalog
 from hf_r8.config import RollbackConfig
 from hf_r8.offline import tiny_gpt2
 from hf_r8.rollback import RollbackPolicy
-from hf_r8.snapshot import StateSnapshot, model_tensors
+from hf_r8.snapshot import StateSnapshot, model_tensors, trainable_parameter_names
 from tests.conftest import ScriptedLossModel, training_args
 from tests.faults import FAULT_STEP, FaultyModel, LearningRateBlast
 
@@ -121,12 +121,12 @@ def test_restore_is_bit_exact_and_buffers_are_reused():
     _adam_steps(model, optimizer, 3)
     snapshot = StateSnapshot()
     snapshot.capture(model, optimizer, step=3, extras={"note": [1]})
-    expected_model = {name: t.clone() for name, t in model_tensors(model, False).items()}
+    expected_model = {name: t.clone() for name, t in model_tensors(model).items()}
     expected_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
     pointers = [buffer.data_ptr() for buffer in snapshot._model.values()]
     _adam_steps(model, optimizer, 5)
     snapshot.restore(model, optimizer)
-    for name, tensor in model_tensors(model, False).items():
+    for name, tensor in model_tensors(model).items():
         assert torch.equal(tensor, expected_model[name]), name
     for param in model.parameters():
         assert set(optimizer.state[param]) == set(expected_state[id(param)])
@@ -149,11 +149,21 @@ def test_a_snapshot_before_the_first_step_restores_an_empty_state_and_group_sett
     assert optimizer.param_groups[0]["d"] == 1.0 and optimizer.param_groups[0]["lr"] == 3e-3  # the LR is the schedule's
 
 
-def test_trainable_scope_skips_frozen_parameters():
+def test_trainable_scope_skips_frozen_parameters_and_keeps_its_set_when_requires_grad_changes():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 1))
     model[0].weight.requires_grad_(False)
-    snapshot = StateSnapshot(trainable_only=True)
-    snapshot.capture(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), step=0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    snapshot = StateSnapshot(trainable_parameter_names(model))
+    snapshot.capture(model, optimizer, step=0)
+    assert set(snapshot._model) == {"0.bias", "1.weight", "1.bias"}
+    saved = model[1].weight.detach().clone()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    model[1].weight.requires_grad_(False)  # as R8's freezer does between a capture and a rollback
+    model[0].weight.requires_grad_(True)
+    snapshot.restore(model, optimizer)
+    assert torch.equal(model[1].weight, saved)
+    snapshot.capture(model, optimizer, step=1)
     assert set(snapshot._model) == {"0.bias", "1.weight", "1.bias"}
 
 
@@ -221,7 +231,7 @@ class RestoreProbe(TrainerCallback):
         last = self.r8.events[-1] if self.r8.events else None
         if last is not None and last.step == state.global_step + 1 and last.action in ("cut", "stop"):
             snapshot = self.r8._healthy_snapshots[-1]
-            live = model_tensors(self.r8._model, snapshot.trainable_only)
+            live = model_tensors(self.r8._model, snapshot.parameter_names)
             assert all(torch.equal(live[name], buffer) for name, buffer in snapshot._model.items())
             self.compared += 1
 

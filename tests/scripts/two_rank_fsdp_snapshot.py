@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from hf_r8.offline import tiny_gpt2
-from hf_r8.snapshot import StateSnapshot, local_part, snapshot_bytes
+from hf_r8.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
 
 
 def local_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -47,7 +47,7 @@ def main(output_dir: str) -> None:
     batches = [torch.randint(0, 512, (4, 16), generator=generator) for _ in range(6)]
     train(model, optimizer, batches[:3])
 
-    snapshot = StateSnapshot(trainable_only=True)
+    snapshot = StateSnapshot(trainable_parameter_names(model))
     snapshot.capture(model, optimizer, step=3)
     captured = local_state(model, optimizer)
     first = next(model.parameters())
@@ -72,7 +72,7 @@ def main(output_dir: str) -> None:
         "rebuilt_is_dtensor": isinstance(rebuilt, DTensor) and rebuilt.shape == first.shape,
         "rebuilt_matches": torch.equal(local_part(rebuilt), captured_exp_avg),
         "snapshot_bytes": snapshot.nbytes,
-        "estimated_bytes": snapshot_bytes(model, optimizer, trainable_only=True),
+        "estimated_bytes": snapshot_bytes(model, optimizer, trainable_parameter_names(model)),
         "full_parameter_bytes": full_bytes,
     }
     write_rank_result(output_dir, result)
