@@ -69,6 +69,7 @@ class BalancedQuartileSampler(Sampler[int]):
         pending catalog update, so all processes plan from the same catalog."""
         self.on_plan = on_plan
         """Called with (epoch, what kind of plan) when a new epoch plan is made (the trainer logs it)."""
+        self._stabilized_until = 0  # the end of the stretch of the plan under way already rewritten by stabilize
         self.current_epoch_plan: tuple[int, np.ndarray] | None = None
         """(epoch, plan) of the epoch under way: saved with checkpoints (with `loss_weights`), so a resumed
         epoch replays its plan."""
@@ -82,6 +83,7 @@ class BalancedQuartileSampler(Sampler[int]):
     def stabilize(self, batches: int) -> None:
         """The next `batches` batches (from the next batch boundary) come from Q1 only."""
         self.stabilize_batches = batches
+        self._stabilized_until = 0  # a new request starts at the next boundary, even inside a rewritten stretch
 
     def __iter__(self) -> Iterator[int]:
         if self.before_plan is not None:
@@ -92,9 +94,10 @@ class BalancedQuartileSampler(Sampler[int]):
             if self.on_plan is not None:
                 self.on_plan(self.epoch, self.describe_plan())
         plan = self.current_epoch_plan[1]
+        self._stabilized_until = 0
         for position in range(len(plan)):
-            if self.stabilize_batches and position % self.batch_size == 0:
-                self._stabilize_from(plan, position)
+            if self.stabilize_batches and position % self.batch_size == 0 and position >= self._stabilized_until:
+                self._stabilized_until = self._stabilize_from(plan, position)
             yield int(plan[position])
 
     def describe_plan(self) -> str:
@@ -107,8 +110,9 @@ class BalancedQuartileSampler(Sampler[int]):
                 "infobatch": f"InfoBatch, below-mean examples left out with probability {self.prune_ratio}",
                 "uniform": "uniform shuffle"}[self.mode]
 
-    def _stabilize_from(self, plan: np.ndarray, position: int) -> None:
-        """Overwrite the plan from `position` on with Q1 examples (deterministic: same on every process).
+    def _stabilize_from(self, plan: np.ndarray, position: int) -> int:
+        """Overwrite the plan from `position` on with Q1 examples (deterministic: same on every process); returns
+        where the overwritten stretch ends. What does not fit before the epoch's end is left for the next epoch.
 
         The examples it displaces are not visited this epoch (in the cataloging epoch too)."""
         if self.before_plan is not None:
@@ -122,6 +126,7 @@ class BalancedQuartileSampler(Sampler[int]):
         if self.catalog.seen.any():  # before anything is cataloged there is no low-loss quartile
             plan[position:position + wanted] = self._draw(0, quartiles, usage, rng, wanted)
         self.stabilize_batches -= -(-wanted // self.batch_size)
+        return position + wanted
 
     def plan(self) -> np.ndarray:
         """The epoch's order of indices (length = dataset size)."""
