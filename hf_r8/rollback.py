@@ -123,7 +123,8 @@ class RollbackPolicy:
             return self.damage(step, f"non-finite loss {loss}")
         reason = self.detector.spike_reason(loss)
         if reason is None:
-            self.detector.accept(loss)
+            if step > self.stabilize_until:  # the stabilization's lowest-loss batches would set a false level
+                self.detector.accept(loss)
             return None
         self.last_anomaly_step = step
         if not self.config.enabled:
