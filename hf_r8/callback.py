@@ -170,6 +170,8 @@ class R8Callback(TrainerCallback, ExportableState):
         trainer = self._trainer if self._trainer is not None else find_trainer(self)
         if optimizer is None or not getattr(optimizer, "param_groups", None):
             raise ValueError(f"optimizer={optimizer!r}: R8Callback needs a torch optimizer with param_groups")
+        if self._freezer is not None:  # a run that raised never reached on_train_end: its frozen tensors train again
+            self._freezer.release()
         self._model, self._optimizer, self._active_trainer = trainer.model, optimizer, trainer
         self._total_steps, self._warmup_steps = state.max_steps, args.get_warmup_steps(state.max_steps)
         saved = self._saved_state(state) if state.global_step > 0 else None
@@ -284,6 +286,8 @@ class R8Callback(TrainerCallback, ExportableState):
             self._run_log.flush()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._range_test is not None:
+            self._abandon_range_test(state.global_step)
         if self._freezer is not None:
             self._freezer.release()
         if self._taps is not None:
@@ -331,6 +335,16 @@ class R8Callback(TrainerCallback, ExportableState):
                   f"{test.best_gain if test.best_gain is not None else float('nan'):.3g}; weights restored, "
                   f"training continues at gain {gain:.3g}")
         self.record(Event(step, -1, "range_test", "rebase", 1.0, gain, reason))
+
+    def _abandon_range_test(self, step: int) -> None:
+        """Training ended inside the LR range test: the sweep's weights are not the user's training, restore the
+        weights from before it."""
+        self._snapshot.restore(self._model, self._optimizer)
+        self._range_test, self._snapshot, self._pending = None, None, None
+        reason = (f"training ended after {step} steps, inside the LR range test of range_test.steps="
+                  f"{self.config.range_test.steps}: the weights from before the test are restored")
+        self.record(Event(step, -1, "range_test", "abandon", 1.0, 1.0, reason))
+        logger.warning("R8: %s.", reason)
 
     def _consume_pending(self) -> None:
         if self._pending is None:
@@ -558,7 +572,10 @@ class R8Callback(TrainerCallback, ExportableState):
             return policy.observe(step, loss)
         scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
         if scaler is not None and loss is not None and math.isfinite(loss):
-            return None  # an fp16 overflow in the gradients: the grad scaler skips the step and lowers its scale
+            # An fp16 overflow in the gradients: the grad scaler skips the step and lowers its scale. Not applied,
+            # so, as for a step the guard skips, the controller never sees it and no dither follows it.
+            self._drop_step_signals = True
+            return None
         optimizer.zero_grad(set_to_none=True)
         self._drop_step_signals = True  # a skipped step is not evidence about the LR: the controller never sees it
         policy.record_skip(step)

@@ -20,6 +20,7 @@ Only tensors that were trainable at the start are ever touched (PEFT's frozen ba
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,8 +59,10 @@ class FreezePolicy:
 
     def observe(self, step: int, norms: list[float | None]) -> list[Event]:
         """One check's gradient norms (None where a frozen tensor was not probed, all None on a step the
-        guard skipped); returns the changes."""
+        guard skipped); returns the changes. A non-finite norm (an fp16 overflow the grad scaler skips)
+        counts as not measured."""
         beta, events = self.config.ema_beta, []
+        norms = [norm if norm is not None and math.isfinite(norm) else None for norm in norms]
         if all(norm is None for norm in norms):
             return events
         for state, norm in zip(self.tensors, norms, strict=True):

@@ -4,10 +4,11 @@ on a real Trainer, frozen tensors untouched, and the same on two DDP processes."
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_r8 import R8Callback, R8Config
 from hf_r8.config import ExplorationConfig, FreezingConfig, RollbackConfig
@@ -66,6 +67,16 @@ def test_policy_freezes_after_patience_unfreezes_on_probe_and_keeps_a_cap():
         crowded.observe(step, [1.0, 1.1, 1e-5, 1e-6])
     assert [state.frozen for state in crowded.tensors] == [False, False, True, False]  # d: over the 50% cap
 
+
+
+def test_a_non_finite_gradient_norm_counts_as_not_measured():
+    policy = FreezePolicy(FreezingConfig(enabled=True, check_every=10, patience_steps=20), ["a", "b", "c"],
+                          [10, 10, 10])
+    policy.observe(10, [1.0, 1.0, 1e-6])
+    policy.observe(20, [math.inf, math.nan, 1e-6])  # an fp16 overflow step the grad scaler skips
+    policy.observe(30, [1.0, 1.0, 1e-6])
+    assert all(math.isfinite(state.ema) for state in policy.tensors)
+    assert [state.frozen for state in policy.tensors] == [False, False, True]
 
 def _freezing_config(**exploration) -> R8Config:
     config = R8Config.from_preset("default")
@@ -144,6 +155,81 @@ def test_a_rollback_restores_tensors_frozen_since_the_snapshot_and_the_frozen_se
     # Frozen on the discarded trajectory, unfrozen by the rollback, frozen again by the restored patience count.
     assert freeze_steps[0] < rollback_step < freeze_steps[1]
 
+
+
+class RaiseAt(TrainerCallback):
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}")
+
+
+@pytest.mark.integration
+def test_a_run_that_raised_leaves_no_tensor_frozen_for_the_next_one(tokenizer, lm_dataset, tmp_path):
+    model, scale = model_with_a_silenceable_block(len(tokenizer))
+    quiet = {name: param for name, param in model.named_parameters() if name.startswith(QUIET_PREFIX)}
+    r8, failure = R8Callback(_freezing_config()), RaiseAt(18)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=30, logging_steps=10),
+                      train_dataset=lm_dataset, callbacks=[r8, failure])
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer.train()
+    assert r8._freezer.frozen_fraction > 0 and not any(param.requires_grad for param in quiet.values())
+    failure.step, scale[0] = None, 1.0  # the next run, where the block's gradient is back
+    before = {name: param.detach().clone() for name, param in quiet.items()}
+    trainer.train()
+    assert set(quiet) <= set(r8._freezer.names) and all(param.requires_grad for param in quiet.values())
+    assert all(not torch.equal(before[name], param) for name, param in quiet.items())
+
+
+class Fp16Overflow(TrainerCallback):
+    """An fp16 overflow at `step` as R8 meets it (no GPU here, so no real grad scaler): every gradient is inf,
+    the loss finite, the Trainer's accelerator has a grad scaler, and the step is not applied (the callback
+    placed after R8 drops the gradients, as `GradScaler.step` does when it finds an inf)."""
+
+    def __init__(self, trainer: Trainer, step: int) -> None:
+        self.trainer, self.step, self.overflowing = trainer, step, [False]
+        for param in trainer.model.parameters():
+            param.register_hook(lambda grad: torch.full_like(grad, math.inf) if self.overflowing[0] else grad)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.overflowing[0] = state.global_step + 1 == self.step
+        self.trainer.accelerator.scaler = torch.amp.GradScaler("cpu") if self.overflowing[0] else None
+
+
+class ScalerSkips(TrainerCallback):
+    def __init__(self, overflow: Fp16Overflow) -> None:
+        self.overflow, self.unchanged = overflow, None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.overflow.overflowing[0]:
+            self.weights = [param.detach().clone() for param in self.overflow.trainer.model.parameters()]
+            optimizer.zero_grad(set_to_none=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.overflow.overflowing[0]:
+            self.unchanged = all(torch.equal(before, param) for before, param in
+                                 zip(self.weights, self.overflow.trainer.model.parameters(), strict=True))
+
+
+@pytest.mark.integration
+def test_an_fp16_overflow_step_gets_no_dither_and_leaves_the_freezer_finite(tokenizer, lm_dataset, tmp_path):
+    model, _ = model_with_a_silenceable_block(len(tokenizer))
+    r8 = R8Callback(_freezing_config(sigma_init=1e-3))
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=30, logging_steps=10),
+                      train_dataset=lm_dataset, callbacks=[r8])
+    overflow = Fp16Overflow(trainer, step=10)  # a check step of the freezer, past warmup
+    skips = ScalerSkips(overflow)
+    trainer.add_callback(overflow)
+    trainer.pop_callback(r8)
+    for callback in (r8, skips):  # R8 between the overflow and the scaler's skip
+        trainer.add_callback(callback)
+    trainer.train()
+    assert skips.unchanged  # no noise on the weights of a step that was not applied
+    assert all(math.isfinite(state.ema) for state in r8._freezer.policy.tensors)
+    assert not any(event.action == "skip_step" for event in r8.events)  # the scaler's skip, not R8's
+    assert any(event.action == "freeze" for event in r8.events)
 
 @pytest.mark.integration
 def test_dither_moves_the_weights_by_sigma_after_warmup(tokenizer, lm_dataset, tmp_path):
