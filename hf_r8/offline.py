@@ -117,7 +117,8 @@ def build_tokenizer(vocab_size: int = 2048, include_docstrings: bool = False) ->
 def language_modeling_dataset(tokenizer: PreTrainedTokenizerFast, seq_len: int = 64,
                               max_examples: int | None = None, texts: list[str] | None = None) -> Dataset:
     """`texts` (default `english_paragraphs()`) tokenized, each followed by end-of-text, concatenated
-    and cut into `seq_len` blocks with `labels = input_ids`."""
+    and cut into `seq_len` blocks with `labels = input_ids`. The blocks are packed, never padded: the
+    attention mask is all ones (given, so GPT-2 does not warn that its input may be padded)."""
     ids: list[int] = []
     encoded = tokenizer(texts if texts is not None else english_paragraphs())["input_ids"]
     for paragraph in encoded:
@@ -126,7 +127,8 @@ def language_modeling_dataset(tokenizer: PreTrainedTokenizerFast, seq_len: int =
     blocks = [ids[start:start + seq_len] for start in range(0, len(ids) - seq_len + 1, seq_len)]
     if max_examples is not None:
         blocks = blocks[:max_examples]
-    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * seq_len for _ in blocks],
+                              "labels": blocks})
 
 
 def tiny_gpt2(vocab_size: int, n_embd: int = 64, n_layer: int = 2, n_head: int = 2, n_positions: int = 128,
