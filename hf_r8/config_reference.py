@@ -64,7 +64,6 @@ def _table(cls: type, prefix: str) -> list[str]:
     return lines
 
 
-
 def config_reference() -> str:
     """The whole reference as Markdown: top-level fields, then one table per section."""
     presets = ", ".join(f"`{name}`" for name in available_presets())

@@ -68,7 +68,6 @@ def test_policy_freezes_after_patience_unfreezes_on_probe_and_keeps_a_cap():
     assert [state.frozen for state in crowded.tensors] == [False, False, True, False]  # d: over the 50% cap
 
 
-
 def test_a_non_finite_gradient_norm_counts_as_not_measured():
     policy = FreezePolicy(FreezingConfig(enabled=True, check_every=10, patience_steps=20), ["a", "b", "c"],
                           [10, 10, 10])
@@ -77,6 +76,7 @@ def test_a_non_finite_gradient_norm_counts_as_not_measured():
     policy.observe(30, [1.0, 1.0, 1e-6])
     assert all(math.isfinite(state.ema) for state in policy.tensors)
     assert [state.frozen for state in policy.tensors] == [False, False, True]
+
 
 def _freezing_config(**exploration) -> R8Config:
     config = R8Config.from_preset("default")
@@ -156,7 +156,6 @@ def test_a_rollback_restores_tensors_frozen_since_the_snapshot_and_the_frozen_se
     assert freeze_steps[0] < rollback_step < freeze_steps[1]
 
 
-
 class RaiseAt(TrainerCallback):
     def __init__(self, step: int | None) -> None:
         self.step = step
@@ -218,18 +217,17 @@ def test_an_fp16_overflow_step_gets_no_dither_and_leaves_the_freezer_finite(toke
     model, _ = model_with_a_silenceable_block(len(tokenizer))
     r8 = R8Callback(_freezing_config(sigma_init=1e-3))
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=30, logging_steps=10),
-                      train_dataset=lm_dataset, callbacks=[r8])
+                      train_dataset=lm_dataset)
     overflow = Fp16Overflow(trainer, step=10)  # a check step of the freezer, past warmup
     skips = ScalerSkips(overflow)
-    trainer.add_callback(overflow)
-    trainer.pop_callback(r8)
-    for callback in (r8, skips):  # R8 between the overflow and the scaler's skip
+    for callback in (overflow, r8, skips):  # R8 between the overflow and the scaler's skip
         trainer.add_callback(callback)
     trainer.train()
     assert skips.unchanged  # no noise on the weights of a step that was not applied
     assert all(math.isfinite(state.ema) for state in r8._freezer.policy.tensors)
     assert not any(event.action == "skip_step" for event in r8.events)  # the scaler's skip, not R8's
     assert any(event.action == "freeze" for event in r8.events)
+
 
 @pytest.mark.integration
 def test_dither_moves_the_weights_by_sigma_after_warmup(tokenizer, lm_dataset, tmp_path):

@@ -72,7 +72,6 @@ def test_range_test_restores_the_weights_and_rebases_the_gain(model, lm_dataset,
     assert math.isfinite(trainer.state.log_history[-2]["loss"])
 
 
-
 @pytest.mark.integration
 def test_a_run_that_ends_inside_the_test_gets_the_weights_from_before_it(model, lm_dataset, tmp_path, caplog):
     config = R8Config(range_test=RangeTestConfig(enabled=True, steps=10, gain_min=0.1, gain_max=1000.0))
@@ -85,6 +84,7 @@ def test_a_run_that_ends_inside_the_test_gets_the_weights_from_before_it(model, 
     abandon = [event for event in r8.events if event.rule == "range_test"]
     assert [(event.step, event.action) for event in abandon] == [(6, "abandon")]
     assert "inside the LR range test of range_test.steps=10" in caplog.text
+
 
 @pytest.mark.integration
 def test_range_test_sweeps_the_lr_it_claims(model, lm_dataset, tmp_path):

@@ -66,7 +66,6 @@ def test_a_snapshot_long_after_the_damage_ends_the_series():
     assert policy.observe(60, 9.0).attempt == 1
 
 
-
 def test_the_stabilization_losses_do_not_set_the_level_the_next_batches_are_judged_against():
     policy = RollbackPolicy(RollbackConfig(**QUICK, stabilize_steps=5))
     for step in range(1, 21):
@@ -79,6 +78,7 @@ def test_the_stabilization_losses_do_not_set_the_level_the_next_batches_are_judg
     assert policy.detector.state_dict() == level
     assert policy.observe(28, 2.02) is None  # ordinary batches again: no spike against a false low level
     assert policy.detector.recent[-1] == 2.02
+
 
 def test_guard_names_the_non_finite_value_and_snapshots_wait_for_health():
     policy = RollbackPolicy(RollbackConfig(**QUICK))

@@ -80,7 +80,6 @@ def test_stabilize_switches_to_q1_inside_the_epoch_under_way():
     assert sampler.current_epoch_plan[1][8:32].tolist() == rest[:24]  # a checkpoint replays what was served
 
 
-
 def test_a_stabilization_longer_than_the_epoch_left_carries_the_rest_into_the_next_epoch():
     catalog = cataloged()  # 8 batches of 8 per epoch
     sampler = BalancedQuartileSampler(catalog, batch_size=8)
@@ -95,6 +94,7 @@ def test_a_stabilization_longer_than_the_epoch_left_carries_the_rest_into_the_ne
     quartiles = catalog.quartiles()
     assert (quartiles[served[32:]] == 0).all() and (quartiles[following[:16]] == 0).all()
     assert (quartiles[following[16:24]] != 0).any() and sampler.stabilize_batches == 0
+
 
 def test_unseen_examples_count_as_the_hardest_quartile_and_tiny_datasets_work():
     catalog = LossCatalog(3)
