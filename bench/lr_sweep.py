@@ -26,6 +26,8 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
+from hf_r8 import R8Callback
+
 sys.path.insert(0, str(Path(__file__).parent))
 from methods import METHODS, WARMUP, Method  # noqa: E402
 from report import write_report  # noqa: E402
@@ -49,6 +51,10 @@ class Run:
     diverged: bool
     train_runtime: float
     extra_forward_passes: int
+    forgetting_loss: float | None = None
+    """Final loss on the pre-training corpus' held-out blocks (fine-tuning tasks only)."""
+    rollbacks: int = 0
+    skipped_steps: int = 0
 
 
 def run_one(task: Task, method: Method, lr: float, seed: int, output_dir: Path) -> Run:
@@ -65,8 +71,9 @@ def run_one(task: Task, method: Method, lr: float, seed: int, output_dir: Path) 
         data_seed=seed, dataloader_num_workers=0, log_level="error", weight_decay=0.0, **args,
     )
     optimizers = (method.make_optimizer(model, lr), None) if method.make_optimizer else (None, None)
+    callbacks = method.make_callbacks()
     trainer = Trainer(model=model, args=training_args, train_dataset=task.train, eval_dataset=task.eval,
-                      callbacks=method.make_callbacks(), optimizers=optimizers)
+                      callbacks=callbacks, optimizers=optimizers)
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     trainer.train()
@@ -76,11 +83,16 @@ def run_one(task: Task, method: Method, lr: float, seed: int, output_dir: Path) 
     diverged = any(not math.isfinite(loss) for loss in losses) or any(
         not math.isfinite(entry.get("loss", 0.0)) for entry in trainer.state.log_history)
     final = losses[-1] if losses else math.inf
+    forgetting = None
+    if task.forgetting_eval is not None:
+        forgetting = float(trainer.evaluate(task.forgetting_eval, metric_key_prefix="forgetting")["forgetting_loss"])
+    counts = next((callback.rollback_counts for callback in callbacks if isinstance(callback, R8Callback)), {})
     # plateau and greedy read the held-out loss to decide: those evaluations are work the method needs
     uses_eval = method.args.get("lr_scheduler_type") in ("reduce_lr_on_plateau", "greedy")
     extra = len(history) * math.ceil(len(task.eval) / 256) if uses_eval else 0
     return Run(task.name, method.name, lr, seed, [int(entry["step"]) for entry in history], losses,
-               final if math.isfinite(final) else math.inf, diverged, runtime, extra)
+               final if math.isfinite(final) else math.inf, diverged, runtime, extra, forgetting,
+               counts.get("rollbacks", 0), counts.get("skipped_steps", 0))
 
 
 @functools.cache
@@ -91,6 +103,7 @@ def _task(name: str, quick: bool) -> Task:
 def _quiet_worker() -> None:
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     logging.getLogger("hf_r8").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
 
@@ -110,7 +123,9 @@ def run_job(task_name: str, quick: bool, method_name: str, seeds: list[int]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small models, 150 steps, 3 seeds (< 10 min)")
+    parser.add_argument("--quick", action="store_true", help="small models, 150 steps, 3 seeds (~10 min)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="step budget of every task (default 150 with --quick, else 600)")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=None)
@@ -118,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="processes, one torch thread each (default: one per core)")
     parser.add_argument("--name", default=None, help="results file stem (default lr_sweep[_quick])")
     options = parser.parse_args(argv)
+    if options.steps is not None:
+        os.environ["BENCH_STEPS"] = str(options.steps)  # read by the tasks, in this process and the workers
     _quiet_worker()
+    ready_tasks = [_task(task, options.quick) for task in options.tasks]  # the fine-tuning base is trained once
     seeds = list(range(options.seeds or (3 if options.quick else 5)))
-    name = options.name or ("lr_sweep_quick" if options.quick else "lr_sweep")
+    name = options.name or ("lr_sweep_quick" if options.quick else "lr_sweep") + \
+        (f"_{options.steps}" if options.steps is not None else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     jobs = [(task, options.quick, method, seeds) for task in options.tasks for method in options.methods]
@@ -131,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {options.workers} worker process(es) with one "
                    f"torch thread each, torch {torch.__version__}",
         "elapsed_s": elapsed, "quick": options.quick, "lr_grid": LR_GRID, "seeds": seeds,
-        "tasks": {task: _task(task, options.quick).description for task in options.tasks},
+        "tasks": {task.name: task.description for task in ready_tasks},
         "methods": {method: METHODS[method].description for method in options.methods},
     }
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "runs": [asdict(run) for run in runs]}))

@@ -55,10 +55,15 @@ METHODS = {
     "prodigy": Method("prodigy", {"lr_scheduler_type": "cosine", "warmup_steps": WARMUP}, make_optimizer=_prodigy,
                       description="Prodigy (lr = grid / 1e-2), 10% warmup, cosine"),
     "r8_cosine": Method("r8_cosine", {"lr_scheduler_type": "cosine", "warmup_steps": WARMUP},
-                        make_callbacks=_r8("default"), description="hf_r8 default preset on 10% warmup + cosine"),
+                        make_callbacks=_r8("default"), description="hf_r8 default preset (range test sized to the run, "
+                                                       "online rules) on 10% warmup + cosine"),
     "r8_constant": Method("r8_constant", {"lr_scheduler_type": "constant"}, make_callbacks=_r8("default"),
-                          description="hf_r8 default preset on a constant schedule"),
+                          description="hf_r8 default preset on a constant schedule (so its end-of-run anneal is on)"),
+    "r8_gentle": Method("r8_gentle", {"lr_scheduler_type": "cosine", "warmup_steps": WARMUP},
+                        make_callbacks=_r8("gentle"),
+                        description="hf_r8 gentle preset (the default before it searched for the LR: no range test, "
+                                    "no anneal) on 10% warmup + cosine"),
     "r8_find_lr": Method("r8_find_lr", {"lr_scheduler_type": "constant"}, make_callbacks=_r8("find_lr"),
-                         description="hf_r8 find_lr preset (a 30-step LR range test inside the budget, weights "
-                                     "restored) on a constant schedule"),
+                         description="hf_r8 find_lr preset (a fixed 30-step LR range test inside the budget, "
+                                     "weights restored, no anneal) on a constant schedule"),
 }

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROBUST_TOLERANCE = 0.02
 LOOSE_TOLERANCE = 0.10  # a second lens on the same numbers: the 2% criterion is all-or-nothing on tiny tasks
+FROM_BELOW_TOLERANCE = 0.05
+TUNED_BASELINES = ("constant", "cosine", "schedulefree")
 
 
 def _median(values: list[float]) -> float:
@@ -51,6 +53,11 @@ def summarize(runs: list[Any]) -> dict[str, dict[str, Any]]:
                 "runs": sum(len(by_key[(task, method, lr)]) for lr in lrs),
                 "extra_forward_passes": sum(r.extra_forward_passes for lr in lrs for r in by_key[(task, method, lr)]),
                 "curve": _median_curve(by_key[(task, method, best_lr)]),
+                "from_100x_below": _steps_from_below(by_key, task, method, best_lr, medians[method][best_lr]),
+                "forgetting": {lr: _median([r.forgetting_loss for r in by_key[(task, method, lr)]
+                                            if getattr(r, "forgetting_loss", None) is not None]) for lr in lrs},
+                "rollbacks": sum(getattr(r, "rollbacks", 0) for lr in lrs for r in by_key[(task, method, lr)]),
+                "skipped_steps": sum(getattr(r, "skipped_steps", 0) for lr in lrs for r in by_key[(task, method, lr)]),
             }
         summary[task] = {"best": best, "target": target, "cosine_best_lr": cosine_best_lr, "lrs": lrs, "rows": rows}
     return summary
@@ -61,6 +68,18 @@ def _median_curve(runs: list[Any]) -> tuple[list[int], list[float]]:
     return steps, [_median([run.eval_losses[i] for run in runs if i < len(run.eval_losses)]) for i in range(len(steps))]
 
 
+def _steps_from_below(by_key: dict[tuple[str, str, float], list[Any]], task: str, method: str, best_lr: float,
+                      best_loss: float) -> int | str:
+    """Steps the median run started 100x below the method's best LR needs to come within 5% of the best LR's
+    final loss: "never", or "n/a" when that LR is not on the grid."""
+    runs = next((runs for (t, m, lr), runs in by_key.items()
+                 if t == task and m == method and math.isclose(lr, best_lr / 100, rel_tol=1e-6)), None)
+    if not runs:
+        return "n/a"
+    reached = _steps_to_target(runs, best_loss * (1 + FROM_BELOW_TOLERANCE))
+    return "never" if reached is None else reached
+
+
 def _steps_to_target(runs: list[Any], target: float) -> int | None:
     steps, losses = _median_curve(runs)
     return next((step for step, loss in zip(steps, losses, strict=True) if loss <= target), None)
@@ -68,7 +87,7 @@ def _steps_to_target(runs: list[Any], target: float) -> int | None:
 
 def _method_order(name: str) -> tuple[int, str]:
     order = ["constant", "linear", "cosine", "plateau", "greedy", "schedulefree", "prodigy", "r8_cosine",
-             "r8_constant", "r8_find_lr"]
+             "r8_constant", "r8_gentle", "r8_find_lr"]
     return (order.index(name) if name in order else len(order), name)
 
 
@@ -83,18 +102,32 @@ def write_report(name: str, meta: dict[str, Any], runs: list[Any], results_dir: 
     lines += [f"- `{method}`: {description}" for method, description in meta["methods"].items()]
     lines.append("")
     for task, data in summary.items():
+        tuned = [data["rows"][m]["best_loss"] for m in TUNED_BASELINES if m in data["rows"]]
+        tuned_best = min(tuned) if tuned else math.inf
         lines += [f"## {task}", "", meta["tasks"][task], "",
-                  f"Best median final loss (any method): {data['best']:.4f}. Target (cosine at lr="
+                  f"Best median final loss (any method): {data['best']:.4f}; best tuned baseline (constant, cosine, "
+                  f"schedule-free at their best LR): {tuned_best:.4f}. Target (cosine at lr="
                   f"{data['cosine_best_lr']:g}): {data['target']:.4f}.", "",
-                  "| method | robust fraction (2%) | within 10% | worst loss | best lr | best loss | steps to target | "
-                  "divergences | " + " | ".join(f"lr={lr:g}" for lr in data["lrs"]) + " |",
-                  "|---" * (8 + len(data["lrs"])) + "|"]
+                  "| method | robust fraction (2%) | within 10% | worst loss (x task best) | best lr "
+                  "| best loss (vs tuned) | steps to target | from 100x below: steps to 5% | divergences "
+                  "| rollbacks / skipped steps | "
+                  + " | ".join(f"lr={lr:g}" for lr in data["lrs"]) + " |",
+                  "|---" * (10 + len(data["lrs"])) + "|"]
         for method, row in data["rows"].items():
             steps = "never" if row["steps_to_target"] is None else str(row["steps_to_target"])
             cells = " | ".join(f"{row['medians'][lr]:.4f}" for lr in data["lrs"])
             lines.append(f"| {method} | {row['robust_fraction']:.2f} | {row['loose_fraction']:.2f} | "
-                         f"{row['worst_loss']:.4f} | {row['best_lr']:g} | {row['best_loss']:.4f} | {steps} | "
-                         f"{row['divergences']}/{row['runs']} | {cells} |")
+                         f"{row['worst_loss']:.4f} ({row['worst_loss'] / data['best']:.2f}x) | {row['best_lr']:g} | "
+                         f"{row['best_loss']:.4f} ({row['best_loss'] / tuned_best - 1:+.1%}) | {steps} | "
+                         f"{row['from_100x_below']} | {row['divergences']}/{row['runs']} | "
+                         f"{row['rollbacks']} / {row['skipped_steps']} | {cells} |")
+        if any(math.isfinite(value) for row in data["rows"].values() for value in row["forgetting"].values()):
+            cosine_lr = data["cosine_best_lr"]
+            lines += ["", f"Forgetting (median final loss on the pre-training corpus' held-out blocks; lower is less "
+                          f"forgetting) at cosine's best LR ({cosine_lr:g}) and at each method's own best LR:", "",
+                      "| method | at cosine's best LR | at its own best LR |", "|---|---|---|"]
+            lines += [f"| {method} | {row['forgetting'][cosine_lr]:.4f} | {row['forgetting'][row['best_lr']]:.4f} |"
+                      for method, row in data["rows"].items()]
         extra = {m: r["extra_forward_passes"] for m, r in data["rows"].items() if r["extra_forward_passes"]}
         if extra:
             lines += ["", "Extra forward passes (held-out evaluation batches the method itself reads): "

@@ -1,18 +1,21 @@
-"""The benchmark tasks: a causal LM and a classifier, each with a fixed held-out split.
+"""The benchmark tasks: a causal LM, a classifier and a fine-tuning run, each with a fixed held-out split.
 
-Both build their model from a seed, so every method starts from the same weights for a seed.
+Each builds its model from a seed, so every method starts from the same weights for a seed (the
+fine-tuning task from the same pre-trained weights for every seed: the seed orders its data).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset
 
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+from hf_r8.offline import build_tokenizer, english_paragraphs, language_modeling_dataset, stdlib_docstrings, tiny_gpt2
 
 
 @dataclass
@@ -26,6 +29,13 @@ class Task:
     steps: int
     batch_size: int
     description: str
+    forgetting_eval: Dataset | None = None
+    """Held-out data of what the model knew before this task (fine-tuning): its final loss measures forgetting."""
+
+
+def _steps(quick: bool) -> int:
+    """The step budget: 150 (quick) or 600, or BENCH_STEPS when set (the quick grid at another budget)."""
+    return int(os.environ.get("BENCH_STEPS", 150 if quick else 600))
 
 
 def causal_lm(quick: bool) -> Task:
@@ -38,7 +48,7 @@ def causal_lm(quick: bool) -> Task:
     def make_model(seed: int) -> torch.nn.Module:
         return tiny_gpt2(len(tokenizer), n_embd=width, n_layer=layers, n_head=2, n_positions=seq_len, seed=seed)
 
-    steps = 150 if quick else 600
+    steps = _steps(quick)
     return Task("causal_lm", split["train"], split["test"], make_model, steps, 16,
                 f"GPT-2 {layers} layer(s) x {width} wide, vocab {len(tokenizer)}, {seq_len}-token blocks, "
                 f"{len(split['train'])} train / {len(split['test'])} held-out, {steps} steps of 16")
@@ -76,7 +86,7 @@ def digits(quick: bool) -> Task:
         torch.manual_seed(seed)
         return DigitsMLP(hidden)
 
-    steps = 150 if quick else 600
+    steps = _steps(quick)
     return Task("digits", train, held_out, make_model, steps, 32,
                 f"MLP 64-{hidden}-10 on sklearn digits, {len(train)} train / {len(held_out)} held-out, "
                 f"{steps} steps of 32")
@@ -101,10 +111,54 @@ def synthetic_classes(quick: bool) -> Task:
         torch.manual_seed(seed)
         return DigitsMLP(hidden, inputs=32)
 
-    steps = 150 if quick else 600
+    steps = _steps(quick)
     return Task("synthetic", train, held_out, make_model, steps, 32,
                 f"MLP 32-{hidden}-10 on make_classification, {len(train)} train / {len(held_out)} held-out, "
                 f"{steps} steps of 32")
 
 
-TASKS = {"causal_lm": causal_lm, "digits": digits}
+_PRETRAIN_STEPS = 1200
+_PRETRAIN_LR = 3e-3
+
+
+def finetune(quick: bool) -> Task:
+    """Fine-tuning: a GPT-2 pre-trained here on the standard library's docstrings (trained once, cached on
+    disk), fine-tuned on the Python reference docs. Held out: 64 reference-doc blocks (quality) and 64
+    docstring blocks (forgetting: how much of the pre-training the fine-tuning undoes)."""
+    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+
+    tokenizer = build_tokenizer(512 if quick else 2048, include_docstrings=True)
+    seq_len, width, layers = (32, 48, 2) if quick else (64, 64, 2)
+    docs = language_modeling_dataset(tokenizer, seq_len=seq_len, max_examples=1088 if quick else None,
+                                     texts=english_paragraphs())
+    docs = docs.train_test_split(test_size=64, seed=0)
+    docstrings = language_modeling_dataset(tokenizer, seq_len=seq_len, max_examples=8256 if quick else 40_064,
+                                           texts=stdlib_docstrings())
+    docstrings = docstrings.train_test_split(test_size=64, seed=0)
+    cache = Path(os.environ.get("HF_R8_CACHE", Path.home() / ".cache" / "hf_r8")) / \
+        f"bench-pretrained-gpt2-{layers}x{width}-v{len(tokenizer)}-s{seq_len}-{_PRETRAIN_STEPS}"
+    if not (cache / "config.json").is_file():
+        model = tiny_gpt2(len(tokenizer), n_embd=width, n_layer=layers, n_head=2, n_positions=seq_len, seed=1234)
+        args = TrainingArguments(output_dir=str(cache.with_suffix(".run")), max_steps=_PRETRAIN_STEPS,
+                                 per_device_train_batch_size=32, learning_rate=_PRETRAIN_LR,
+                                 lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0, report_to=[],
+                                 save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, log_level="error")
+        Trainer(model=model, args=args, train_dataset=docstrings["train"]).train()
+        model.save_pretrained(cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)
+
+    def make_model(seed: int) -> torch.nn.Module:
+        model = GPT2LMHeadModel.from_pretrained(cache)
+        model.loss_type = "ForCausalLM"
+        return model
+
+    steps = _steps(quick)
+    return Task("finetune", docs["train"], docs["test"], make_model, steps, 16,
+                f"GPT-2 {layers} layer(s) x {width} wide, vocab {len(tokenizer)}, {seq_len}-token blocks, pre-trained "
+                f"for {_PRETRAIN_STEPS} steps of 32 on {len(docstrings['train'])} stdlib-docstring blocks (cosine, "
+                f"lr {_PRETRAIN_LR:g}), fine-tuned on {len(docs['train'])} Python-reference blocks, "
+                f"{len(docs['test'])} held out of each corpus; {steps} steps of 16",
+                forgetting_eval=docstrings["test"])
+
+
+TASKS = {"causal_lm": causal_lm, "digits": digits, "finetune": finetune}

@@ -48,7 +48,7 @@ from transformers.trainer_callback import ExportableState, ProgressCallback
 
 from hf_r8.config import R8Config
 from hf_r8.controller import Controller, Event, GroupSpec, Observation
-from hf_r8.dashboard import Dashboard, DashboardView, mute_progress_bar
+from hf_r8.dashboard import Dashboard, DashboardView, mute_progress_bar, sparkline
 from hf_r8.decision import Decision
 from hf_r8.distributed import sum_across_processes
 from hf_r8.dither import Dither
@@ -56,7 +56,7 @@ from hf_r8.freezing import ParameterFreezer, trainable_parameters
 from hf_r8.host_copy import HostCopy
 from hf_r8.moe import is_router_parameter
 from hf_r8.param_groups import read_momentum, write_lr, write_momentum
-from hf_r8.range_test import LRRangeTest
+from hf_r8.range_test import LRRangeTest, range_test_length
 from hf_r8.rollback import RollbackAction, RollbackPolicy
 from hf_r8.run_log import RunLog
 from hf_r8.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
@@ -190,10 +190,8 @@ class R8Callback(TrainerCallback, ExportableState):
         self._dither, self._freezer = self._parameter_actions(trainer, optimizer)
         if saved is not None:
             self._restore(saved)
-        elif self.config.range_test.enabled and state.global_step == 0:
-            self._range_test = LRRangeTest(self.config.range_test)
-            self._snapshot = StateSnapshot()
-            self._snapshot.capture(self._model, optimizer, step=0)
+        elif state.global_step == 0:
+            self._start_range_test(state.max_steps, args.device)
         if self._taps is not None:  # a run that raised never reached on_train_end
             self._taps.remove()
         self._taps = TrainerTaps(trainer, self._add_log_metrics)
@@ -208,7 +206,9 @@ class R8Callback(TrainerCallback, ExportableState):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               optimizer: torch.optim.Optimizer, lr_scheduler: Any = None, **kwargs: Any):
         self._consume_pending()
-        if self._range_test is None and self._checks_steps:
+        if self._range_test is not None:
+            self._range_test_step(state.global_step, args.device, optimizer)
+        elif self._checks_steps:
             step = state.global_step + 1
             action = self._check_step(step, args.device, optimizer)
             if action is not None:
@@ -239,9 +239,6 @@ class R8Callback(TrainerCallback, ExportableState):
             self._enter_update_loop(state.global_step)
         if isinstance(_unwrap(lr_scheduler), _METRIC_SCHEDULERS):
             self._restore_schedule(optimizer)
-        if self._range_test is not None and self._range_test.finished:
-            self._finish_range_test(state.global_step)
-            return
         if self._drop_step_signals:  # a skipped or rolled-back step: the controller never sees its loss
             self._record_step(_observation(state.global_step, self._checked_signals))
             self._drop_step_signals, self._checked_signals = False, None
@@ -322,27 +319,73 @@ class R8Callback(TrainerCallback, ExportableState):
         self._checks_steps = self._snapshots_allowed = False
         self._range_test = self._snapshot = None
 
+    def _start_range_test(self, total_steps: int, device: torch.device) -> None:
+        """Start the LR range test if this run has room for one, from a snapshot of the weights before it:
+        rollback's first snapshot where rollback keeps snapshots (no second copy in RAM), else one of its own."""
+        length = range_test_length(self.config.range_test, total_steps)
+        if length is None:
+            return
+        if getattr(self._active_trainer, "is_deepspeed_enabled", False):
+            logger.warning("R8: no LR range test under DeepSpeed (the LR R8 writes does not reach its engine's step).")
+            return
+        if self._snapshots_allowed:
+            if not self._take_snapshot(0, device):
+                logger.warning("R8: no LR range test: a snapshot of the weights to return to does not fit in RAM.")
+                return
+            self._snapshot = self._healthy_snapshots[-1]
+        else:
+            self._snapshot = StateSnapshot(self._snapshot_parameters)
+            self._snapshot.capture(self._model, self._optimizer, step=0)
+        self._range_test = LRRangeTest(self.config.range_test, length)
+
+    def _range_test_step(self, step_index: int, device: torch.device, optimizer: torch.optim.Optimizer) -> None:
+        """A step of the range test, before its update: read its loss (one host read per test step, so the test
+        ends the step it has seen enough), and end the test then (the step in flight is dropped)."""
+        self._checked_signals = self._reduced_signals(device).tolist()
+        self._range_test.observe(step_index, _observation(step_index + 1, self._checked_signals).loss)
+        if self._range_test.finished:
+            optimizer.zero_grad(set_to_none=True)
+            self._drop_step_signals = True
+            self._finish_range_test(step_index + 1)
+
     def _finish_range_test(self, step: int) -> None:
         """Restore the weights from before the test and rebase the controller on the chosen gain."""
-        test = self._range_test
-        self._snapshot.restore(self._model, self._optimizer)
+        test, snapshot = self._range_test, self._snapshot
+        snapshot.restore(self._model, self._optimizer)
         gain = test.chosen_gain()
         self._range_test, self._snapshot, self._pending = None, None, None
         self._build_controller(initial_gains=[gain] * len(self._optimizer.param_groups),
                                warmup_steps=max(self._warmup_steps, step))
+        if self._healthy_snapshots and snapshot is self._healthy_snapshots[-1]:
+            # Rollback's snapshot holds the weights training goes on from, now at this step, with this controller.
+            snapshot.step = step
+            snapshot.extras["controller"] = self.controller.state_dict()
+            self._rollback.snapshot_taken(step)
         outcome = "diverged" if test.diverged else "completed"
-        reason = (f"LR range test {outcome} after {step} steps: lowest smoothed loss {test.best_loss:.4g} at gain "
-                  f"{test.best_gain if test.best_gain is not None else float('nan'):.3g}; weights restored, "
-                  f"training continues at gain {gain:.3g}")
+        best = test.best()
+        suggested = test.suggested_gain()
+        kept = "" if gain == suggested else (f" (its suggestion x{suggested:.3g} is within range_test.keep_band="
+                                             f"{self.config.range_test.keep_band:g} of the LR set: kept)")
+        reason = (f"LR range test {outcome} after {step} steps: lowest denoised loss "
+                  f"{best[1] if best else float('nan'):.4g} at gain {best[0] if best else float('nan'):.3g}; "
+                  f"weights restored, training continues at gain {gain:.3g}{kept}")
         self.record(Event(step, -1, "range_test", "rebase", 1.0, gain, reason))
+        if self._run_log is not None:
+            self._run_log.range_test({"step": step, "curve": test.history, "denoised": test.denoised(),
+                                      "suggested_gain": suggested, "chosen_gain": gain,
+                                      "base_lrs": [spec.base_lr for spec in self.controller.specs]})
+        if self._view is not None:
+            self._view.range_test = (f"chose LR {self.controller.specs[0].base_lr * gain:.3g} (gain x{gain:.3g}) "
+                                     f"after {step} steps; {_curve_sparkline(test.denoised())}")
 
     def _abandon_range_test(self, step: int) -> None:
         """Training ended inside the LR range test: the sweep's weights are not the user's training, restore the
         weights from before it."""
         self._snapshot.restore(self._model, self._optimizer)
+        length = self._range_test.steps
         self._range_test, self._snapshot, self._pending = None, None, None
-        reason = (f"training ended after {step} steps, inside the LR range test of range_test.steps="
-                  f"{self.config.range_test.steps}: the weights from before the test are restored")
+        reason = (f"training ended after {step} steps, inside the LR range test of {length} steps: the weights "
+                  "from before the test are restored")
         self.record(Event(step, -1, "range_test", "abandon", 1.0, 1.0, reason))
         logger.warning("R8: %s.", reason)
 
@@ -353,8 +396,7 @@ class R8Callback(TrainerCallback, ExportableState):
         observation.kl, self._logged_kl = self._logged_kl, None
         self._pending = None
         self._record_step(observation)
-        if self._range_test is not None:
-            self._range_test.observe(observation.step - 1, observation.loss)
+        if self._range_test is not None:  # the test reads each step's loss itself (`_range_test_step`)
             return
         for event in self.controller.observe(observation):
             self.record(event)
@@ -389,6 +431,10 @@ class R8Callback(TrainerCallback, ExportableState):
         self.close()  # a previous run that raised never reached on_train_end
         self._elapsed_before = 0.0
         self._view = DashboardView(step=state.global_step, max_steps=state.max_steps, first_step=state.global_step)
+        if self._range_test is not None:
+            config = self.config.range_test
+            self._view.range_test = (f"sweeping gain x{config.gain_min:g}..x{config.gain_max:g} over the first "
+                                     f"{self._range_test.steps} steps (weights restored after it)")
         if not state.is_world_process_zero:
             return
         if self.config.run_files and args.output_dir:
@@ -799,6 +845,11 @@ def _observation(step: int, reduced: list[float]) -> Observation:
                        grad_norm=grad_sum / grad_count if grad_count > 0 else None,
                        reward=reward_sum / reward_count if reward_count > 0 else None,
                        router_aux_loss=aux_sum / aux_count if aux_count > 0 else None)
+
+
+def _curve_sparkline(curve: list[tuple[float, float]]) -> str:
+    """The denoised range-test loss along the gains swept, as a sparkline."""
+    return sparkline([loss for _, loss in curve])
 
 
 def _unwrap(scheduler: Any) -> Any:

@@ -499,37 +499,91 @@ class MoEConfig(_Section):
 
 @dataclass
 class RangeTestConfig(_Section):
-    """Opt-in LR range test at the start of training (the steps count in the run's budget).
+    """LR range test at the start of training, on by default (its steps count in the run's budget).
 
-    The first `steps` optimizer steps sweep the LR exponentially from gain_min to gain_max times the
-    base LR; then model and optimizer are restored from a CPU-RAM snapshot and training goes on at
-    (the gain of the lowest smoothed loss) / backoff, which becomes the controller's new base.
+    The first optimizer steps sweep the LR exponentially from gain_min to gain_max times the base LR
+    (stopping early once the loss runs away); then model and optimizer are restored from the CPU-RAM
+    snapshot rollback keeps anyway, and training goes on at (the gain of the lowest denoised loss) /
+    backoff, which becomes the controller's new base (on a curve flat within its noise, as a pre-trained
+    model's often is, the gain where it blows up / backoff). A choice within `keep_band` of the user's LR
+    keeps it: the test cannot tell LRs that close apart. `enabled: false` leaves the user's LR as it is.
     """
 
     SECTION: ClassVar[str] = "range_test"
-    enabled: bool = False
-    """Run the test."""
-    steps: int = 30
-    """Optimizer steps spent on the test."""
+    enabled: bool = True
+    """Run the test (the search for the LR); false keeps the LR the user set."""
+    steps: int | None = None
+    """Optimizer steps spent on the test; None sizes it to the run: budget_fraction of max_steps, within
+    [min_steps, max_steps]."""
+    budget_fraction: float = 0.04
+    """Share of the run's steps an automatically sized test takes."""
+    min_steps: int = 15
+    """Fewest steps of an automatically sized test (fewer cannot resolve the loss curve)."""
+    max_steps: int = 100
+    """Most steps of an automatically sized test (a long run needs no longer one)."""
+    max_budget_fraction: float = 0.1
+    """An automatically sized test that would take more than this share of the run is skipped (short runs,
+    and runs of unknown length, keep the user's LR)."""
     gain_min: float = 0.01
     """First gain of the sweep."""
-    gain_max: float = 100.0
-    """Last gain of the sweep."""
+    gain_max: float = 10_000.0
+    """Last gain of the sweep (wide above the LR set: losses are credited to the step before, and a curve
+    still falling at the sweep's top gives too low an LR)."""
     smoothing: float = 0.7
-    """EMA smoothing of the test's losses (bias-corrected)."""
+    """EMA smoothing (bias-corrected) of the test's losses, for stopping once they run away."""
     divergence_ratio: float = 4.0
     """Stop early once the smoothed loss exceeds this multiple of its minimum."""
     backoff: float = 10.0
-    """Chosen gain = gain at the smoothed-loss minimum / backoff."""
+    """Chosen gain = gain at the denoised-loss minimum / backoff."""
+    keep_band: float = 3.0
+    """A chosen gain within [1/keep_band, keep_band] keeps gain 1 (the user's LR); 1 always takes the choice."""
+    significance: float = 3.0
+    """Noise deviations that make a valley (the minimum below the level of the sweep's first third) or a
+    blow-up (a loss above it); without a valley the choice is the blow-up's gain / backoff. 0: always the
+    minimum's."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 5:
-            _fail(self.SECTION, "steps", self.steps, "an integer >= 5")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 5):
+            _fail(self.SECTION, "steps", self.steps, "an integer >= 5 or null")
+        self._between("budget_fraction", 0.0, 1.0, open_low=True, open_high=True)
+        self._positive_int("min_steps")
+        if self.min_steps < 5:
+            _fail(self.SECTION, "min_steps", self.min_steps, "an integer >= 5")
+        self._positive_int("max_steps")
+        if self.max_steps < self.min_steps:
+            _fail(self.SECTION, "max_steps", self.max_steps, f">= range_test.min_steps ({self.min_steps})")
+        self._between("max_budget_fraction", 0.0, 1.0, open_low=True, open_high=True)
         self._greater("gain_min", 0.0)
         self._greater("gain_max", self.gain_min)
         self._between("smoothing", 0.0, 1.0, open_high=True)
         self._greater("divergence_ratio", 1.0)
         self._greater("backoff", 1.0, inclusive=True)
+        self._greater("keep_band", 1.0, inclusive=True)
+        self._greater("significance", 0.0, inclusive=True)
+
+
+@dataclass
+class AnnealConfig(_Section):
+    """End-of-run anneal when the Trainer's schedule has none (constant LR, a plain loop).
+
+    At `start_fraction` of the planned steps R8 looks at the schedule's LR: if it still holds more than
+    `flat_threshold` of its peak, the schedule will not decay in time, and R8 decays the LR itself over
+    the rest of the run (1 - sqrt of the progress, the cooldown of warmup-stable-decay schedules) down
+    to the lower bound. A decaying schedule (cosine, linear...) is left alone.
+    """
+
+    SECTION: ClassVar[str] = "anneal"
+    enabled: bool = True
+    """Anneal at the end of a run whose schedule does not decay."""
+    start_fraction: float = 0.8
+    """Share of the planned steps after which the anneal starts."""
+    flat_threshold: float = 0.5
+    """The schedule counts as not decaying if its LR at the start is above this share of its peak."""
+
+    def __post_init__(self) -> None:
+        self._between("start_fraction", 0.0, 1.0, open_low=True, open_high=True)
+        self._between("flat_threshold", 0.0, 1.0, open_low=True, open_high=True)
 
 
 @dataclass
@@ -595,6 +649,10 @@ class RollbackConfig(_Section):
     EMA of the healthy losses is a spike..."""
     spike_ratio: float = 3.0
     """...or a loss this many times that EMA."""
+    spike_min_setback: float = 0.25
+    """...and, either way, a loss that gives back at least this share of the progress made since training
+    started (the first loss minus the EMA): near zero, a loss of 0.1 after a level of 0.03 is one hard
+    example in the batch, not damage."""
     lr_cut: float = 0.5
     """After a rollback the LR restarts at this multiple and returns to 1x over the stabilization; the
     n-th rollback in a row also cuts the gain for good by lr_cut**(n-1)."""
@@ -617,6 +675,7 @@ class RollbackConfig(_Section):
             _fail(self.SECTION, "min_history", self.min_history, f"<= window ({self.window})")
         self._greater("spike_z", 0.0)
         self._greater("spike_ratio", 1.0)
+        self._between("spike_min_setback", 0.0, 1.0)
         self._between("lr_cut", 0.0, 1.0, open_low=True)
         if self.scope not in SNAPSHOT_SCOPES:
             _fail(self.SECTION, "scope", self.scope, f"one of {list(SNAPSHOT_SCOPES)}")
@@ -639,6 +698,7 @@ _SECTIONS: dict[str, type] = {
     "bounds": BoundsConfig,
     "moe": MoEConfig,
     "range_test": RangeTestConfig,
+    "anneal": AnnealConfig,
     "sampler": SamplerConfig,
     "rollback": RollbackConfig,
     "freezing": FreezingConfig,
@@ -675,6 +735,7 @@ class R8Config:
     bounds: BoundsConfig = field(default_factory=BoundsConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     range_test: RangeTestConfig = field(default_factory=RangeTestConfig)
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rollback: RollbackConfig = field(default_factory=RollbackConfig)
     freezing: FreezingConfig = field(default_factory=FreezingConfig)

@@ -64,6 +64,8 @@ class DashboardView:
     skipped_steps: int = 0
     quartile_losses: list[float] = field(default_factory=list)
     batch_mix: list[float] = field(default_factory=list)
+    range_test: str | None = None
+    """The LR range test's state: the sweep while it runs, then its curve and the LR it chose."""
     decisions: deque[str] = field(default_factory=lambda: deque(maxlen=_DECISIONS_SHOWN))
 
     def steps_per_second(self) -> float:
@@ -106,6 +108,8 @@ def render(view: DashboardView) -> Group:
     if view.reward is not None:
         signals.add_row("reward", _number(view.reward))
     signals.add_row("grad norm", _number(view.grad_norm))
+    if view.range_test is not None:
+        signals.add_row("LR range test", view.range_test)
     signals.add_row("rollbacks / skipped steps", f"{view.rollbacks} / {view.skipped_steps}")
     if view.quartile_losses:
         signals.add_row("catalog Q1…Q4 loss", "  ".join(_number(value, 3) for value in view.quartile_losses))

@@ -17,6 +17,11 @@ t and nothing forces a device sync. Rollback goes through the user's callables: 
 `snapshot(state)`), and `load(state)` puts it back when a NaN or repeated spikes say the weights are
 damaged; then the LR restarts lower and the next batches come from the lowest-loss quartile. Since the
 step of a reported loss has already been applied, a single spike cannot be skipped: it is recorded.
+
+With save/load given, the default's LR range test runs first, as under the Trainer: the state `save()`
+returns before the first batch is the one to go back to (and rollback's first snapshot), the batches of
+the test come with the sweep's LRs, then `load()` puts that state back and the gain the test chose
+becomes the base.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from hf_r8.config import R8Config
 from hf_r8.controller import Controller, Event, GroupSpec, Observation
 from hf_r8.dashboard import Dashboard, DashboardView
 from hf_r8.host_copy import HostCopy
+from hf_r8.range_test import LRRangeTest, range_test_length
 from hf_r8.rollback import RollbackAction, RollbackPolicy
 from hf_r8.sampler import BalancedQuartileSampler
 
@@ -71,8 +77,10 @@ class R8Loop:
                                                full_data_fraction=sampler_config.full_data_fraction,
                                                total_epochs=num_epochs)
         self.batch_size, self.base_lr, self.num_epochs = batch_size, float(base_lr), num_epochs
-        total_steps = num_epochs * math.ceil(num_samples / batch_size)
-        self.controller = Controller(self.config, [GroupSpec(self.base_lr)], total_steps=total_steps)
+        self.total_steps = num_epochs * math.ceil(num_samples / batch_size)
+        self.controller = Controller(self.config, [GroupSpec(self.base_lr)], total_steps=self.total_steps)
+        length = range_test_length(self.config.range_test, self.total_steps) if save and load else None
+        self._range_test = LRRangeTest(self.config.range_test, length) if length is not None else None
         self.rollback = RollbackPolicy(self.config.rollback)
         self.save, self.load = save, load
         self.events: list[Event] = []
@@ -81,7 +89,7 @@ class R8Loop:
         self._batch: np.ndarray | None = None
         self._staged: tuple[int, np.ndarray, HostCopy, HostCopy | None] | None = None
         self._snapshot: tuple[int, Any, dict[str, Any], dict[str, Any]] | None = None
-        self._view = DashboardView(max_steps=total_steps)
+        self._view = DashboardView(max_steps=self.total_steps)
         show = self.config.dashboard if dashboard is None else dashboard
         self._dashboard = Dashboard() if show else None
         if self._dashboard is not None:
@@ -106,7 +114,12 @@ class R8Loop:
             if len(indices) == 0:
                 return
             self._batch = indices
-            yield indices, self.controller.compose_lr(0, self.base_lr)
+            if self._range_test is None:
+                yield indices, self.controller.compose_lr(0, self.base_lr)
+                continue
+            if self._snapshot is None:  # before the test's first batch: the state to come back to
+                self.snapshot(self.save())
+            yield indices, self.base_lr * self._range_test.gain(self.step)
 
     def report(self, loss: Any, per_example_losses: Any = None) -> None:
         """The batch's loss (tensor or float) and, if known, each example's loss (same order as the indices)."""
@@ -139,6 +152,11 @@ class R8Loop:
             self.catalog.update_exact(indices, losses_copy.result().numpy(), step)
         elif math.isfinite(loss):
             self.catalog.update_surprise(indices, loss, step)
+        if self._range_test is not None:
+            self._range_test.observe(step - 1, loss)  # the loss of the weights after step - 1 updates
+            if self._range_test.finished:
+                self._finish_range_test()
+            return
         action = self.rollback.damage(step, f"non-finite loss {loss}") if not math.isfinite(loss) \
             else self.rollback.observe(step, loss)
         if action is not None and action.kind == "skip":
@@ -171,6 +189,24 @@ class R8Loop:
                                                     action.stabilize_steps, action.step, reason):
             self._record(event)
         self.sampler.stabilize(action.stabilize_steps)
+
+    def _finish_range_test(self) -> None:
+        """Put the state from before the test back (`load`) and rebase the controller on the chosen gain."""
+        test, (_, state, _, detector_state) = self._range_test, self._snapshot
+        self.load(state)
+        gain = test.chosen_gain()
+        self._range_test = None
+        self.controller = Controller(self.config, [GroupSpec(self.base_lr, initial_gain=gain)],
+                                     total_steps=self.total_steps, warmup_steps=self.step)
+        # Rollback's snapshot now stands for the weights training goes on from, at this step, with this controller.
+        self._snapshot = (self.step, state, self.controller.state_dict(), detector_state)
+        self.rollback.snapshot_taken(self.step)
+        best = test.best()
+        self._record(Event(self.step, -1, "range_test", "rebase", 1.0, gain,
+                           f"LR range test {'diverged' if test.diverged else 'completed'} after {self.step} steps: "
+                           f"lowest denoised loss {best[1] if best else float('nan'):.4g} at gain "
+                           f"{best[0] if best else float('nan'):.3g}; state restored with load(), training "
+                           f"continues at gain {gain:.3g}"))
 
     def _record(self, event: Event) -> None:
         self.events.append(event)

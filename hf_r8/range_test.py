@@ -1,72 +1,178 @@
 """LR range test: sweep the gain exponentially for a few steps, keep the one before the loss turns.
 
-Step i (0-based) of the test trains at gain_i = gain_min * (gain_max / gain_min) ** (i / (steps - 1)).
-The loss measured at step i+1 is the first to show the effect of gain_i, so losses are credited to the
-previous step's gain. The losses are smoothed (bias-corrected EMA); the test ends after `steps`
-steps, or earlier once the smoothed loss exceeds `divergence_ratio` times its minimum. The chosen
-gain is the gain of the smoothed minimum divided by `backoff` (the usual "minimum / 10" rule).
-Pure Python: the caller restores the model and optimizer afterwards.
+Step i (0-based) of the test trains at gain_i = gain_min * (gain_max / gain_min) ** (i / (steps - 2)), so
+the sweep reaches gain_max at its next-to-last step; the loss measured at step i+1 is the first to show
+the effect of gain_i, so losses are credited to the previous step's gain, and the last step only reads
+the loss of gain_max (its update is dropped). While the test runs, a bias-corrected EMA of the losses
+watches for the run-away: the test ends after its steps, or once that EMA exceeds `divergence_ratio`
+times its minimum.
+
+The choice is made afterwards, on the whole curve, against its noise: the level and spread of the
+sweep's low-gain first third, where the LR is too small to change anything (a median and a scaled
+median absolute deviation: one outlying batch among a few points would inflate a standard deviation).
+Each loss is averaged with its two neighbours (a centered mean, not shifted toward higher gains the way
+a causal EMA is: at ~3x per step, two steps of EMA lag are a decade of LR).
+
+* A curve with a valley, its lowest mean more than `significance` noise deviations (of a mean of three)
+  below the level (a model trained from scratch): the gain of the lowest mean / `backoff`, the usual
+  "minimum / 10" rule.
+* A curve flat within its noise until it blows up (a pre-trained model: the new data's loss barely moves
+  before the LR breaks it; its minimum is noise): the gain from which every loss stays more than
+  `significance` deviations above the level (or that gave a non-finite loss) / `backoff`. No blow-up
+  either: no information, the user's LR stays.
+
+A choice within `keep_band` of 1 keeps the user's LR: a sweep this coarse cannot tell LRs that close apart.
+
+`range_test_length` sizes the test to the run. Pure Python: the caller restores the model and optimizer
+to their state before the test (going on from the sweep's best weights instead was measured: those
+weights took their last step near the blow-up LR, and runs from them ended worse; bench/README.md).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 from hf_r8.config import RangeTestConfig
 from hf_r8.signals import is_finite_number
 
+_DENOISE_RADIUS = 1  # neighbours on each side in the centered mean of the curve
+
+
+def range_test_length(config: RangeTestConfig, total_steps: int | None) -> int | None:
+    """Optimizer steps the test takes in a run of `total_steps`, or None when the run gets no test.
+
+    A fixed `config.steps` is used as it is (if the run is longer). Otherwise the test takes
+    `budget_fraction` of the run within [min_steps, max_steps], and is skipped when that would be more than
+    `max_budget_fraction` of the run, or when the run's length is unknown.
+    """
+    if not config.enabled or not total_steps or total_steps <= 0:
+        return None
+    if config.steps is not None:
+        return config.steps if config.steps < total_steps else None
+    length = min(config.max_steps, max(config.min_steps, round(config.budget_fraction * total_steps)))
+    return length if length <= config.max_budget_fraction * total_steps else None
+
 
 class LRRangeTest:
-    def __init__(self, config: RangeTestConfig) -> None:
+    """One run's range test.
+
+    Args:
+        config: the `range_test` section.
+        steps: the test's length (`range_test_length`).
+    """
+
+    def __init__(self, config: RangeTestConfig, steps: int) -> None:
+        if steps < 3:
+            raise ValueError(f"steps={steps!r}: an LR range test needs at least 3 steps")
         self.config = config
+        self.steps = steps
         self.average = 0.0
         """EMA started at 0; smoothed = average / (1 - beta ** observed) removes its bias."""
-        self.smoothed: float | None = None
         self.observed = 0
-        self.best_loss = math.inf
-        self.best_gain: float | None = None
+        self.best_smoothed = math.inf
         self.diverged = False
         self.history: list[tuple[float, float]] = []
-        """(gain, smoothed loss) pairs, for reports."""
+        """(gain, loss) pairs, each loss credited to the gain that produced it: the curve of reports."""
 
     def gain(self, step_index: int) -> float:
         """The gain to train with at test step `step_index` (0-based)."""
         config = self.config
-        fraction = min(1.0, step_index / (config.steps - 1))
+        fraction = min(1.0, step_index / max(1, self.steps - 2))
         return config.gain_min * (config.gain_max / config.gain_min) ** fraction
 
     def observe(self, step_index: int, loss: float | None) -> None:
-        """The loss measured at test step `step_index`, credited to the gain of the step before."""
+        """The loss measured at test step `step_index` (on the weights after `step_index` updates), credited
+        to the gain of the step before."""
         if step_index < 1 or self.finished:
             return
-        gain = self.gain(step_index - 1)
         if not is_finite_number(loss):
             self.diverged = True
             return
+        self.history.append((self.gain(step_index - 1), float(loss)))
         beta = self.config.smoothing
         self.observed += 1
         self.average = beta * self.average + (1 - beta) * loss
-        self.smoothed = self.average / (1 - beta ** self.observed)
-        self.history.append((gain, self.smoothed))
-        if self.smoothed < self.best_loss:
-            self.best_loss, self.best_gain = self.smoothed, gain
-        elif self.smoothed > self.config.divergence_ratio * self.best_loss:
+        smoothed = self.average / (1 - beta ** self.observed)
+        if smoothed < self.best_smoothed:
+            self.best_smoothed = smoothed
+        elif smoothed > self.config.divergence_ratio * self.best_smoothed:
             self.diverged = True
 
     @property
     def finished(self) -> bool:
-        return self.diverged or self.observed >= self.config.steps - 1
+        return self.diverged or self.observed >= self.steps - 1
+
+    def denoised(self) -> list[tuple[float, float]]:
+        """(gain, centered mean of the loss and its neighbours) along the curve."""
+        losses = [loss for _, loss in self.history]
+        curve = []
+        for index, (gain, _) in enumerate(self.history):
+            around = losses[max(0, index - _DENOISE_RADIUS):index + _DENOISE_RADIUS + 1]
+            curve.append((gain, math.fsum(around) / len(around)))
+        return curve
+
+    def best(self) -> tuple[float, float] | None:
+        """(gain, denoised loss) at the lowest point of the denoised curve; None if nothing was measured."""
+        curve = self.denoised()
+        return min(curve, key=lambda point: point[1]) if curve else None
+
+    def noise(self) -> tuple[float, float] | None:
+        """(level, spread) of the losses of the sweep's first third; None before three were measured."""
+        losses = [loss for _, loss in self.history]
+        head = losses[:max(3, len(losses) // 3)]
+        if len(head) < 3:
+            return None
+        level = statistics.median(head)
+        return level, 1.4826 * statistics.median(abs(loss - level) for loss in head)
+
+    def has_valley(self) -> bool:
+        """Whether the denoised curve's minimum lies clearly (`significance` deviations of a mean of three)
+        below the level of its first third."""
+        noise, best = self.noise(), self.best()
+        if noise is None or best is None:
+            return False
+        level, spread = noise
+        return level - best[1] > self.config.significance * spread / math.sqrt(2 * _DENOISE_RADIUS + 1)
+
+    def blow_up_gain(self) -> float | None:
+        """The gain from which every loss stays clearly (`significance` deviations) above the level (a single
+        noisy batch is not a blow-up), or of the non-finite loss that ended the test; None if the curve
+        never rose."""
+        noise = self.noise()
+        if noise is not None:
+            level, spread = noise
+            limit = level + self.config.significance * spread
+            first_above = len(self.history)
+            while first_above > 0 and self.history[first_above - 1][1] > limit:
+                first_above -= 1
+            if first_above < len(self.history):
+                return self.history[first_above][0]
+        return self.gain(len(self.history)) if self.diverged else None
+
+    def suggested_gain(self) -> float:
+        """The gain the curve points to (see the module docstring), within [gain_min, gain_max]; 1 without one
+        (fewer than three losses measured: a test that failed at once says nothing about the LR)."""
+        if self.noise() is None:
+            return 1.0
+        if self.has_valley():
+            gain = self.best()[0]
+        else:
+            gain = self.blow_up_gain()
+            if gain is None:
+                return 1.0
+        return min(self.config.gain_max, max(self.config.gain_min, gain / self.config.backoff))
 
     def chosen_gain(self) -> float:
-        """Gain of the smoothed-loss minimum / backoff, within [gain_min, gain_max]; 1 if nothing was measured."""
-        if self.best_gain is None:
-            return 1.0
-        return min(self.config.gain_max, max(self.config.gain_min, self.best_gain / self.config.backoff))
+        """The suggestion, or 1 (the user's LR) when the suggestion is within `keep_band` of it."""
+        gain = self.suggested_gain()
+        band = self.config.keep_band
+        return 1.0 if 1.0 / band <= gain <= band else gain
 
     def state_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in ("average", "smoothed", "observed", "best_loss", "best_gain",
-                                                    "diverged", "history")}
+        return {key: getattr(self, key) for key in ("steps", "average", "observed", "best_smoothed", "diverged",
+                                                    "history")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():

@@ -7,17 +7,20 @@ Writes into OUTPUT_DIR/r8_report/:
 * `momentum.png`: momentum and exploration sigma (when the run had them);
 * `reward.png`: reward (RL runs);
 * `quartiles.png`: the catalog's mean loss per quartile over time (R8Trainer);
+* `range_test.png`: the LR range test's loss against the LR swept, denoised, and the LR chosen (when the
+  run had one);
 * `summary.md`: decisions by kind, skipped steps, rollbacks, steps and wall time.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hf_r8.run_log import EVENTS_FILE, METRICS_FILE, read_jsonl
+from hf_r8.run_log import EVENTS_FILE, METRICS_FILE, RANGE_TEST_FILE, read_jsonl
 
 REPORT_DIR = "r8_report"
 _MARKERS = {"decision": ("^", "tab:green"), "guard": ("x", "tab:orange"), "rollback": ("v", "tab:red")}
@@ -96,11 +99,34 @@ def write_report(output_dir: str | Path) -> list[Path]:
         axis.legend(fontsize=8)
         save(figure, name)
 
+    range_test_path = output_dir / RANGE_TEST_FILE
+    range_test = json.loads(range_test_path.read_text(encoding="utf-8")) if range_test_path.is_file() else None
+    if range_test is not None and range_test.get("curve"):
+        base_lr = range_test["base_lrs"][0]
+        figure, axis = plt.subplots(figsize=(9, 4))
+        axis.plot([gain * base_lr for gain, _ in range_test["curve"]], [loss for _, loss in range_test["curve"]],
+                  "o", markersize=3, alpha=0.6, label="loss at each step of the sweep")
+        axis.plot([gain * base_lr for gain, _ in range_test["denoised"]],
+                  [loss for _, loss in range_test["denoised"]], label="denoised (mean of 3)")
+        axis.axvline(base_lr, color="tab:gray", linestyle="--", linewidth=0.8, label=f"LR set ({base_lr:.3g})")
+        chosen = range_test["chosen_gain"] * base_lr
+        axis.axvline(chosen, color="tab:green", linewidth=1.2, label=f"LR chosen ({chosen:.3g})")
+        finite = [loss for _, loss in range_test["curve"] if isinstance(loss, (int, float))]
+        axis.set(xlabel="learning rate", ylabel="training loss", xscale="log", title="LR range test",
+                 ylim=(min(finite) * 0.95, min(max(finite), 3 * finite[0]) * 1.05) if finite else None)
+        axis.legend(fontsize=8)
+        save(figure, "range_test.png")
+
     kinds = Counter(event["kind"] for event in events)
     last = rows[-1]
     lines = ["# hf_r8 run report", "", f"Run: `{output_dir}`; {len(rows)} steps recorded (last step {last['step']}).",
              "", "| event | count |", "|---|---|"]
     lines += [f"| {kind} | {count} |" for kind, count in sorted(kinds.items())] or ["| (none) | 0 |"]
+    if range_test is not None:
+        base_lr = range_test["base_lrs"][0]
+        suggested, chosen = range_test["suggested_gain"] * base_lr, range_test["chosen_gain"] * base_lr
+        lines += ["", f"LR range test: {range_test['step']} steps, LR set {base_lr:.3g}, suggested {suggested:.3g}, "
+                      f"chosen {chosen:.3g}."]
     timed = [row for row in rows if isinstance(row.get("elapsed_s"), (int, float))]
     if timed:
         first, final = timed[0], timed[-1]

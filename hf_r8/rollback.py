@@ -46,13 +46,17 @@ class SpikeDetector:
 
     The level is their EMA (it follows a falling loss, where a window mean lags above it); the
     spread is the noise around that trend, estimated from step-to-step differences (std / sqrt(2)),
-    so a loss that is still falling fast does not hide a spike behind its own trend.
+    so a loss that is still falling fast does not hide a spike behind its own trend. Far above the
+    noise, or far above the level, is not enough on its own: a spike must also undo a real share
+    (`spike_min_setback`) of the progress since the first loss. A loss near zero is a mean over a
+    few hard examples, and its ratio to the level says nothing about damage.
     """
 
     def __init__(self, config: RollbackConfig) -> None:
         self.config = config
         self.recent: deque[float] = deque(maxlen=config.window)
         self.ema: float | None = None
+        self.first_loss: float | None = None
 
     def spike_reason(self, loss: float) -> str | None:
         config = self.config
@@ -63,6 +67,9 @@ class SpikeDetector:
         mean_step = math.fsum(steps) / len(steps)
         noise = math.sqrt(math.fsum((step - mean_step) ** 2 for step in steps) / max(1, len(steps) - 1) / 2.0)
         spread = max(noise, 0.01 * abs(self.ema), 1e-12)  # a flat window does not make every wiggle a spike
+        progress = max(0.0, (self.first_loss if self.first_loss is not None else self.ema) - self.ema)
+        if loss - self.ema <= config.spike_min_setback * progress:
+            return None
         z = (loss - self.ema) / spread
         if z > config.spike_z:
             return f"loss {loss:.4g} is {z:.1f} noise standard deviations above its level {self.ema:.4g}"
@@ -73,13 +80,16 @@ class SpikeDetector:
     def accept(self, loss: float) -> None:
         self.recent.append(loss)
         self.ema = loss if self.ema is None else _EMA_BETA * self.ema + (1.0 - _EMA_BETA) * loss
+        if self.first_loss is None:
+            self.first_loss = loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"recent": list(self.recent), "ema": self.ema}
+        return {"recent": list(self.recent), "ema": self.ema, "first_loss": self.first_loss}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.recent = deque(state["recent"], maxlen=self.config.window)
         self.ema = state["ema"]
+        self.first_loss = state.get("first_loss", state["ema"])  # saved before the setback test: its level
 
 
 class RollbackPolicy:

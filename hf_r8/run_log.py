@@ -7,6 +7,9 @@
   buffered and flushed at each Trainer log, save and at the end (cheap: one line per step). Rows
   for the same step (a log step adds the catalog's quartile losses) are merged by the reader.
 
+* `r8_range_test.json`: the LR range test's curve (gain, loss), its denoised form and the gain chosen,
+  written when the test ends.
+
 A fresh run (step 0) starts both files anew; a resumed run keeps what was written up to its
 checkpoint's step, drops what came after (a crashed run's last steps, about to be redone) and
 appends. A line cut short by a crash is skipped by `read_jsonl`. Non-finite numbers are written as
@@ -22,6 +25,7 @@ from typing import Any
 
 EVENTS_FILE = "r8_events.jsonl"
 METRICS_FILE = "r8_metrics.jsonl"
+RANGE_TEST_FILE = "r8_range_test.json"
 
 
 def _strict(value: Any) -> Any:
@@ -48,6 +52,8 @@ class RunLog:
             (self.folder / name).write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
             times = [row["elapsed_s"] for row in kept if isinstance(row.get("elapsed_s"), (int, float))]
             self.elapsed_before = max([self.elapsed_before, *times])
+        if resume_step == 0:
+            (self.folder / RANGE_TEST_FILE).unlink(missing_ok=True)  # a previous run's test
         self._events = (self.folder / EVENTS_FILE).open("a", encoding="utf-8")
         self._metrics = (self.folder / METRICS_FILE).open("a", encoding="utf-8")
 
@@ -57,6 +63,9 @@ class RunLog:
 
     def metrics(self, row: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(_strict(row)) + "\n")
+
+    def range_test(self, record: dict[str, Any]) -> None:
+        (self.folder / RANGE_TEST_FILE).write_text(json.dumps(_strict(record)), encoding="utf-8")
 
     def flush(self) -> None:
         self._metrics.flush()

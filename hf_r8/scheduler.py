@@ -15,6 +15,13 @@ loss is copied to the host without waiting) and consumed just before the next `o
 an optimizer step pre-hook, which writes that step's LR and momentum. So the LR of step t+1 reacts to
 the loss of step t, as under the Trainer, and no call forces a device sync. The LR is
 `base_lr x gain`, base_lr being each group's LR when the scheduler was built.
+
+With `total_steps` known, the default's LR range test runs first, as under the Trainer: the optimizer's
+parameters and state are snapshotted before it (in CPU RAM; a model's buffers, e.g. BatchNorm running
+statistics, are not among an optimizer's tensors and are not restored), the LR sweeps for
+`range_test_length` steps, then parameters and state are restored and the gain the test chose becomes
+the base. The step in flight when the test ends is dropped (its gradients were computed on the sweep's
+weights).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from hf_r8.config import R8Config
 from hf_r8.controller import Controller, Event, GroupSpec, Observation
 from hf_r8.host_copy import HostCopy
 from hf_r8.param_groups import read_momentum, write_lr, write_momentum
+from hf_r8.range_test import LRRangeTest, range_test_length
+from hf_r8.snapshot import StateSnapshot, optimizer_parameters
 
 
 class AdaptiveScheduler(LRScheduler):
@@ -45,14 +54,27 @@ class AdaptiveScheduler(LRScheduler):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer={type(optimizer).__name__}: must be a torch.optim.Optimizer")
         self.config = config if config is not None else R8Config.from_preset("default")
-        self.controller = Controller(
-            self.config, [GroupSpec(float(group.get("initial_lr", group["lr"])), read_momentum(group))
-                          for group in optimizer.param_groups], total_steps=total_steps, warmup_steps=warmup_steps)
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.controller = self._controller(optimizer, [1.0] * len(optimizer.param_groups), warmup_steps)
         self.events: list[Event] = []
         self._metrics: tuple[Any, Any, Any] | None = None
         self._staged: tuple[int, HostCopy] | None = None
+        self._updates = 0
+        self._range_test: LRRangeTest | None = None
+        self._snapshot: StateSnapshot | None = None
+        length = range_test_length(self.config.range_test, total_steps) if last_epoch == -1 else None
+        if length is not None:
+            self._range_test = LRRangeTest(self.config.range_test, length)
+            self._snapshot = StateSnapshot()
+            self._snapshot.capture(_OptimizerParameters(optimizer), optimizer, step=0)
         super().__init__(optimizer, last_epoch)
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+
+    def _controller(self, optimizer: torch.optim.Optimizer, initial_gains: list[float],
+                    warmup_steps: int) -> Controller:
+        specs = [GroupSpec(float(group.get("initial_lr", group["lr"])), read_momentum(group), initial_gain=gain)
+                 for group, gain in zip(optimizer.param_groups, initial_gains, strict=True)]
+        return Controller(self.config, specs, total_steps=self.total_steps, warmup_steps=warmup_steps)
 
     # ------------------------------------------------------------------------------ signals in
     def set_metrics(self, loss: Any = None, reward: Any = None, grad_norm: Any = None) -> None:
@@ -88,20 +110,51 @@ class AdaptiveScheduler(LRScheduler):
 
     # ------------------------------------------------------------------------- applied in the hook
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        observation = None
         if self._staged is not None:
             step, copy = self._staged
             flat = copy.result().tolist()  # a copy started one step ago: landed by now
             loss, reward, grad_norm = (value if present else None for value, present in zip(flat[::2], flat[1::2],
                                                                                           strict=True))
-            self.events += self.controller.observe(Observation(step=step, loss=loss, grad_norm=grad_norm,
-                                                               reward=reward))
+            observation = Observation(step=step, loss=loss, grad_norm=grad_norm, reward=reward)
             self._staged = None
-        for index, group in enumerate(optimizer.param_groups):
-            write_lr(group, self.controller.compose_lr(index, self.base_lrs[index]))
-            momentum = self.controller.momentum(index)
-            if momentum is not None:
-                write_momentum(group, momentum)
+        if self._range_test is not None:
+            if observation is not None:  # the loss of update `step`, computed on the weights after step - 1
+                self._range_test.observe(observation.step - 1, observation.loss)
+            if self._range_test.finished:
+                self._finish_range_test(optimizer)
+            else:
+                for index, group in enumerate(optimizer.param_groups):
+                    write_lr(group, self.base_lrs[index] * self._range_test.gain(self._updates))
+        elif observation is not None:
+            self.events += self.controller.observe(observation)
+        if self._range_test is None:
+            for index, group in enumerate(optimizer.param_groups):
+                write_lr(group, self.controller.compose_lr(index, self.base_lrs[index]))
+                momentum = self.controller.momentum(index)
+                if momentum is not None:
+                    write_momentum(group, momentum)
+        self._updates += 1
         self._last_lr = [float(group["lr"]) for group in optimizer.param_groups]
+
+    def _finish_range_test(self, optimizer: torch.optim.Optimizer) -> None:
+        """Restore parameters and optimizer state from before the test, drop the step in flight, and rebase the
+        controller on the chosen gain."""
+        test = self._range_test
+        self._snapshot.restore(_OptimizerParameters(optimizer), optimizer)
+        for param in optimizer_parameters(optimizer):
+            param.grad = None
+        gain = test.chosen_gain()
+        self._range_test = self._snapshot = None
+        self.controller = self._controller(optimizer, [gain] * len(optimizer.param_groups),
+                                           max(self.warmup_steps, self._updates + 1))
+        best = test.best()
+        self.events.append(Event(self._updates + 1, -1, "range_test", "rebase", 1.0, gain,
+                                 f"LR range test {'diverged' if test.diverged else 'completed'} after "
+                                 f"{self._updates + 1} steps: lowest denoised loss "
+                                 f"{best[1] if best else float('nan'):.4g} at gain "
+                                 f"{best[0] if best else float('nan'):.3g}; parameters and optimizer state restored, "
+                                 f"training continues at gain {gain:.3g}"))
 
     # ---------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -109,15 +162,32 @@ class AdaptiveScheduler(LRScheduler):
         if self._staged is not None:
             step, copy = self._staged
             staged = {"step": step, "values": copy.result().tolist()}
+        # The snapshot from before a running range test lives in RAM only: a state saved during the test resumes
+        # without it (at gain 1), as R8Callback does.
         return {"last_epoch": self.last_epoch, "base_lrs": self.base_lrs, "_last_lr": self._last_lr,
-                "controller": self.controller.state_dict(), "staged": staged}
+                "controller": self.controller.state_dict(), "staged": staged, "updates": self._updates,
+                "initial_gains": [spec.initial_gain for spec in self.controller.specs]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_epoch, self.base_lrs = state_dict["last_epoch"], list(state_dict["base_lrs"])
         self._last_lr = list(state_dict["_last_lr"])
+        self._updates = state_dict.get("updates", self.last_epoch)
+        self._range_test = self._snapshot = None
+        gains = state_dict.get("initial_gains", [1.0] * len(self.optimizer.param_groups))
+        self.controller = self._controller(self.optimizer, gains, self.warmup_steps)
         self.controller.load_state_dict(state_dict["controller"])
         staged = state_dict.get("staged")
         self._staged = None if staged is None else (staged["step"], HostCopy(torch.tensor(staged["values"])))
+
+
+class _OptimizerParameters(torch.nn.Module):
+    """An optimizer's parameters as a module's (the same tensors), for `StateSnapshot`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__()
+        for index, param in enumerate(optimizer_parameters(optimizer)):
+            self.register_parameter(f"p{index}", param if isinstance(param, torch.nn.Parameter) else
+                                    torch.nn.Parameter(param, requires_grad=param.requires_grad))
 
 
 def _packed(signals: tuple[Any, Any, Any]) -> torch.Tensor:

@@ -10,7 +10,8 @@ from hf_r8.config import DecisionConfig, MomentumConfig, R8Config, available_pre
 
 
 def test_every_documented_preset_ships_and_loads():
-    assert {"default", "conservative", "aggressive", "reward_rl", "moe", "find_lr"} <= set(available_presets())
+    shipped = {"default", "gentle", "conservative", "aggressive", "reward_rl", "moe", "find_lr"}
+    assert shipped <= set(available_presets())
     for name in available_presets():
         config = R8Config.from_preset(name)
         assert R8Config.from_dict(config.to_dict()) == config
@@ -21,7 +22,10 @@ def test_presets_differ_where_they_should():
     reward_rl = R8Config.from_preset("reward_rl")
     assert "trend" in reward_rl.reward.rules and not reward_rl.rollback.enabled and not R8Config().reward.rules
     assert R8Config.from_preset("conservative").decision.increase_factor < R8Config().decision.increase_factor
-    assert R8Config.from_preset("find_lr").range_test.enabled and not R8Config().range_test.enabled
+    assert R8Config().range_test.enabled and R8Config().anneal.enabled
+    assert R8Config.from_preset("find_lr").range_test.steps == 30 and R8Config().range_test.steps is None
+    gentle = R8Config.from_preset("gentle")
+    assert not gentle.range_test.enabled and not gentle.anneal.enabled and gentle.rules == R8Config().rules
 
 
 def test_yaml_with_base_preset_overrides_only_what_it_names(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_r8 import R8Config, R8Loop
+from hf_r8.config import RangeTestConfig
 
 
 def _config() -> R8Config:
@@ -44,7 +45,28 @@ def test_the_lr_follows_the_reported_losses():
             for step, (_, lr) in enumerate(loop.batches()):
                 lrs.append(lr)
                 loop.report(5.0 * 0.98 ** step)  # a steady, certain fall: the LR may grow
-    assert lrs[-1] > 1e-3 and any(event.action == "increase" for event in loop.events)
+    assert lrs[79] > 1e-3 and any(event.action == "increase" for event in loop.events)
+    # the last fifth: a constant base LR gets the default's end-of-run anneal, down to the floor (base / 100)
+    assert lrs[-1] == pytest.approx(lrs[79] / 100 / (lrs[79] / 1e-3), rel=1e-6)
+
+
+def test_with_save_and_load_the_loop_runs_the_range_test_and_restores_the_state():
+    saved, loaded = [], []
+    config = _config()
+    config.range_test = RangeTestConfig()  # the default's test: 15 of this run's 160 steps
+    lrs = []
+    with R8Loop(640, batch_size=4, config=config, base_lr=1e-4, save=lambda: saved.append(len(lrs)) or "state",
+                load=loaded.append) as loop:
+        for _ in loop.epochs():
+            for step, (_, lr) in enumerate(loop.batches()):
+                lrs.append(lr)
+                # during the test: the loss falls once the LR passes 1e-2 (gain 100)
+                loop.report(1.0 if step < 15 and lr > 1e-2 else 1.5)
+    assert saved[0] == 0 and loaded == ["state"], "saved before the first batch, loaded once at the test's end"
+    assert lrs[:14] == pytest.approx([1e-4 * 0.01 * 1e6 ** (i / 13) for i in range(14)])
+    rebase = next(event for event in loop.events if event.rule == "range_test")
+    assert rebase.step == 15 and rebase.new_value > 3, rebase.reason
+    assert lrs[15] == pytest.approx(1e-4 * rebase.new_value)
 
 
 def test_a_reported_nan_rolls_back_through_the_users_callables():

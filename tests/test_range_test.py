@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,37 +11,106 @@ from transformers import Trainer, TrainerCallback
 
 from hf_r8 import R8Callback, R8Config
 from hf_r8.config import RangeTestConfig
-from hf_r8.range_test import LRRangeTest
+from hf_r8.offline import tiny_gpt2
+from hf_r8.range_test import LRRangeTest, range_test_length
 from tests.conftest import training_args
 
 
 def test_gains_sweep_exponentially_from_min_to_max():
-    test = LRRangeTest(RangeTestConfig(steps=5, gain_min=0.01, gain_max=100.0))
+    test = LRRangeTest(RangeTestConfig(gain_min=0.01, gain_max=100.0), steps=6)
     assert [test.gain(i) for i in range(6)] == pytest.approx([0.01, 0.1, 1.0, 10.0, 100.0, 100.0])
 
 
-def test_choice_is_the_smoothed_minimum_over_backoff_and_losses_credit_the_previous_gain():
-    test = LRRangeTest(RangeTestConfig(steps=6, gain_min=0.01, gain_max=1000.0, smoothing=0.0, backoff=10.0))
-    for index, loss in enumerate([5.0, 4.0, 3.0, 2.0, 2.5, 9.0]):
+def test_choice_is_the_denoised_minimum_over_backoff_and_losses_credit_the_previous_gain():
+    test = LRRangeTest(RangeTestConfig(gain_min=0.01, gain_max=100.0, smoothing=0.0, backoff=2.0, keep_band=1.0,
+                                       significance=0.0), steps=6)
+    for index, loss in enumerate([5.0, 5.0, 4.0, 2.0, 2.0, 3.0]):
         test.observe(index, loss)
-    # the minimum (2.0) was measured at step 3, so it belongs to gain(2) = 1.0
-    assert test.best_gain == pytest.approx(1.0)
-    assert test.chosen_gain() == pytest.approx(0.1)
-    assert test.diverged  # 9.0 > 4 x 2.0
+    # credited to gains 0.01 .. 100; centered means 4.5, 3.67, 2.67, 2.33, 2.5: the lowest is at gain(3) = 10
+    gain, loss = test.best()
+    assert gain == pytest.approx(10.0) and loss == pytest.approx(7.0 / 3.0)
+    assert test.chosen_gain() == pytest.approx(5.0)
+
+
+def test_the_denoised_curve_is_centered_and_not_shifted_to_higher_gains():
+    test = LRRangeTest(RangeTestConfig(gain_min=1.0, gain_max=1e4), steps=6)
+    for index, loss in enumerate([9.0, 6.0, 5.0, 1.0, 5.0, 6.0]):
+        test.observe(index, loss)
+    assert [loss for _, loss in test.denoised()] == pytest.approx([5.5, 4.0, 11.0 / 3.0, 4.0, 5.5])
+    assert test.best()[0] == pytest.approx(test.gain(2)), "the dip's own gain, where a causal EMA lags past it"
 
 
 def test_non_finite_loss_ends_the_test_and_nothing_measured_means_gain_one():
-    test = LRRangeTest(RangeTestConfig(steps=10))
+    test = LRRangeTest(RangeTestConfig(), steps=10)
     test.observe(1, float("nan"))
-    assert test.finished and test.chosen_gain() == 1.0
+    assert test.finished and test.diverged and test.chosen_gain() == 1.0
 
 
-def test_smoothing_is_bias_corrected():
-    test = LRRangeTest(RangeTestConfig(steps=10, smoothing=0.7))
-    test.observe(1, 4.0)
-    assert test.smoothed == pytest.approx(4.0)
-    test.observe(2, 2.0)
-    assert test.smoothed == pytest.approx((0.7 * 0.3 * 4.0 + 0.3 * 2.0) / (1 - 0.49))
+def test_runaway_loss_ends_the_test_early():
+    test = LRRangeTest(RangeTestConfig(smoothing=0.0, divergence_ratio=4.0), steps=20)
+    for index, loss in enumerate([5.0, 4.0, 3.0, 2.0, 9.0]):
+        test.observe(index, loss)
+    assert test.diverged and test.finished and test.observed == 4
+
+
+def _swept(losses: list[float], **config) -> LRRangeTest:
+    test = LRRangeTest(RangeTestConfig(gain_min=0.01, gain_max=10_000.0, smoothing=0.0, divergence_ratio=100.0,
+                                       **config), steps=len(losses))
+    for index, loss in enumerate(losses):
+        test.observe(index, loss)
+    return test
+
+
+def test_a_suggestion_within_the_keep_band_keeps_the_users_lr():
+    # a clear valley at gain ~17 (credited): the suggestion, ~1.7, is within the band of 3
+    test = _swept([6.0, 6.0, 6.01, 5.99, 6.0, 6.0, 5.5, 4.5, 3.0, 2.5, 9.0, 40.0, 80.0, 90.0, 99.0])
+    assert test.has_valley() and 1 / 3 <= test.suggested_gain() <= 3
+    assert test.chosen_gain() == 1.0
+
+
+def test_a_clear_valley_far_above_the_users_lr_raises_it_to_the_minimum_over_backoff():
+    # flat (noise 0.01) until gain ~100, then a deep valley at ~400: the user's LR is far too low
+    test = _swept([6.0, 6.01, 5.99, 6.0, 6.01, 5.99, 6.0, 6.0, 6.0, 5.8, 5.0, 3.0, 2.0, 9.0, 30.0])
+    assert test.has_valley()
+    assert test.chosen_gain() == pytest.approx(test.best()[0] / 10) and test.chosen_gain() > 10
+
+
+def test_a_curve_flat_within_its_noise_is_judged_by_where_it_blows_up():
+    # a pre-trained model: flat within noise (spread ~0.1) until it blows up; its lowest point is noise
+    losses = [3.86, 4.08, 3.75, 4.01, 3.90, 3.94, 4.03, 3.90, 3.93, 3.95, 3.85, 3.75, 3.90, 10.0, 20.0]
+    test = _swept(losses)
+    assert not test.has_valley()
+    blow_up = test.blow_up_gain()
+    assert blow_up == pytest.approx(test.gain(12)), "the first loss far above the level (10.0), credited"
+    assert test.suggested_gain() == pytest.approx(blow_up / 10)
+    assert _swept(losses, significance=0.0).suggested_gain() == pytest.approx(test.best()[0] / 10), \
+        "without the noise test the noisy minimum would be taken"
+
+
+def test_a_flat_curve_that_never_rises_keeps_the_users_lr():
+    assert _swept([4.0, 4.1, 3.9, 4.0, 4.05, 3.95, 4.0, 4.1, 3.9, 4.0]).chosen_gain() == 1.0
+
+
+@pytest.mark.parametrize(("total_steps", "expected"), [
+    (None, None), (100, None), (149, None), (150, 15), (600, 24), (1000, 40), (10_000, 100), (100_000, 100)])
+def test_the_default_test_is_sized_to_the_run(total_steps, expected):
+    assert range_test_length(RangeTestConfig(), total_steps) == expected
+
+
+def test_a_fixed_length_is_used_as_is_and_a_disabled_test_has_none():
+    assert range_test_length(RangeTestConfig(steps=30), 100) == 30
+    assert range_test_length(RangeTestConfig(steps=30), 20) is None
+    assert range_test_length(RangeTestConfig(enabled=False), 10_000) is None
+
+
+class StopAt(TrainerCallback):
+    """Ends training after `step` steps (a run interrupted early)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
 
 
 class ParameterProbe(TrainerCallback):
@@ -55,7 +125,8 @@ class ParameterProbe(TrainerCallback):
 
 @pytest.mark.integration
 def test_range_test_restores_the_weights_and_rebases_the_gain(model, lm_dataset, tmp_path):
-    config = R8Config(range_test=RangeTestConfig(enabled=True, steps=10, gain_min=0.1, gain_max=1000.0))
+    config = R8Config(range_test=RangeTestConfig(enabled=True, steps=10, gain_min=0.1, gain_max=1000.0,
+                                                 keep_band=1.0, significance=0.0))
     r8, probe = R8Callback(config), ParameterProbe(model)
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=30, learning_rate=1e-4),
                       train_dataset=lm_dataset, callbacks=[r8, probe])
@@ -77,13 +148,13 @@ def test_a_run_that_ends_inside_the_test_gets_the_weights_from_before_it(model, 
     config = R8Config(range_test=RangeTestConfig(enabled=True, steps=10, gain_min=0.1, gain_max=1000.0))
     r8 = R8Callback(config)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=6, learning_rate=1e-3),
-                      train_dataset=lm_dataset, callbacks=[r8])
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=30, learning_rate=1e-3),
+                      train_dataset=lm_dataset, callbacks=[r8, StopAt(6)])
     trainer.train()
     assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
     abandon = [event for event in r8.events if event.rule == "range_test"]
     assert [(event.step, event.action) for event in abandon] == [(6, "abandon")]
-    assert "inside the LR range test of range_test.steps=10" in caplog.text
+    assert "inside the LR range test of 10 steps" in caplog.text
 
 
 @pytest.mark.integration
@@ -93,14 +164,16 @@ def test_range_test_sweeps_the_lr_it_claims(model, lm_dataset, tmp_path):
                       train_dataset=lm_dataset, callbacks=[R8Callback(config)])
     trainer.train()
     logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
-    assert logged[:6] == pytest.approx([1e-3 * 10 ** (-2 + 4 * i / 5) for i in range(6)], rel=1e-9)
+    # steps 1-5 sweep 0.01x .. 100x; step 6 reads the loss of the last gain, its update is dropped
+    assert logged[:5] == pytest.approx([1e-3 * 10 ** (-2 + 4 * i / 4) for i in range(5)], rel=1e-9)
 
 
 @pytest.mark.integration
 def test_after_the_test_the_schedule_continues_where_it_is(model, lm_dataset, tmp_path):
     from transformers import get_scheduler
 
-    config = R8Config(rules=[], range_test=RangeTestConfig(enabled=True, steps=6, gain_min=0.1, gain_max=10.0))
+    config = R8Config(rules=[], range_test=RangeTestConfig(enabled=True, steps=6, gain_min=0.1, gain_max=10.0,
+                                                           keep_band=1.0, significance=0.0))
     r8 = R8Callback(config)
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=16, learning_rate=1e-3,
                       lr_scheduler_type="linear", warmup_steps=12), train_dataset=lm_dataset, callbacks=[r8])
@@ -117,3 +190,56 @@ def test_after_the_test_the_schedule_continues_where_it_is(model, lm_dataset, tm
     step = rebase.step + 1  # the first step after the weights were restored: warmup LR x the chosen gain
     assert logged[step] == pytest.approx(scheduled[step - 1] * rebase.new_value, rel=1e-9)
     assert scheduled[step - 1] > 0
+
+
+class SnapshotProbe(TrainerCallback):
+    """Which snapshot objects R8's rollback holds after every step, and the gain stored with the first one."""
+
+    def __init__(self, r8: R8Callback) -> None:
+        self.r8, self.snapshot_ids, self.stored_gains = r8, set(), {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        snapshots = self.r8._healthy_snapshots
+        self.snapshot_ids.update(id(snapshot) for snapshot in snapshots)
+        if snapshots:
+            self.stored_gains[state.global_step] = snapshots[0].extras["controller"]["groups"][0]["lr_gain"]
+
+
+def _train_lm(tokenizer, dataset, output_dir, callbacks, learning_rate, lr_scheduler_type="cosine"):
+    model = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    args = training_args(output_dir, max_steps=150, learning_rate=learning_rate, logging_steps=10,
+                         lr_scheduler_type=lr_scheduler_type, warmup_steps=15, per_device_train_batch_size=8)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset.select(range(64)),
+                      callbacks=callbacks)
+    trainer.train()
+    return trainer.evaluate()["eval_loss"]
+
+
+@pytest.mark.integration
+def test_the_default_finds_its_way_up_from_an_lr_100x_too_low(tokenizer, lm_dataset, tmp_path):
+    r8 = R8Callback()  # no config: the default preset
+    probe = SnapshotProbe(r8)
+    with_r8 = _train_lm(tokenizer, lm_dataset, tmp_path / "r8", [r8, probe], learning_rate=3e-5)
+    stock = _train_lm(tokenizer, lm_dataset, tmp_path / "stock", [], learning_rate=3e-5)
+    rebase = next(event for event in r8.events if event.rule == "range_test")
+    assert rebase.step == 15, "4% of 150 steps, at least 15"
+    assert rebase.new_value > 10, rebase.reason
+    assert with_r8 < stock - 0.3, (with_r8, stock)
+    # The test restored rollback's own snapshot: one snapshot object all run long, holding the chosen gain.
+    assert len(probe.snapshot_ids) == 1
+    assert probe.stored_gains[rebase.step] == pytest.approx(rebase.new_value)
+    written = json.loads((tmp_path / "r8" / "r8_range_test.json").read_text())
+    assert written["chosen_gain"] == pytest.approx(rebase.new_value) and len(written["curve"]) == 14
+    # shown: a plot in the end-of-run report, and a line of the dashboard
+    assert (tmp_path / "r8" / "r8_report" / "range_test.png").stat().st_size > 0
+    assert "LR range test: 15 steps" in (tmp_path / "r8" / "r8_report" / "summary.md").read_text()
+    assert r8._view.range_test.startswith(f"chose LR {3e-5 * rebase.new_value:.3g}")
+
+
+@pytest.mark.integration
+def test_one_field_turns_the_search_off(tokenizer, lm_dataset, tmp_path):
+    config = R8Config.from_dict({"range_test": {"enabled": False}, "anneal": {"enabled": False}})
+    r8 = R8Callback(config)
+    _train_lm(tokenizer, lm_dataset, tmp_path, [r8], learning_rate=3e-5)
+    assert not [event for event in r8.events if event.rule == "range_test"]
+    assert not (tmp_path / "r8_range_test.json").exists()

@@ -98,6 +98,24 @@ def test_a_ratio_to_the_ema_is_a_spike_even_in_a_wide_window():
     assert action.kind == "skip" and "x its EMA" in action.reason
 
 
+def test_near_zero_losses_late_in_a_classification_run_are_noise_not_spikes():
+    policy = RollbackPolicy(RollbackConfig(**QUICK))
+    losses = [2.3, 1.5, 0.9, 0.5, 0.3, 0.15, 0.08] + [0.03, 0.025, 0.035, 0.028, 0.032] * 12
+    for step, loss in enumerate(losses, start=1):
+        assert policy.observe(step, loss) is None
+    # one hard example in a batch of 32: 0.1 after a level of 0.03 is > 3x the EMA and far above its noise
+    assert policy.detector.ema < 0.035
+    assert policy.observe(len(losses) + 1, 0.1) is None
+    assert policy.observe(len(losses) + 2, 0.12) is None
+    assert policy.skipped_steps == 0 and policy.rollbacks == 0
+    # a loss that gives back a real share of the progress is still a spike
+    assert policy.observe(len(losses) + 3, 1.5).kind == "skip"
+    without = RollbackPolicy(RollbackConfig(**QUICK, spike_min_setback=0.0))
+    for step, loss in enumerate(losses, start=1):
+        without.observe(step, loss)
+    assert without.observe(len(losses) + 1, 0.1).kind == "skip", "this test would prove nothing otherwise"
+
+
 def test_policy_state_survives_a_round_trip():
     policy = RollbackPolicy(RollbackConfig(**QUICK))
     for step in range(1, 25):

@@ -147,3 +147,37 @@ def test_set_metrics_then_step_is_step_loss():
                 scheduler.step_loss(signal["loss"], grad_norm=signal["grad_norm"])
         trajectories.append(used)
     assert trajectories[0] == trajectories[1] and len(set(trajectories[0])) > 2
+
+
+def _regression(lr: float, with_scheduler: bool, steps: int = 300) -> tuple[float, AdaptiveScheduler | None]:
+    """A plain PyTorch loop: an MLP fits sum(x**2) from batches of 32; the held-out mean squared error."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = AdaptiveScheduler(optimizer, total_steps=steps) if with_scheduler else None
+    data = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 8, generator=data)
+        loss = (model(x) - x.pow(2).sum(dim=1, keepdim=True)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step_loss(loss.detach())
+    x = torch.randn(1000, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return (model(x) - x.pow(2).sum(dim=1, keepdim=True)).pow(2).mean().item(), scheduler
+
+
+def test_a_plain_loop_started_100x_too_low_finds_its_way_up():
+    plain, _ = _regression(1e-4, with_scheduler=False)
+    adapted, scheduler = _regression(1e-4, with_scheduler=True)
+    rebase = next(event for event in scheduler.events if event.rule == "range_test")
+    # 15 test steps; a loss reaches the scheduler one step later, so the 16th update is the one dropped
+    assert rebase.step == 16 and rebase.new_value > 10, rebase.reason
+    assert adapted < plain / 5, (adapted, plain)
+    assert scheduler.controller.specs[0].initial_gain == rebase.new_value
+    restored = AdaptiveScheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4), total_steps=300)
+    restored.load_state_dict(scheduler.state_dict())
+    assert restored.controller.specs[0].initial_gain == rebase.new_value
+    assert restored.get_last_lr() == scheduler.get_last_lr()
