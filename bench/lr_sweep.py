@@ -121,6 +121,13 @@ def run_job(task_name: str, quick: bool, method_name: str, seeds: list[int]) -> 
     return runs
 
 
+def _reused_runs(path: Path | None, methods_run: set[str], tasks: set[str]) -> list[Run]:
+    if path is None:
+        return []
+    saved = json.loads(path.read_text())["runs"]
+    return [Run(**run) for run in saved if run["method"] not in methods_run and run["task"] in tasks]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models, 150 steps, 3 seeds (~10 min)")
@@ -132,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes, one torch thread each (default: one per core)")
     parser.add_argument("--name", default=None, help="results file stem (default lr_sweep[_quick])")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="a results .json whose runs of methods not run now are kept (baselines do not depend on "
+                             "hf_r8's code: re-run only hf_r8's methods after changing it)")
     options = parser.parse_args(argv)
     if options.steps is not None:
         os.environ["BENCH_STEPS"] = str(options.steps)  # read by the tasks, in this process and the workers
@@ -146,12 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(options.workers, initializer=_quiet_worker) as pool:
         runs = [run for batch in pool.map(run_job, *zip(*jobs, strict=True)) for run in batch]
     elapsed = time.perf_counter() - started
+    reused = _reused_runs(options.reuse, set(options.methods), set(options.tasks))
+    runs += reused
+    names = [*options.methods, *sorted({run.method for run in reused})]
+    methods = {method: METHODS[method].description for method in names}
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {options.workers} worker process(es) with one "
                    f"torch thread each, torch {torch.__version__}",
         "elapsed_s": elapsed, "quick": options.quick, "lr_grid": LR_GRID, "seeds": seeds,
         "tasks": {task.name: task.description for task in ready_tasks},
-        "methods": {method: METHODS[method].description for method in options.methods},
+        "methods": methods,
+        "reused": f"{len(reused)} runs of {sorted({r.method for r in reused})} from {options.reuse.name}" if reused
+        else None,
     }
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "runs": [asdict(run) for run in runs]}))
     print(write_report(name, meta, runs, RESULTS))

@@ -99,6 +99,9 @@ def write_report(name: str, meta: dict[str, Any], runs: list[Any], results_dir: 
              f"final held-out loss. Robust fraction: share of grid points within {ROBUST_TOLERANCE:.0%} of the best "
              "median any method reached on the task. Steps to target: first evaluation at which the method's median "
              "curve, at its own best LR, reaches the final loss of cosine at cosine's best LR.", ""]
+    if meta.get("reused"):
+        lines += [f"Reused (not run again: they do not depend on hf_r8's code): {meta['reused']}. The wall time "
+                  "counts the runs made now.", ""]
     lines += [f"- `{method}`: {description}" for method, description in meta["methods"].items()]
     lines.append("")
     for task, data in summary.items():

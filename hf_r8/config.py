@@ -96,6 +96,9 @@ class DecisionConfig(_Section):
     """Loss ratio (window mean over previous mean, or newest loss over EMA) that counts as a spike."""
     spike_z: float = 3.0
     """A single-step spike also needs a z-score above this against the rolling window."""
+    spike_min_setback: float = 0.25
+    """A spike (single loss or window) must also give back at least this share of the progress made since the
+    first loss; near zero, a loss that triples is one hard example, not a reason to brake."""
     significant_fall_t: float | None = 3.0
     """Also INCREASE when the window's slope is this many standard errors below flat (a small but certain
     improvement: the LR is too low). None: only `increase_threshold` counts."""
@@ -121,6 +124,7 @@ class DecisionConfig(_Section):
         self._greater("plateau_threshold", 0.0, inclusive=True)
         self._greater("spike_threshold", 1.0)
         self._greater("spike_z", 0.0)
+        self._between("spike_min_setback", 0.0, 1.0)
         if self.significant_fall_t is not None:
             self._greater("significant_fall_t", 0.0)
         self._greater("stability_threshold", 0.0)

@@ -2,16 +2,25 @@
 
 Every `window` steps the engine compares the closed window with the previous one:
 
-1. SPIKE_DECREASE  if mean > previous_mean * spike_threshold (waits only for `spike_cooldown_steps`)
-2. DECREASE        if cv > instability_threshold                         (oscillating)
+1. SPIKE_DECREASE  if mean > previous_mean * spike_threshold and the window gives back progress (below;
+                   waits only for `spike_cooldown_steps`)
+2. DECREASE        if spread > instability_threshold                     (oscillating)
 3. INCREASE        if (improvement_rate > increase_threshold or slope_t < -significant_fall_t)
-                   and cv < stability_threshold and slope < 0
+                   and spread < stability_threshold and slope < 0
+
+The spread is the window's coefficient of variation, with the progress since the first loss as the
+scale when it is larger than the level (near zero, the level understates how much the loss can move).
 4. DECREASE        if improvement_rate < plateau_threshold for `patience_windows` windows in a row
 5. HOLD            otherwise, and always within `cooldown_steps` of the last adjustment
 
 Between windows it watches every single loss for the emergency brake: a non-finite loss, or a
 loss above spike_threshold x EMA whose z-score exceeds spike_z, is a SPIKE_DECREASE at once
 (at most once per `spike_cooldown_steps`). Pure Python; one engine per parameter group.
+
+Both brakes also need the loss (window mean) to give back at least `spike_min_setback` of the progress
+made since the first loss: late in a classification run the loss sits near zero, where a batch with one
+hard example is 3x the EMA and far outside the recent spread, and braking on it halved the LR again and
+again (gain 1 -> 0.02 over 80 steps on digits, bench/README.md).
 """
 
 from __future__ import annotations
@@ -69,7 +78,8 @@ class DecisionEngine:
             return None
         if not loss_step.finite:
             reason = "non-finite loss"
-        elif loss_step.spike_ratio > config.spike_threshold and loss_step.z_score > config.spike_z:
+        elif (loss_step.spike_ratio > config.spike_threshold and loss_step.z_score > config.spike_z
+              and loss_step.setback >= config.spike_min_setback):
             reason = (f"loss spike: {loss_step.spike_ratio:.2f}x the EMA "
                       f"(> {config.spike_threshold}), z={loss_step.z_score:.1f} (> {config.spike_z})")
         else:
@@ -78,7 +88,8 @@ class DecisionEngine:
 
     def _window_decision(self, window: WindowSummary, config: DecisionConfig) -> Verdict:
         previous = window.previous_mean
-        spiked = previous is not None and previous > 0 and window.mean > previous * config.spike_threshold
+        spiked = (previous is not None and previous > 0 and window.mean > previous * config.spike_threshold
+                  and window.setback >= config.spike_min_setback)
         # A brake only waits for the previous brake, never for the cooldown of ordinary adjustments.
         if spiked and self.steps_since_brake >= config.spike_cooldown_steps:
             self.plateau_windows = 0
@@ -86,13 +97,14 @@ class DecisionEngine:
             return self._adjusted(Verdict(Decision.SPIKE_DECREASE, reason), brake=True)
         if self.steps_since_adjustment < config.cooldown_steps:
             return Verdict(Decision.HOLD, f"cooldown ({self.steps_since_adjustment}/{config.cooldown_steps} steps)")
-        if window.cv > config.instability_threshold:
+        spread = window.cv if window.spread is None else window.spread
+        if spread > config.instability_threshold:
             self.plateau_windows = 0
-            reason = f"unstable: cv={window.cv:.3f} > {config.instability_threshold}"
+            reason = f"unstable: spread={spread:.3f} (cv={window.cv:.3f}) > {config.instability_threshold}"
             return self._adjusted(Verdict(Decision.DECREASE, reason))
         fast = window.improvement_rate > config.increase_threshold
         certain = config.significant_fall_t is not None and window.slope_t < -config.significant_fall_t
-        if (fast or certain) and window.cv < config.stability_threshold and window.slope < 0:
+        if (fast or certain) and spread < config.stability_threshold and window.slope < 0:
             self.plateau_windows = 0
             why = (f"rate={window.improvement_rate:.4f} > {config.increase_threshold}" if fast
                    else f"slope {-window.slope_t:.1f} standard errors below flat")

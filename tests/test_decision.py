@@ -59,3 +59,38 @@ def test_steps_between_windows_return_nothing_unless_a_brake_fires():
     assert engine.on_step(LossStep(True, 1.0, 1.0, 0.5, 1.01, None), CONFIG) is None
     assert engine.on_step(None, CONFIG) is None
     assert engine.on_step(LossStep(True, 1.0, 1.3, 4.0, 1.5, None), CONFIG).decision is Decision.SPIKE_DECREASE
+
+
+def test_near_zero_losses_late_in_a_classification_run_do_not_brake_or_decrease():
+    """A digits-like run: the loss falls from 2.3 to ~0.03, then batches with one hard example read 0.1.
+    Relative to a level of 0.03 they are 3x spikes and a window CV above 0.5; against the progress made
+    (2.3 -> 0.03) they are noise."""
+    from hf_r8.signals import LossStatistics
+
+    config = DecisionConfig()
+    statistics, engine = LossStatistics(window=10, ema_beta=0.9), DecisionEngine()
+    falling = [2.3 * 0.8 ** step for step in range(30)]  # down to ~0.003 x 2.3
+    noisy_tail = [0.03, 0.02, 0.1, 0.025, 0.03, 0.12, 0.02, 0.03, 0.028, 0.09] * 6
+    verdicts = [engine.on_step(statistics.update(loss), config) for loss in falling + noisy_tail]
+    late = [verdict for verdict in verdicts[30:] if verdict is not None]
+    assert not [v for v in late if v.decision is Decision.SPIKE_DECREASE or v.reason.startswith("unstable")], late
+    # the same losses against the level alone (no setback, the plain cv) do brake: the test can fail
+    blind = DecisionConfig(spike_min_setback=0.0, instability_threshold=0.5)
+    statistics, engine = LossStatistics(window=10, ema_beta=0.9), DecisionEngine()
+    for loss in falling:
+        engine.on_step(statistics.update(loss), blind)
+    statistics.first_loss = statistics.ema.value  # no progress on record: the level is the only scale
+    blind_verdicts = [engine.on_step(statistics.update(loss), blind) for loss in noisy_tail]
+    assert [v for v in blind_verdicts if v is not None and
+            (v.decision is Decision.SPIKE_DECREASE or v.reason.startswith("unstable"))]
+
+
+def test_a_real_spike_after_progress_still_brakes():
+    from hf_r8.signals import LossStatistics
+
+    config = DecisionConfig()
+    statistics, engine = LossStatistics(window=10, ema_beta=0.9), DecisionEngine()
+    for step in range(40):
+        engine.on_step(statistics.update(2.3 * 0.95 ** step + 0.01 * (step % 3)), config)
+    verdict = engine.on_step(statistics.update(2.0), config)  # gives back most of the progress at once
+    assert verdict is not None and verdict.decision is Decision.SPIKE_DECREASE
