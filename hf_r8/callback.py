@@ -376,7 +376,7 @@ class R8Callback(TrainerCallback, ExportableState):
                                       "base_lrs": [spec.base_lr for spec in self.controller.specs]})
         if self._view is not None:
             self._view.range_test = (f"chose LR {self.controller.specs[0].base_lr * gain:.3g} (gain x{gain:.3g}) "
-                                     f"after {step} steps; {_curve_sparkline(test.denoised())}")
+                                     f"after {step} steps; {sparkline(loss for _, loss in test.denoised())}")
 
     def _abandon_range_test(self, step: int) -> None:
         """Training ended inside the LR range test: the sweep's weights are not the user's training, restore the
@@ -845,11 +845,6 @@ def _observation(step: int, reduced: list[float]) -> Observation:
                        grad_norm=grad_sum / grad_count if grad_count > 0 else None,
                        reward=reward_sum / reward_count if reward_count > 0 else None,
                        router_aux_loss=aux_sum / aux_count if aux_count > 0 else None)
-
-
-def _curve_sparkline(curve: list[tuple[float, float]]) -> str:
-    """The denoised range-test loss along the gains swept, as a sparkline."""
-    return sparkline([loss for _, loss in curve])
 
 
 def _unwrap(scheduler: Any) -> Any:
