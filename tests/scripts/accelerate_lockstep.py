@@ -46,8 +46,10 @@ def main(output_dir: str, moe: bool) -> None:
                              logging_steps=5, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
                              ddp_find_unused_parameters=False, seed=0)  # use_cpu: without it each process
     # would train alone on a machine without GPUs (Accelerate's state says 1 process)
-    trainer = RecordingR8Trainer(model=model, args=args, train_dataset=dataset,
-                                 r8=R8Config.from_preset("moe" if moe else "aggressive"))
+    config = R8Config.from_preset("moe" if moe else "aggressive")
+    if not moe:  # a 10-step LR range test first (30 steps are too few for the default's sizing): both ranks sweep
+        config.range_test.steps = 10
+    trainer = RecordingR8Trainer(model=model, args=args, train_dataset=dataset, r8=config)
     lockstep = Lockstep(trainer)
     trainer.add_callback(lockstep)
     trainer.train()
@@ -60,6 +62,8 @@ def main(output_dir: str, moe: bool) -> None:
     result["router_gains"] = [[*controller.gain_bounds[i], controller.lr_gain(i)] for i, spec in
                               enumerate(controller.specs) if spec.is_router]
     result["aux_loss_ema"] = controller.aux_slow.value
+    result["range_test"] = [[event.step, event.new_value] for event in trainer.r8_callback.events
+                            if event.rule == "range_test"]
     write_rank_result(output_dir, result)
 
 
