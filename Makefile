@@ -37,7 +37,7 @@ test: lint
 test-ppo: $(PPO_VENV)/.installed
 	$(PPO_VENV)/bin/python -m pytest -q tests/test_trl_ppo.py
 
-# LR robustness sweep (bench/README.md): quick < 10 min on 2 cores; full takes hours.
+# LR robustness sweep (bench/README.md): quick ~25 min on 2 cores (3 tasks x 11 methods); full takes hours.
 bench-quick: install
 	$(VENV)/bin/python bench/lr_sweep.py --quick
 
