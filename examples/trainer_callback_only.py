@@ -40,6 +40,9 @@ def main() -> None:
         if event.group == 0:
             print(f"step {event.step:4d}  {event.action:15s} gain {event.old_value:.3f} -> {event.new_value:.3f}  "
                   f"({event.reason})")
+    if torch.distributed.is_initialized():  # several processes: leave together (gloo may abort an exit without it)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
