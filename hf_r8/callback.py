@@ -361,18 +361,10 @@ class R8Callback(TrainerCallback, ExportableState):
             snapshot.step = step
             snapshot.extras["controller"] = self.controller.state_dict()
             self._rollback.snapshot_taken(step)
-        outcome = "diverged" if test.diverged else "completed"
-        best = test.best()
-        suggested = test.suggested_gain()
-        kept = "" if gain == suggested else (f" (its suggestion x{suggested:.3g} is within range_test.keep_band="
-                                             f"{self.config.range_test.keep_band:g} of the LR set: kept)")
-        reason = (f"LR range test {outcome} after {step} steps: lowest denoised loss "
-                  f"{best[1] if best else float('nan'):.4g} at gain {best[0] if best else float('nan'):.3g}; "
-                  f"weights restored, training continues at gain {gain:.3g}{kept}")
-        self.record(Event(step, -1, "range_test", "rebase", 1.0, gain, reason))
+        self.record(Event(step, -1, "range_test", "rebase", 1.0, gain, test.summary(step, "weights restored")))
         if self._run_log is not None:
             self._run_log.range_test({"step": step, "curve": test.history, "denoised": test.denoised(),
-                                      "suggested_gain": suggested, "chosen_gain": gain,
+                                      "suggested_gain": test.suggested_gain(), "chosen_gain": gain,
                                       "base_lrs": [spec.base_lr for spec in self.controller.specs]})
         if self._view is not None:
             self._view.range_test = (f"chose LR {self.controller.specs[0].base_lr * gain:.3g} (gain x{gain:.3g}) "

@@ -201,12 +201,8 @@ class R8Loop:
         # Rollback's snapshot now stands for the weights training goes on from, at this step, with this controller.
         self._snapshot = (self.step, state, self.controller.state_dict(), detector_state)
         self.rollback.snapshot_taken(self.step)
-        best = test.best()
         self._record(Event(self.step, -1, "range_test", "rebase", 1.0, gain,
-                           f"LR range test {'diverged' if test.diverged else 'completed'} after {self.step} steps: "
-                           f"lowest denoised loss {best[1] if best else float('nan'):.4g} at gain "
-                           f"{best[0] if best else float('nan'):.3g}; state restored with load(), training "
-                           f"continues at gain {gain:.3g}"))
+                           test.summary(self.step, "state restored with load()")))
 
     def _record(self, event: Event) -> None:
         self.events.append(event)

@@ -170,6 +170,15 @@ class LRRangeTest:
         band = self.config.keep_band
         return 1.0 if 1.0 / band <= gain <= band else gain
 
+    def summary(self, step: int, restored: str) -> str:
+        """What the test saw and chose, ended at `step`, with `restored` saying what was put back (for events)."""
+        best, suggested, gain = self.best(), self.suggested_gain(), self.chosen_gain()
+        kept = "" if gain == suggested else \
+            f" (its suggestion x{suggested:.3g} is within range_test.keep_band={self.config.keep_band:g}: kept)"
+        return (f"LR range test {'diverged' if self.diverged else 'completed'} after {step} steps: lowest denoised "
+                f"loss {best[1] if best else math.nan:.4g} at gain {best[0] if best else math.nan:.3g}; {restored}, "
+                f"training continues at gain {gain:.3g}{kept}")
+
     def state_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in ("steps", "average", "observed", "best_smoothed", "diverged",
                                                     "history")}

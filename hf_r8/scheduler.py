@@ -148,13 +148,8 @@ class AdaptiveScheduler(LRScheduler):
         self._range_test = self._snapshot = None
         self.controller = self._controller(optimizer, [gain] * len(optimizer.param_groups),
                                            max(self.warmup_steps, self._updates + 1))
-        best = test.best()
         self.events.append(Event(self._updates + 1, -1, "range_test", "rebase", 1.0, gain,
-                                 f"LR range test {'diverged' if test.diverged else 'completed'} after "
-                                 f"{self._updates + 1} steps: lowest denoised loss "
-                                 f"{best[1] if best else float('nan'):.4g} at gain "
-                                 f"{best[0] if best else float('nan'):.3g}; parameters and optimizer state restored, "
-                                 f"training continues at gain {gain:.3g}"))
+                                 test.summary(self._updates + 1, "parameters and optimizer state restored")))
 
     # ---------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
