@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_r8.config import RollbackConfig
+from hf_r8.signals import setback
 
 _EMA_BETA = 0.9
 
@@ -67,8 +68,7 @@ class SpikeDetector:
         mean_step = math.fsum(steps) / len(steps)
         noise = math.sqrt(math.fsum((step - mean_step) ** 2 for step in steps) / max(1, len(steps) - 1) / 2.0)
         spread = max(noise, 0.01 * abs(self.ema), 1e-12)  # a flat window does not make every wiggle a spike
-        progress = max(0.0, (self.first_loss if self.first_loss is not None else self.ema) - self.ema)
-        if loss - self.ema <= config.spike_min_setback * progress:
+        if setback(loss, self.ema, self.first_loss) < config.spike_min_setback:
             return None
         z = (loss - self.ema) / spread
         if z > config.spike_z:

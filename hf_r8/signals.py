@@ -144,6 +144,14 @@ class LossStep:
     this loss gives back (inf when there was no progress yet)."""
 
 
+def setback(value: float, level: float, first: float | None) -> float:
+    """(value - level) / (first - level): the share of the progress since the first loss that `value` gives back
+    against `level` (inf while there has been no progress). A spike must give back a real share: near zero, a
+    loss several times its level can still be one hard example in a batch."""
+    progress = (first if first is not None else level) - level
+    return (value - level) / progress if progress > _TINY else math.inf
+
+
 class LossStatistics:
     """Loss EMA, a rolling window (CV, z-score) and non-overlapping windows for the decision engine."""
 
@@ -174,10 +182,8 @@ class LossStatistics:
         return LossStep(True, ema_before, self.ema.value, z_score, spike_ratio, closed, setback)
 
     def setback(self, value: float, level: float) -> float:
-        """(value - level) / (first loss - level): the share of the progress since the first loss that `value`
-        gives back against `level` (inf while there has been no progress)."""
-        progress = (self.first_loss if self.first_loss is not None else level) - level
-        return (value - level) / progress if progress > _TINY else math.inf
+        """`setback(value, level, first loss)`."""
+        return setback(value, level, self.first_loss)
 
     def rolling_cv(self) -> float:
         """Coefficient of variation of the rolling window (0 with fewer than 2 losses)."""
