@@ -2,7 +2,10 @@
 
 Each section is a small dataclass whose fields carry a one-line docstring (the comment under
 the field). A bad value raises ``ValueError`` naming the field, the value and the allowed range
-as soon as the section is built, so a typo in a YAML preset fails before training starts.
+as soon as the section is built, so a typo in a YAML preset fails before training starts; a value
+of the wrong type (``"false"`` for a bool, a bare string for a list) raises ``TypeError`` in the same
+shape. What YAML and numpy hand over for a type (``"1e-5"``, ``np.int64(3)``, ``np.bool_``) is
+accepted and stored as the plain Python value, so ``to_dict()`` stays YAML/JSON safe.
 Presets live in ``configs/*.yaml`` (shipped inside the package as ``hf_r8/configs``).
 
 This module knows nothing of torch or transformers.
@@ -12,10 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
+import numpy as np
 import yaml
 
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -29,40 +35,127 @@ DITHER_SHAPINGS = ("rms", "magnitude")
 MOMENTUM_RULES = ("none", "inverse", "exp", "relative", "normalized", "reward")
 
 
-def _fail(section: str, name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{section}.{name}={value!r}: must be {allowed}")
+def _problem(section: str, name: str, value: Any, allowed: str) -> str:
+    """The one error shape, `section.field=value: must be ...` (top-level fields have no section)."""
+    return f"{section + '.' if section else ''}{name}={value!r}: must be {allowed}"
+
+
+def _fail(section: str, name: str, value: Any, allowed: str) -> NoReturn:
+    raise ValueError(_problem(section, name, value, allowed))
+
+
+def _as_bool(value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError  # "false", 0, None: YAML and Python both have real booleans
+    return bool(value)
+
+
+def _as_int(value: Any) -> int:
+    """Python or numpy integers, or a string `int()` reads exactly ("3", not "3.5"); never a bool."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)):
+        raise TypeError
+    return int(value)
+
+
+def _as_float(value: Any) -> float:
+    """Any real number (numpy's too), or a string `float()` reads ("1e-5": PyYAML's reading); never a bool.
+
+    Plain ints stay ints (the user's `0` reads back as `0`); the range checks reject non-finite values.
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise TypeError
+    return value if type(value) in (int, float) else float(value)
+
+
+def _as_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
+    """A converter for lists (or tuples) of `item`: a bare string is not a list of one."""
+    def convert(value: Any) -> list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [item(element) for element in value]
+    return convert
+
+
+def _as_weights(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise TypeError
+    return {key: _as_float(weight) for key, weight in value.items()}
+
+
+# Field annotation (without " | None") -> (converter, what the error says is expected). Fields of other
+# types (names checked against a list of choices, sections) are checked by their owner.
+_CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "bool": (_as_bool, "a boolean"),
+    "int": (_as_int, "an integer"),
+    "float": (_as_float, "a number"),
+    "list[str]": (_list_of(_as_str), "a list of strings"),
+    "list[float]": (_list_of(_as_float), "a list of numbers"),
+    "dict[str, float]": (_as_weights, "a mapping of names to numbers"),
+}
+
+
+def _convert_fields(config: Any, section: str) -> None:
+    """Store every field of the dataclass `config` as the plain Python type its annotation names.
+
+    Runs before the range checks, so those compare numbers only; a value that is not of its field's
+    type raises ``TypeError`` ("must be a number"), not a misleading range.
+    """
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        optional = spec.type.endswith(" | None")
+        converter = _CONVERTERS.get(spec.type.removesuffix(" | None"))
+        if converter is None or (optional and value is None):
+            continue
+        convert, expected = converter
+        try:
+            setattr(config, spec.name, convert(value))
+        except (TypeError, ValueError):
+            expected += " or null" if optional else ""
+            raise TypeError(_problem(section, spec.name, value, expected)) from None
 
 
 class _Section:
-    """Shared validation helpers; `SECTION` is the name used in error messages."""
+    """Shared validation: converts every field to its type, then runs the section's `_validate`.
+
+    `SECTION` is the name used in error messages.
+    """
 
     SECTION: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        _convert_fields(self, self.SECTION)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Range and cross-field checks of the section (its fields already have their types)."""
+
     def _greater(self, name: str, bound: float, *, inclusive: bool = False) -> None:
         value = getattr(self, name)
-        ok = isinstance(value, (int, float)) and math.isfinite(value)
-        ok = ok and (value >= bound if inclusive else value > bound)
-        if not ok:
+        if not (math.isfinite(value) and (value >= bound if inclusive else value > bound)):
             _fail(self.SECTION, name, value, f"{'>=' if inclusive else '>'} {bound}")
 
     def _between(self, name: str, low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> None:
         value = getattr(self, name)
-        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        ok = math.isfinite(value)
         ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
         if not ok:
             interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
             _fail(self.SECTION, name, value, f"in {interval}")
 
-    def _positive_int(self, name: str, *, allow_none: bool = False) -> None:
+    def _positive_int(self, name: str) -> None:
         value = getattr(self, name)
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            _fail(self.SECTION, name, value, "an integer >= 1" + (" or null" if allow_none else ""))
+        if value < 1:
+            _fail(self.SECTION, name, value, "an integer >= 1")
 
     def _non_negative_int(self, name: str) -> None:
         value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if value < 0:
             _fail(self.SECTION, name, value, "an integer >= 0")
 
 
@@ -76,8 +169,7 @@ class SignalConfig(_Section):
     ema_beta: float = 0.9
     """Smoothing of the loss EMA: ema = beta * ema + (1 - beta) * loss."""
 
-    def __post_init__(self) -> None:
-        self._positive_int("window", allow_none=True)
+    def _validate(self) -> None:
         if self.window is not None and self.window < 2:
             _fail(self.SECTION, "window", self.window, "an integer >= 2 or null")
         self._between("ema_beta", 0.0, 1.0, open_high=True)
@@ -119,7 +211,7 @@ class DecisionConfig(_Section):
     spike_cooldown_steps: int = 10
     """Steps after a brake before the next single-step brake may fire."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         self._greater("increase_threshold", 0.0)
         self._greater("plateau_threshold", 0.0, inclusive=True)
         self._greater("spike_threshold", 1.0)
@@ -129,7 +221,7 @@ class DecisionConfig(_Section):
             self._greater("significant_fall_t", 0.0)
         self._greater("stability_threshold", 0.0)
         threshold = self.instability_threshold
-        if not (isinstance(threshold, (int, float)) and threshold > self.stability_threshold):
+        if not (math.isfinite(threshold) and threshold > self.stability_threshold):
             _fail(self.SECTION, "instability_threshold", self.instability_threshold,
                   f"> stability_threshold ({self.stability_threshold})")
         self._greater("increase_factor", 1.0)
@@ -152,7 +244,7 @@ class TrendConfig(_Section):
     min_rel_improve: float = 1e-4
     """Relative EMA improvement that counts as progress."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         self._greater("up_factor", 1.0)
         self._between("down_factor", 0.0, 1.0, open_low=True, open_high=True)
         self._greater("min_rel_improve", 0.0, inclusive=True)
@@ -168,7 +260,7 @@ class VarianceConfig(_Section):
     scale: float = 4.0
     """Lambda: how hard relative variance (cv^2) damps the LR."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         self._greater("base", 0.0)
         self._greater("scale", 0.0, inclusive=True)
 
@@ -181,7 +273,7 @@ class LossDecayConfig(_Section):
     k: float = 0.1
     """How strongly a high loss lowers the LR."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         self._greater("k", 0.0, inclusive=True)
 
 
@@ -207,7 +299,7 @@ class GradNormConfig(_Section):
     min_samples: int = 10
     """Finite norms needed before the rule may fire."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         self._between("fast_beta", 0.0, 1.0, open_high=True)
         self._between("slow_beta", 0.0, 1.0, open_high=True)
         self._greater("jump_ratio", 1.0)
@@ -230,7 +322,7 @@ class CyclicalConfig(_Section):
     eta_min_scale: float = 0.1
     """Level at the bottom of a cycle."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         self._positive_int("T0")
         self._positive_int("T_mult")
         self._between("eta_min_scale", 0.0, 1.0, open_high=True)
@@ -250,7 +342,7 @@ class PlateauConfig(_Section):
     min_rel_improve: float = 1e-3
     """Relative improvement over the best EMA that counts as a new best."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         self._positive_int("patience")
         self._between("big_drop", 0.0, 1.0, open_low=True, open_high=True)
         self._non_negative_int("cooldown")
@@ -286,7 +378,7 @@ class RewardConfig(_Section):
     variance_scale: float = 1.0
     """`variance`: level = 1 / (1 + variance_scale * var(reward) / span^2)."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         unknown = [rule for rule in self.rules if rule not in REWARD_RULES]
         if unknown or len(set(self.rules)) != len(self.rules):
             _fail(self.SECTION, "rules", self.rules, f"a list of distinct names from {list(REWARD_RULES)}")
@@ -326,7 +418,7 @@ class MomentumConfig(_Section):
     max: float = 0.999
     """Highest momentum ever written."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         if self.rule not in MOMENTUM_RULES:
             _fail(self.SECTION, "rule", self.rule, f"one of {list(MOMENTUM_RULES)}")
         self._greater("loss_scale", 0.0)
@@ -364,7 +456,7 @@ class ExplorationConfig(_Section):
     cut_factor: float = 0.5
     """Multiplier on an unstable window or a spike."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         self._greater("sigma_min", 0.0, inclusive=True)
         self._greater("sigma_max", self.sigma_min)
         self._between("sigma_init", self.sigma_min, self.sigma_max)
@@ -400,7 +492,7 @@ class FreezingConfig(_Section):
     max_frozen_fraction: float = 0.9
     """Never freeze more than this fraction of the trainable parameters (by element count)."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         self._positive_int("check_every")
         self._between("ema_beta", 0.0, 1.0, open_high=True)
         self._between("threshold", 0.0, 1.0, open_low=True)
@@ -422,11 +514,11 @@ class BlendConfig(_Section):
     stability_shift: float = 0.5
     """0: fixed weights. s > 0: damping rules weigh up to (1+s) when unstable, growth rules (1+s) when stable."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         for name, weight in self.weights.items():
             if name not in BLENDABLE_RULES:
                 _fail(self.SECTION, "weights", name, f"a rule name from {list(BLENDABLE_RULES)}")
-            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            if not (math.isfinite(weight) and weight >= 0):
                 _fail(self.SECTION, f"weights.{name}", weight, ">= 0")
         self._between("stability_shift", 0.0, 1.0)
 
@@ -443,7 +535,7 @@ class BoundsConfig(_Section):
     max_change_per_step: float = 0.5
     """The gain never moves by more than this fraction in one step (0.5: within x0.5..x1.5)."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         for name in ("lr_min", "lr_max"):
             if getattr(self, name) is not None:
                 self._greater(name, 0.0)
@@ -483,8 +575,8 @@ class MoEConfig(_Section):
     aux_loss_cooldown_steps: int = 10
     """Steps between two aux-loss damping decisions; the rule also waits for this many aux losses."""
 
-    def __post_init__(self) -> None:
-        if not self.router_patterns or not all(isinstance(p, str) and p for p in self.router_patterns):
+    def _validate(self) -> None:
+        if not self.router_patterns or not all(self.router_patterns):
             _fail(self.SECTION, "router_patterns", self.router_patterns, "a non-empty list of non-empty strings")
         self._between("gain_min", 0.0, 1.0, open_low=True)
         self._greater("gain_max", 1.0, inclusive=True)
@@ -546,9 +638,8 @@ class RangeTestConfig(_Section):
     blow-up (a loss above it); without a valley the choice is the blow-up's gain / backoff. 0: always the
     minimum's."""
 
-    def __post_init__(self) -> None:
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
-                                       or self.steps < 5):
+    def _validate(self) -> None:
+        if self.steps is not None and self.steps < 5:
             _fail(self.SECTION, "steps", self.steps, "an integer >= 5 or null")
         self._between("budget_fraction", 0.0, 1.0, open_low=True, open_high=True)
         self._positive_int("min_steps")
@@ -585,7 +676,7 @@ class AnnealConfig(_Section):
     flat_threshold: float = 0.5
     """The schedule counts as not decaying if its LR at the start is above this share of its peak."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         self._between("start_fraction", 0.0, 1.0, open_low=True, open_high=True)
         self._between("flat_threshold", 0.0, 1.0, open_low=True, open_high=True)
 
@@ -609,11 +700,10 @@ class SamplerConfig(_Section):
     catalog_alpha: float = 0.3
     """EMA weight of a new per-example loss (and of the surprise in the batch-loss fallback)."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         values = self.proportions
-        if (not isinstance(values, list) or len(values) != 4 or
-                any(not isinstance(v, (int, float)) or v < 0 for v in values) or sum(values) <= 0):
-            _fail(self.SECTION, "proportions", values, "4 non-negative numbers with a positive sum")
+        if len(values) != 4 or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+            _fail(self.SECTION, "proportions", values, "a list of 4 finite numbers >= 0 with a positive sum")
         if self.mode not in SAMPLER_MODES:
             _fail(self.SECTION, "mode", self.mode, f"one of {list(SAMPLER_MODES)}")
         self._between("prune_ratio", 0.0, 1.0, open_high=True)
@@ -671,7 +761,7 @@ class RollbackConfig(_Section):
     max_ram_fraction: float = 0.5
     """Snapshots may use at most this share of the host RAM available at the first one, or rollback turns off."""
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         for name in ("every_steps", "keep", "healthy_steps", "window", "min_history", "max_consecutive"):
             self._positive_int(name)
         self._non_negative_int("stabilize_steps")
@@ -746,29 +836,26 @@ class R8Config:
     dashboard: bool = True
     """Live rich dashboard on the main process (periodic lines when stdout is not a terminal)."""
     run_files: bool = True
-    """Write r8_events.jsonl and r8_metrics.jsonl into the Trainer's output_dir."""
+    """Write r8_events.jsonl and r8_metrics.jsonl into <output_dir>/r8/ (the Trainer's output_dir)."""
     report: bool = True
-    """Write the plots and summary of `hf-r8 report` into output_dir/r8_report at the end of training."""
+    """Write the plots and summary of `hf-r8 report` into <output_dir>/r8/r8_report at the end of training."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rules, list) or any(rule not in LR_RULES for rule in self.rules) or (
-            len(set(self.rules)) != len(self.rules)
-        ):
-            raise ValueError(f"rules={self.rules!r}: must be a list of distinct names from {list(LR_RULES)}")
-        if self.warmup_steps is not None and (
-            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
-        ):
-            raise ValueError(f"warmup_steps={self.warmup_steps!r}: must be an integer >= 0 or null")
-        for name in ("dashboard", "run_files", "report"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be true or false")
+        _convert_fields(self, "")
+        if any(rule not in LR_RULES for rule in self.rules) or len(set(self.rules)) != len(self.rules):
+            _fail("", "rules", self.rules, f"a list of distinct names from {list(LR_RULES)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            _fail("", "warmup_steps", self.warmup_steps, "an integer >= 0 or null")
         for name, section_type in _SECTIONS.items():
             if not isinstance(getattr(self, name), section_type):
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be a {section_type.__name__}")
+                raise TypeError(_problem("", name, getattr(self, name), f"a {section_type.__name__}"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> R8Config:
-        """Build from nested plain data; unknown keys raise a ValueError naming them."""
+        """Build from nested plain data; unknown keys raise a ValueError naming them.
+
+        A section given as None (in YAML, its name with nothing under it) keeps its defaults.
+        """
         if not isinstance(data, dict):
             raise ValueError(f"R8Config: expected a mapping, got {type(data).__name__}")
         top_level = {f.name for f in dataclasses.fields(cls)}
@@ -778,7 +865,7 @@ class R8Config:
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in _SECTIONS:
-                kwargs[key] = _section_from_dict(key, _SECTIONS[key], value)
+                kwargs[key] = _section_from_dict(key, _SECTIONS[key], {} if value is None else value)
             else:
                 kwargs[key] = value
         return cls(**kwargs)
@@ -789,11 +876,15 @@ class R8Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> R8Config:
-        """Load a YAML file; a preset may name a `base` preset it starts from."""
+        """Load a YAML file; a preset may name a `base` preset it starts from.
+
+        An empty section (`rollback:` with nothing under it) changes nothing: defaults, or the base's values.
+        """
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
+        data = {key: value for key, value in data.items() if not (key in _SECTIONS and value is None)}
         base_name = data.pop("base", None)
         if base_name is None:
             return cls.from_dict(data)
@@ -815,7 +906,7 @@ def available_presets() -> list[str]:
 
 def _section_from_dict(name: str, section_type: type, data: Any) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"{name}={data!r}: must be a mapping of {section_type.__name__} fields")
+        raise TypeError(_problem("", name, data, f"a mapping of {section_type.__name__} fields"))
     allowed = {f.name for f in dataclasses.fields(section_type)}
     unknown = sorted(set(data) - allowed)
     if unknown:

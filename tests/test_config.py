@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 from hf_r8.config import DecisionConfig, MomentumConfig, R8Config, available_presets
 
@@ -85,3 +91,115 @@ def test_configuration_reference_is_generated_from_the_dataclasses_and_committed
     assert committed == config_reference(), "regenerate: hf-r8 config-reference > docs/configuration.md"
     rows = [line for line in committed.splitlines() if line.startswith("| `")]
     assert len(rows) > 100 and not [row for row in rows if row.endswith("|  |")]  # every field documented
+
+
+def _fields_of_type(*annotations: str) -> list[tuple[str, str]]:
+    """(section, field) for every field annotated as one of `annotations`; section "" is the top level."""
+    from hf_r8.config import _SECTIONS
+
+    owners = [("", R8Config), *_SECTIONS.items()]
+    return [(section, spec.name) for section, owner in owners for spec in dataclasses.fields(owner)
+            if spec.type in annotations]
+
+
+def _set(section: str, name: str, value: object) -> dict:
+    return {section: {name: value}} if section else {name: value}
+
+
+BOOL_FIELDS = _fields_of_type("bool")
+FLOAT_FIELDS = _fields_of_type("float", "float | None")
+
+
+def test_the_field_lists_cover_what_the_issue_names():
+    # the parametrized tests below would prove nothing if the annotations stopped matching
+    assert {("sampler", "enabled"), ("rollback", "enabled"), ("exploration", "enabled"), ("range_test", "enabled"),
+            ("anneal", "enabled"), ("", "dashboard"), ("", "run_files"), ("", "report")} <= set(BOOL_FIELDS)
+    assert ("bounds", "lr_min") in FLOAT_FIELDS and len(FLOAT_FIELDS) > 50
+
+
+@pytest.mark.parametrize(("section", "name"), BOOL_FIELDS)
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_every_boolean_field_refuses_anything_but_a_boolean(section, name, value):
+    prefix = f"{section}." if section else ""
+    with pytest.raises(TypeError, match=re.escape(f"{prefix}{name}={value!r}: must be a boolean")):
+        R8Config.from_dict(_set(section, name, value))
+
+
+def test_numpy_booleans_are_stored_as_plain_booleans():
+    config = R8Config.from_dict({"sampler": {"enabled": np.bool_(False)}, "report": np.bool_(False)})
+    assert config.sampler.enabled is False and config.report is False
+
+
+@pytest.mark.parametrize(("section", "name"), FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_no_float_field_lets_a_non_finite_value_through(section, name, value):
+    prefix = f"{section}." if section else ""
+    with pytest.raises(ValueError, match=re.escape(f"{prefix}{name}={value!r}: must be")):
+        R8Config.from_dict(_set(section, name, value))
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_non_finite_sampler_proportions_are_refused(value):
+    with pytest.raises(ValueError, match=r"sampler.proportions=\[(inf|nan), 1, 1, 1\]: must be a list of 4 finite"):
+        R8Config.from_dict({"sampler": {"proportions": [value, 1, 1, 1]}})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"moe": {"router_patterns": "gate"}}, r"moe.router_patterns='gate': must be a list of strings"),
+        ({"moe": {"router_patterns": ["gate", 3]}}, r"moe.router_patterns=\['gate', 3\]: must be a list of strings"),
+        ({"reward": {"rules": "trend"}}, r"reward.rules='trend': must be a list of strings"),
+        ({"reward": {"rules": None}}, r"reward.rules=None: must be a list of strings"),
+        ({"rules": "decision"}, r"rules='decision': must be a list of strings"),
+        ({"sampler": {"proportions": "0.25"}}, r"sampler.proportions='0.25': must be a list of numbers"),
+        ({"sampler": {"proportions": [True, 1, 1, 1]}}, r"sampler.proportions=\[True, 1, 1, 1\]: must be a list"),
+        ({"blend": {"weights": None}}, r"blend.weights=None: must be a mapping of names to numbers"),
+        ({"blend": {"weights": [1.0]}}, r"blend.weights=\[1.0\]: must be a mapping of names to numbers"),
+        ({"blend": {"weights": {"decision": "heavy"}}}, r"blend.weights=\{'decision': 'heavy'\}: must be a mapping"),
+        ({"bounds": {"lr_min": True}}, r"bounds.lr_min=True: must be a number or null"),
+        ({"bounds": {"lr_min": "small"}}, r"bounds.lr_min='small': must be a number or null"),
+        ({"decision": {"increase_factor": [1.2]}}, r"decision.increase_factor=\[1.2\]: must be a number"),
+        ({"decision": {"patience_windows": "3.5"}}, r"decision.patience_windows='3.5': must be an integer"),
+        ({"decision": {"patience_windows": 3.0}}, r"decision.patience_windows=3.0: must be an integer"),
+        ({"decision": {"patience_windows": True}}, r"decision.patience_windows=True: must be an integer"),
+        ({"warmup_steps": "ten"}, r"warmup_steps='ten': must be an integer or null"),
+        ({"rollback": 3}, r"rollback=3: must be a mapping of RollbackConfig fields"),
+        ({"rollback": ["enabled"]}, r"rollback=\['enabled'\]: must be a mapping of RollbackConfig fields"),
+    ],
+)
+def test_wrong_types_and_shapes_are_named_with_the_expected_type(data, message):
+    with pytest.raises(TypeError, match=message):
+        R8Config.from_dict(data)
+
+
+def test_numeric_strings_and_numpy_scalars_are_stored_as_plain_numbers(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("bounds:\n  lr_min: 1e-5\n")  # PyYAML reads 1e-5 (no dot) as a string
+    assert R8Config.from_yaml(path).bounds.lr_min == 1e-5
+    config = R8Config.from_dict({
+        "warmup_steps": "7",
+        "decision": {"patience_windows": np.int64(3), "increase_factor": np.float32(1.25), "spike_z": "4"},
+        "sampler": {"proportions": [np.float64(0.1), "0.2", np.int32(3), 0.4]},
+        "blend": {"weights": {"decision": np.float32(0.5), "grad_norm": "2"}},
+    })
+    assert config.warmup_steps == 7 and config.decision.patience_windows == 3 and config.decision.spike_z == 4.0
+    assert config.decision.increase_factor == 1.25 and config.sampler.proportions == [0.1, 0.2, 3.0, 0.4]
+    assert config.blend.weights == {"decision": 0.5, "grad_norm": 2.0}
+    plain = (bool, int, float, str, list, dict, type(None))
+    values = [config.warmup_steps, config.decision.patience_windows, config.decision.increase_factor,
+              *config.sampler.proportions, *config.blend.weights.values()]
+    assert all(type(value) in plain for value in values)
+    assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
+    assert R8Config(rules=("decision",)).rules == ["decision"]  # a tuple from code is stored as a list
+    assert R8Config.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+
+
+def test_a_null_section_means_its_defaults_or_the_base_presets_values(tmp_path):
+    assert R8Config.from_dict({"rollback": None}) == R8Config()
+    path = tmp_path / "mine.yaml"
+    path.write_text("rollback:\nsampler:\n")
+    assert R8Config.from_yaml(path) == R8Config()
+    path.write_text("base: reward_rl\nrollback:\n")
+    assert R8Config.from_yaml(path) == R8Config.from_preset("reward_rl")
+    assert not R8Config.from_preset("reward_rl").rollback.enabled  # else the base case proves nothing
