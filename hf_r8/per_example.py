@@ -11,15 +11,22 @@
 * regression with one target (logits `[batch]` or `[batch, 1]`, float labels `[batch]`): squared error.
 
 Anything else returns None, and the caller falls back to the catalog's surprise estimate.
+
+Which loss a model uses is a guess (its `loss_function`; a model wrapped in a user module has none), so
+`LossAgreement` proves it on the first batches: the batch loss the per-example losses imply must be the
+model's own `loss`, or the caller falls back to the surprise estimate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from hf_r8.distributed import sum_across_processes
 
 IGNORE_INDEX = -100
 
@@ -50,21 +57,100 @@ def _is_classification(logits: Any, labels: Any) -> bool:
             and not labels.is_floating_point() and logits.shape[0] == labels.shape[0] and logits.shape[1] > 1)
 
 
+@dataclass
+class ExampleLosses:
+    """One loss per example, and the batch loss those imply under each normalisation a model may use."""
+
+    losses: torch.Tensor
+    """float32 `[batch]`; NaN for a sequence without target tokens."""
+    batch_losses: tuple[torch.Tensor, ...]
+    """Token losses: their sum over the batch's target tokens divided by the target-token count, and by
+    `num_items_in_batch` when given (a model normalising over the whole accumulated batch). Otherwise the mean."""
+
+
 @torch.no_grad()
-def per_example_losses(outputs: Mapping[str, Any], labels: torch.Tensor | None,
-                       shifts_labels: bool) -> torch.Tensor | None:
-    """A float32 tensor with one loss per example, or None when the loss cannot be recomputed."""
+def example_losses(outputs: Mapping[str, Any], labels: torch.Tensor | None, shifts_labels: bool,
+                   num_items_in_batch: torch.Tensor | int | None = None) -> ExampleLosses | None:
+    """Each example's loss and the batch losses it implies, or None when the loss cannot be recomputed."""
     tokens = _token_losses(outputs, labels, shifts_labels)
     if tokens is not None:
         losses, mask = tokens
-        return losses.sum(dim=1) / mask.sum(dim=1)  # 0/0 = NaN for a sequence without targets
+        sums, counts = losses.sum(dim=1), mask.sum(dim=1)
+        batch_losses = (sums.sum() / counts.sum(),)
+        if num_items_in_batch is not None:
+            batch_losses += (sums.sum() / num_items_in_batch,)
+        return ExampleLosses(sums / counts, batch_losses)  # 0/0 = NaN for a sequence without targets
     logits = outputs.get("logits")
     if _is_classification(logits, labels):
-        return F.cross_entropy(logits.detach().float(), labels, reduction="none")
+        losses = F.cross_entropy(logits.detach().float(), labels, reduction="none")
+        return ExampleLosses(losses, (losses.mean(),))
     if (torch.is_tensor(logits) and torch.is_tensor(labels) and labels.is_floating_point()
             and logits.numel() == labels.numel() == labels.shape[0]):
-        return (logits.detach().float().reshape(-1) - labels.float().reshape(-1)) ** 2  # one regression target
+        losses = (logits.detach().float().reshape(-1) - labels.float().reshape(-1)) ** 2  # one regression target
+        return ExampleLosses(losses, (losses.mean(),))
     return None
+
+
+def per_example_losses(outputs: Mapping[str, Any], labels: torch.Tensor | None,
+                       shifts_labels: bool) -> torch.Tensor | None:
+    """A float32 tensor with one loss per example, or None when the loss cannot be recomputed."""
+    recomputed = example_losses(outputs, labels, shifts_labels)
+    return None if recomputed is None else recomputed.losses
+
+
+class LossAgreement:
+    """Proves on the first batches that recomputed per-example losses are the model's own, or that they are not.
+
+    A batch agrees when one of the batch losses its per-example losses imply (`ExampleLosses.batch_losses`:
+    token-weighted for token losses, as a causal LM averages) equals the model's own `loss`, less any auxiliary
+    term the model adds to it (an MoE router's weighted load-balancing loss), within `rel_tol`/`abs_tol`.
+    `batches` agreeing batches prove the losses exact for the rest of the run; one disagreeing batch (on any
+    process: every process decides the same) proves them wrong, for good. A batch without a finite model loss
+    proves nothing and is used as it is.
+
+    Args:
+        batches: how many agreeing batches make the proof (each costs one device sync).
+        rel_tol: relative tolerance; a wrong label shift is off by percents, float32 rounding by ~1e-6.
+        abs_tol: absolute tolerance, for losses near zero.
+    """
+
+    def __init__(self, batches: int = 3, rel_tol: float = 1e-3, abs_tol: float = 1e-6) -> None:
+        if batches < 1:
+            raise ValueError(f"batches={batches!r}: must be >= 1")
+        self.batches = batches
+        self.rel_tol = rel_tol
+        self.abs_tol = abs_tol
+        self.agreed = 0
+        self.verdict: bool | None = None
+        """None while unproven, True once proven exact, False once a batch disagreed."""
+        self.disagreement: tuple[float, float] | None = None
+        """(implied batch loss, model loss) of this process's batch when the verdict became False."""
+
+    def accepts(self, recomputed: ExampleLosses, model_loss: Any, auxiliary_loss: torch.Tensor | float = 0.0) -> bool:
+        """Whether `recomputed` may be used as exact for this batch. A collective while unproven, when the
+        model returned a loss: every process calls it for the same batches."""
+        if self.verdict is not None:
+            return self.verdict
+        if not torch.is_tensor(model_loss) or model_loss.numel() != 1:
+            return True  # nothing to compare with (a loss computed outside the model): trusted as recomputed
+        if torch.is_tensor(auxiliary_loss):
+            auxiliary_loss = auxiliary_loss.to(model_loss.device)
+        reference = model_loss.detach().float().reshape(()) - auxiliary_loss
+        implied = torch.stack([loss.float().reshape(()) for loss in recomputed.batch_losses]).to(reference.device)
+        finite = torch.isfinite(reference) & torch.isfinite(implied).any()
+        close = torch.isclose(implied, reference.expand_as(implied), rtol=self.rel_tol, atol=self.abs_tol).any()
+        # [disagreeing processes, inconclusive processes], summed over processes in one collective
+        counts = sum_across_processes(torch.stack([finite & ~close, ~finite]).float())
+        disagreeing, inconclusive = counts.tolist()
+        if disagreeing:
+            self.verdict = False
+            self.disagreement = (float(implied[0]), float(reference))
+            return False
+        if not inconclusive:
+            self.agreed += 1
+            if self.agreed >= self.batches:
+                self.verdict = True
+        return True
 
 
 def weighted_loss(outputs: Mapping[str, Any], labels: torch.Tensor | None, weights: torch.Tensor,

@@ -1,25 +1,31 @@
 """`R8Trainer` and `with_r8(TrainerClass)`: what a callback cannot do — own the train sampler and see
 each example's loss.
 
-* `get_train_dataloader` wraps the train dataset so every item carries its index (`r8_index`, kept
-  through column removal and collators, popped before `model.forward`) and samples with
-  `BalancedQuartileSampler`: a cataloging epoch, then quartile-balanced batches.
+* `get_train_dataloader` wraps the train dataset so every item carries its index past column removal
+  and the data collator, whatever the items are (dicts, a `TensorDataset`'s tuples), keeping a
+  `datasets.Dataset`'s batched fetch (`__getitems__`). A dict batch carries the indices as `r8_index`
+  (popped before `model.forward`); any other batch reaches `compute_loss` exactly as the collator made it.
+  It samples with `BalancedQuartileSampler` (seeded with `data_seed`, else `seed`, as the stock sampler):
+  a cataloging epoch, then quartile-balanced batches.
 * `compute_loss` returns exactly the stock loss (same call, same `num_items_in_batch`) and records
   each example's own loss, recomputed from the forward's outputs, which a hook keeps
-  (`per_example.py`); when it cannot be, the batch loss feeds the catalog's surprise estimate (said
-  once in the log).
+  (`per_example.py`), once the first batches prove the recomputation is the model's own loss
+  (`LossAgreement`); when it cannot be recomputed or disagrees, the batch loss feeds the catalog's
+  surprise estimate (said once in the log).
 * The recorded (index, loss) pairs are gathered from every process and copied to the host without
   blocking (`catalog_updates.py`); they reach the catalog once landed, and all of them before an epoch
   is planned or a checkpoint saved, so every rank plans from the same catalog without stalling the device.
-* The catalog is saved as `r8_catalog.npz` in each checkpoint and loaded by `train(resume_from_checkpoint=...)`.
+* The catalog is saved as `r8_catalog.npz` in each checkpoint and loaded by `train(resume_from_checkpoint=...)`;
+  resumed with a train set of another size, it and the saved epoch plan are dropped (with a warning).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -33,51 +39,34 @@ from hf_r8.catalog import FILE_NAME, LossCatalog
 from hf_r8.catalog_updates import CatalogUpdateQueue
 from hf_r8.config import R8Config
 from hf_r8.controller import Event
+from hf_r8.indexed_data import BATCH_KEY, INDEX_KEY, IndexCarryingCollator, IndexedDataset
 from hf_r8.moe import is_moe_model, split_router_groups
-from hf_r8.per_example import per_example_losses, weighted_loss
+from hf_r8.per_example import LossAgreement, example_losses, weighted_loss
 from hf_r8.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
 
 logger = logging.getLogger(__name__)
 
-INDEX_KEY = "r8_index"
-
-
-class IndexedDataset(torch.utils.data.Dataset):
-    """Each item of `dataset` with its position added as `r8_index`."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.dataset[index], INDEX_KEY: index}
-
-
-class IndexCarryingCollator:
-    """Wraps a data collator so `r8_index` survives it, whatever keys that collator keeps (TRL's drop extras)."""
-
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        if not features or INDEX_KEY not in features[0]:
-            return self.collator(features)
-        indices = [feature[INDEX_KEY] for feature in features]
-        batch = self.collator([{k: v for k, v in feature.items() if k != INDEX_KEY} for feature in features])
-        batch[INDEX_KEY] = torch.tensor(indices, dtype=torch.long)
-        return batch
-
-
 class R8CallbackMixin:
     """Adds an `R8Callback` built from `r8=` (default preset) to a Trainer and binds it to that Trainer;
-    on a mixture-of-experts model, the optimizer it creates keeps the routers in groups of their own."""
+    on a mixture-of-experts model, the optimizer it creates keeps the routers in groups of their own.
+
+    An `R8Callback` already in `callbacks=` is the one used (one R8 adapts the LR), unless `r8=` names a
+    config as well: which of the two was meant is then unclear, and it is refused.
+    """
 
     def __init__(self, *args: Any, r8: R8Config | None = None, **kwargs: Any) -> None:
-        self.r8_config = r8 if r8 is not None else R8Config.from_preset("default")
-        self.r8_callback = R8Callback(self.r8_config)
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.r8_callback]
+        callbacks = list(kwargs.get("callbacks") or [])
+        passed = [callback for callback in callbacks if isinstance(callback, R8Callback)]
+        if passed and r8 is not None:
+            raise ValueError(f"{type(self).__name__}: got r8= and an R8Callback in callbacks=; pass the config once, "
+                             "as r8=... (R8Trainer builds its own R8Callback) or as the R8Callback.")
+        if passed:
+            self.r8_callback = passed[0]
+        else:
+            self.r8_callback = R8Callback(r8 if r8 is not None else R8Config.from_preset("default"))
+            callbacks.append(self.r8_callback)
+        self.r8_config = self.r8_callback.config
+        kwargs["callbacks"] = callbacks
         super().__init__(*args, **kwargs)
         self.r8_callback.bind(self)
 
@@ -101,8 +90,10 @@ class R8TrainerMixin(R8CallbackMixin):
         self.r8_sampler: BalancedQuartileSampler | None = None
         self._r8_updates: CatalogUpdateQueue | None = None
         self._r8_fallback_logged = False
+        self._r8_loss_agreement = LossAgreement()
         self._r8_resumed_plan: tuple[int, np.ndarray, np.ndarray] | None = None
         self._r8_weights: tuple[int, torch.Tensor] | None = None
+        self._r8_saved_into: str | None = None
 
     # --------------------------------------------------------------------------------- sampling
     def _r8_owns_sampling(self) -> bool:
@@ -121,12 +112,22 @@ class R8TrainerMixin(R8CallbackMixin):
         if not self._r8_owns_sampling():
             return super().get_train_dataloader()
         self._r8_apply_all_updates()  # the previous dataloader's last micro-batches
-        if self.r8_catalog is None or self.r8_catalog.size != len(self.train_dataset):
-            self.r8_catalog = LossCatalog(len(self.train_dataset), alpha=self.r8_config.sampler.catalog_alpha)
+        size = len(self.train_dataset)
+        if self.r8_catalog is not None and self.r8_catalog.size != size:
+            # A checkpoint (or an earlier train()) of another train set: its losses and plan name other examples.
+            logger.warning("R8: the loss catalog holds %d examples but the train set has %d: its losses and "
+                           "epoch plan are dropped, and a new catalog starts with a cataloging epoch.",
+                           self.r8_catalog.size, size)
+            self.r8_catalog = None
+            self._r8_resumed_plan = None
+        if self.r8_catalog is None:
+            self.r8_catalog = LossCatalog(size, alpha=self.r8_config.sampler.catalog_alpha)
         self._r8_updates = CatalogUpdateQueue(self._train_batch_size)
         sampler_config = self.r8_config.sampler
+        # The stock Trainer's data order follows data_seed when it is set (accelerate's seedable sampler).
+        data_seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self.r8_sampler = BalancedQuartileSampler(
-            self.r8_catalog, self._train_batch_size, seed=self.args.seed, proportions=sampler_config.proportions,
+            self.r8_catalog, self._train_batch_size, seed=data_seed, proportions=sampler_config.proportions,
             before_plan=self._r8_apply_all_updates, on_plan=self._r8_log_plan, mode=sampler_config.mode,
             prune_ratio=sampler_config.prune_ratio, full_data_fraction=sampler_config.full_data_fraction,
             total_epochs=self._r8_planned_epochs())
@@ -158,7 +159,7 @@ class R8TrainerMixin(R8CallbackMixin):
     # ----------------------------------------------------------------------------------- losses
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-        indices = inputs.pop(INDEX_KEY, None)
+        indices = inputs.pop(INDEX_KEY, None) if isinstance(inputs, MutableMapping) else None
         if indices is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -173,18 +174,42 @@ class R8TrainerMixin(R8CallbackMixin):
         loss = result[0] if return_outputs else result
         losses = None
         if captured and isinstance(captured[0], Mapping):
-            losses = per_example_losses(captured[0], labels, self._r8_shifts_labels())
-            if losses is not None and losses.numel() != indices.numel():
-                losses = None  # packed sequences (padding-free), paired rows (DPO): not one loss per example
+            losses = self._r8_example_losses(captured[0], labels, indices, num_items_in_batch)
             if losses is not None and self.r8_sampler is not None and self.r8_sampler.mode == "infobatch":
                 loss = self._r8_reweighted(loss, captured[0], labels, indices, num_items_in_batch)
-        if losses is None and not self._r8_fallback_logged:
-            logger.warning("R8: per-example losses cannot be recomputed for this model; the catalog uses the "
-                           "batch-loss surprise estimate.")
+        if losses is None:
+            self._r8_warn_fallback("R8: per-example losses cannot be recomputed for this model; the catalog uses "
+                                   "the batch-loss surprise estimate.")
+        self._r8_record(indices, losses, loss)
+        return (loss, *result[1:]) if return_outputs else loss
+
+    def _r8_example_losses(self, outputs: Mapping[str, Any], labels: torch.Tensor | None, indices: torch.Tensor,
+                           num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | None:
+        """This micro-batch's per-example losses, where they are one per example and agree with the model's loss."""
+        recomputed = example_losses(outputs, labels, self._r8_shifts_labels(), num_items_in_batch)
+        if recomputed is None or recomputed.losses.numel() != indices.numel():
+            return None  # packed sequences (padding-free), paired rows (DPO): not one loss per example
+        agreement = self._r8_loss_agreement
+        model = self.accelerator.unwrap_model(self.model)
+        if agreement.accepts(recomputed, outputs.get("loss"), _router_aux_term(model, outputs)):
+            return recomputed.losses
+        if agreement.disagreement is not None:
+            implied, model_loss = agreement.disagreement
+            self._r8_warn_fallback(
+                f"R8: the per-example losses R8 recomputes average to {implied:.4f} (token-weighted), but the "
+                f"model's own loss is {model_loss:.4f}: the model's loss is not the one R8 assumes (a model "
+                "wrapped in your own module hides its label shift and loss function). The catalog uses the "
+                "batch-loss surprise estimate.")
+        return None
+
+    def _r8_warn_fallback(self, message: str) -> None:
+        if not self._r8_fallback_logged:
+            logger.warning(message)
             self._r8_fallback_logged = True
+
+    def _r8_record(self, indices: torch.Tensor, losses: torch.Tensor | None, loss: torch.Tensor) -> None:
         if self._r8_updates is not None:
             self._r8_updates.record(indices, losses, loss.detach().float().reshape(-1).mean(), self.state.global_step)
-        return (loss, *result[1:]) if return_outputs else loss
 
     def _r8_reweighted(self, loss: torch.Tensor, outputs: Mapping[str, Any], labels: torch.Tensor | None,
                        indices: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
@@ -211,10 +236,42 @@ class R8TrainerMixin(R8CallbackMixin):
         encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
         return getattr(model, "loss_function", None) is ForCausalLMLoss and not encoder_decoder
 
-    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def training_step(self, model: torch.nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._r8_updates is not None and self.r8_catalog is not None:
             self._r8_updates.apply(self.r8_catalog)  # only the copies that have landed: no waiting
-        return super().training_step(*args, **kwargs)
+        if not (isinstance(inputs, Mapping) and BATCH_KEY in inputs):
+            return super().training_step(model, inputs, *args, **kwargs)
+        # A batch that is not a mapping (a tuple): the stock compute_loss calls model(**inputs), so the user's
+        # own compute_loss takes it, unchanged; the catalog gets the loss that compute_loss returns.
+        with self._r8_recording_batch_loss(inputs[INDEX_KEY]):
+            return super().training_step(model, inputs[BATCH_KEY], *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _r8_recording_batch_loss(self, indices: torch.Tensor) -> Iterator[None]:
+        """While one training step runs, the loss its `compute_loss` returns feeds the surprise estimate."""
+        had_instance_attribute = "compute_loss" in self.__dict__
+        compute_loss = self.compute_loss
+        recorded = []
+
+        def recording_compute_loss(*args: Any, **kwargs: Any) -> Any:
+            result = compute_loss(*args, **kwargs)
+            if recorded:
+                return result  # a second call inside the step: the micro-batch is in the catalog already
+            recorded.append(True)
+            self._r8_warn_fallback("R8: the data collator returns a batch that is not a dict, so per-example "
+                                   "losses cannot be recomputed from it; the catalog uses the batch-loss surprise "
+                                   "estimate from the loss your compute_loss returns.")
+            self._r8_record(indices, None, result[0] if isinstance(result, tuple) else result)
+            return result
+
+        self.compute_loss = recording_compute_loss
+        try:
+            yield
+        finally:
+            if had_instance_attribute:
+                self.compute_loss = compute_loss
+            else:
+                del self.compute_loss
 
     def _r8_log_plan(self, epoch: int, description: str) -> None:
         self.r8_callback.record(Event(self.state.global_step, -1, "sampler", "plan", float(epoch - 1), float(epoch),
@@ -227,17 +284,27 @@ class R8TrainerMixin(R8CallbackMixin):
     # --------------------------------------------------------------------------- checkpointing
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        if self.r8_catalog is None:
+        run_dir = self._get_output_dir(trial=trial)
+        self._r8_save_into(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+        self._r8_saved_into = None  # a later train() may write a checkpoint of the same name
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The stock `_save_checkpoint` pushes the folder before returning: R8's files must be in it by then.
+        self._r8_save_into(checkpoint_folder)
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _r8_save_into(self, folder: str) -> None:
+        """The catalog and the epoch plan, into the checkpoint `folder` (once per checkpoint)."""
+        if self.r8_catalog is None or self._r8_saved_into == folder:
             return
         self._r8_apply_all_updates()
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             self.r8_catalog.save(folder)
             if self.r8_sampler is not None and self.r8_sampler.current_epoch_plan is not None:
                 epoch, plan = self.r8_sampler.current_epoch_plan
                 np.savez(os.path.join(folder, PLAN_FILE_NAME), epoch=np.array(epoch), plan=plan,
                          loss_weights=self.r8_sampler.loss_weights)
+        self._r8_saved_into = folder
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         # True means "the last checkpoint"; when there is none, the stock Trainer raises: leave that to it.
@@ -276,6 +343,22 @@ def _keep_first_training_output(captured: list[Any]) -> Any:
     return keep
 
 
+def _router_aux_term(model: torch.nn.Module, outputs: Mapping[str, Any]) -> torch.Tensor | float:
+    """What an MoE model adds to its loss beyond the per-example loss: its router load-balancing `aux_loss`
+    times the coefficient it is weighted by (an attribute of the model or of its config); 0 for other models."""
+    aux_loss = outputs.get("aux_loss")
+    if not torch.is_tensor(aux_loss) or aux_loss.numel() != 1:
+        return 0.0
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for owner in (model, text_config):
+        for name in ("router_aux_loss_coef", "aux_loss_coef"):
+            coefficient = getattr(owner, name, None)
+            if isinstance(coefficient, (int, float)):
+                return coefficient * aux_loss.detach().float().reshape(())
+    return 0.0
+
+
 def with_r8(trainer_class: type[Trainer]) -> type[Trainer]:
     """A subclass of `trainer_class` with R8's sampler, per-example losses and R8Callback.
 
@@ -293,6 +376,15 @@ def with_r8(trainer_class: type[Trainer]) -> type[Trainer]:
 
 class R8Trainer(R8TrainerMixin, Trainer):
     """`transformers.Trainer` with R8: adaptive LR (R8Callback), per-example loss catalog, balanced batches.
+
+    Data: any map-style dataset the stock Trainer takes, with items of any kind its data collator takes
+    (dicts, a `TensorDataset`'s tuples). When the collator returns a dict, the batch carries the example
+    indices as `r8_index` (your own `compute_loss` may read it; R8's pops it before `model(**inputs)`) and the
+    catalog gets each example's exact loss wherever R8 can recompute it and it agrees with the model's own
+    loss. When the collator returns anything else (a tuple), the stock `compute_loss` cannot call the model
+    (it calls `model(**inputs)`), so, as with `Trainer`, you override `compute_loss`: it receives the batch
+    exactly as your collator made it, and the loss it returns feeds the catalog's batch-loss surprise
+    estimate (said once in the log). The data order follows `args.data_seed`, else `args.seed`.
 
     Example:
         ```python
