@@ -1,12 +1,36 @@
-"""hf_r8 (learnit::r8 for Hugging Face): closed-loop LR/momentum control for transformers.Trainer and TRL."""
+"""hf_r8 (learnit::r8 for Hugging Face): closed-loop LR/momentum control for transformers.Trainer and TRL.
 
-from hf_r8.callback import R8Callback
+The exports are imported on first use (PEP 562), so that `hf-r8 presets` and other commands that need no
+model do not pay for importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from hf_r8.config import R8Config, available_presets
-from hf_r8.controller import Controller, Event, GroupSpec, Observation
-from hf_r8.decision import Decision
-from hf_r8.loop import R8Loop
-from hf_r8.scheduler import AdaptiveScheduler
-from hf_r8.trainer import R8Trainer, with_r8
+
+if TYPE_CHECKING:
+    from hf_r8.callback import R8Callback
+    from hf_r8.controller import Controller, Event, GroupSpec, Observation
+    from hf_r8.decision import Decision
+    from hf_r8.loop import R8Loop
+    from hf_r8.scheduler import AdaptiveScheduler
+    from hf_r8.trainer import R8Trainer, with_r8
+
+_LAZY = {
+    "AdaptiveScheduler": "hf_r8.scheduler",
+    "Controller": "hf_r8.controller",
+    "Decision": "hf_r8.decision",
+    "Event": "hf_r8.controller",
+    "GroupSpec": "hf_r8.controller",
+    "Observation": "hf_r8.controller",
+    "R8Callback": "hf_r8.callback",
+    "R8Loop": "hf_r8.loop",
+    "R8Trainer": "hf_r8.trainer",
+    "with_r8": "hf_r8.trainer",
+}
 
 __all__ = [
     "AdaptiveScheduler",
@@ -23,3 +47,15 @@ __all__ = [
     "with_r8",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hf_r8' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

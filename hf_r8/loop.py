@@ -17,6 +17,10 @@ t and nothing forces a device sync. Rollback goes through the user's callables: 
 `snapshot(state)`), and `load(state)` puts it back when a NaN or repeated spikes say the weights are
 damaged; then the LR restarts lower and the next batches come from the lowest-loss quartile. Since the
 step of a reported loss has already been applied, a single spike cannot be skipped: it is recorded.
+With `rollback.enabled` off, as under `R8Callback`, nothing is rolled back and training goes on: a
+non-finite loss is recorded and kept from the controller while `rollback.guard_nonfinite` is on (to
+skip its step as well, leave out `optimizer.step()` when the loss is not finite: R8Loop sees the loss
+only after the step), and reaches the controller, whose brake lowers the LR, when the guard is off too.
 
 With save/load given, the default's LR range test runs first, as under the Trainer: the state `save()`
 returns before the first batch is the one to go back to (and rollback's first snapshot), the batches of
@@ -42,6 +46,7 @@ from hf_r8.host_copy import HostCopy
 from hf_r8.range_test import LRRangeTest, range_test_length
 from hf_r8.rollback import RollbackAction, RollbackPolicy
 from hf_r8.sampler import BalancedQuartileSampler
+from hf_r8.scheduler import one_value
 
 
 class R8Loop:
@@ -122,7 +127,8 @@ class R8Loop:
             yield indices, self.base_lr * self._range_test.gain(self.step)
 
     def report(self, loss: Any, per_example_losses: Any = None) -> None:
-        """The batch's loss (tensor or float) and, if known, each example's loss (same order as the indices)."""
+        """The batch's loss (a number, a tensor, or one value per example: their mean) and, if known, each
+        example's loss (same order as the indices)."""
         if self._batch is None:
             raise RuntimeError("report() without a batch: ask for one with batches() first")
         self.step += 1
@@ -132,7 +138,8 @@ class R8Loop:
             if losses.numel() != len(self._batch):
                 raise ValueError(f"per_example_losses has {losses.numel()} values for a batch of {len(self._batch)}")
             losses = HostCopy(losses)
-        self._staged = (self.step, self._batch, HostCopy(torch.as_tensor(loss).detach().float().reshape(())), losses)
+        loss = torch.as_tensor(one_value("loss", loss)).detach().float().reshape(())  # per-example: their mean
+        self._staged = (self.step, self._batch, HostCopy(loss), losses)
         self._batch = None
 
     def snapshot(self, state: Any) -> None:
@@ -157,13 +164,24 @@ class R8Loop:
             if self._range_test.finished:
                 self._finish_range_test()
             return
-        action = self.rollback.damage(step, f"non-finite loss {loss}") if not math.isfinite(loss) \
-            else self.rollback.observe(step, loss)
+        rollback = self.config.rollback
+        if not math.isfinite(loss) and rollback.enabled:  # the step that made it is applied: the weights are damaged
+            action = self.rollback.damage(step, f"non-finite loss {loss}")
+        elif rollback.enabled or rollback.guard_nonfinite:  # with both off, as under R8Callback, nothing is checked
+            action = self.rollback.observe(step, loss)
+        else:
+            action = None
         if action is not None and action.kind == "skip":
             self._record(Event(step, -1, "rollback", "spike", 1.0, 1.0, f"{action.reason.split(':')[0]}: its step "
                                "was already applied (a second spike in a row rolls back)", quantity="step_applied"))
         elif action is not None:
             self._roll_back(action)
+            return
+        if not math.isfinite(loss) and rollback.guard_nonfinite:
+            self._record(Event(step, -1, "guard", "nonfinite_loss", 1.0, 1.0, f"non-finite loss {loss}: kept from the "
+                               "controller; its step was already applied (rollback is off: no state to go back to)",
+                               quantity="step_applied"))
+            self._update_view(loss)
             return
         for event in self.controller.observe(Observation(step=step, loss=loss)):
             self._record(event)

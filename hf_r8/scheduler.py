@@ -78,11 +78,14 @@ class AdaptiveScheduler(LRScheduler):
 
     # ------------------------------------------------------------------------------ signals in
     def set_metrics(self, loss: Any = None, reward: Any = None, grad_norm: Any = None) -> None:
-        """This step's signals (tensors or floats, any may be None), used when `step()` is called."""
-        self._metrics = (loss, reward, grad_norm)
+        """This step's signals (tensors or floats, any may be None), used when `step()` is called. A loss or
+        reward tensor of several values (one per example) stands for their mean, taken on its device; the
+        gradient norm is one value."""
+        self._metrics = (one_value("loss", loss), one_value("reward", reward), one_value("grad_norm", grad_norm))
 
     def step_loss(self, loss: Any, reward: Any = None, grad_norm: Any = None) -> None:
-        """`set_metrics(loss, reward, grad_norm)` then `step()`."""
+        """`set_metrics(loss, reward, grad_norm)` then `step()`; `loss` may be the batch's loss or the tensor of
+        its per-example losses (their mean is the step's loss)."""
         self.set_metrics(loss, reward, grad_norm)
         self.step()
 
@@ -198,3 +201,17 @@ def _packed(signals: tuple[Any, Any, Any]) -> torch.Tensor:
             parts += [torch.tensor(0.0 if value is None else float(value), device=device),
                       torch.tensor(0.0 if value is None else 1.0, device=device)]
     return torch.stack(parts)
+
+
+def one_value(name: str, value: Any) -> Any:
+    """A signal as one value: a loss or reward tensor of several values (one per example) becomes their mean, on
+    its device (NaN if any is NaN); an empty tensor, or a gradient norm of several values, is an error."""
+    if not torch.is_tensor(value) or value.numel() == 1:
+        return value
+    if value.numel() == 0:
+        raise ValueError(f"{name}=tensor of 0 values: must be a number, a tensor of one or more values (their mean) "
+                         "or None")
+    if name == "grad_norm":
+        raise ValueError(f"grad_norm=tensor of {value.numel()} values: must be one value, the total gradient norm "
+                         "(observe(model=...) computes it)")
+    return value.detach().to(torch.float32).mean()

@@ -1,5 +1,6 @@
 """`R8Loop`: every index in the first epoch, balanced quartiles after, the LR reacting to reported
-losses, and a reported NaN rolling back through the user's save/load callables."""
+losses, a reported NaN rolling back through the user's save/load callables, and, with rollback off,
+what R8Callback does: the guard keeps a NaN from the controller, or, with the guard off too, nothing."""
 
 from __future__ import annotations
 
@@ -48,6 +49,18 @@ def test_the_lr_follows_the_reported_losses():
     assert lrs[79] > 1e-3 and any(event.action == "increase" for event in loop.events)
     # the last fifth: a constant base LR gets the default's end-of-run anneal, down to the floor (base / 100)
     assert lrs[-1] == pytest.approx(lrs[79] / 100 / (lrs[79] / 1e-3), rel=1e-6)
+
+
+def test_a_per_example_loss_tensor_reported_as_the_loss_stands_for_its_mean():
+    with R8Loop(16, batch_size=4, config=_config()) as loop:
+        for _ in loop.epochs():
+            for _indices, _lr in loop.batches():
+                loop.report(torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    assert loop.controller.loss.rolling[-1] == pytest.approx(3.0)
+    with R8Loop(16, batch_size=4, config=_config()) as loop, pytest.raises(ValueError, match="tensor of 0 values"):
+        next(loop.epochs())
+        next(loop.batches())
+        loop.report(torch.tensor([]))
 
 
 def test_with_save_and_load_the_loop_runs_the_range_test_and_restores_the_state():
@@ -108,6 +121,62 @@ def test_without_a_state_to_return_to_a_nan_stops_the_loop():
                 loop.report(float("nan"))
     assert loop.stopped and loop.step == 1
     assert "no state to roll back to" in loop.events[-1].reason
+
+
+def _train_a_linear_model(config: R8Config, nan_at: int, skip_nonfinite: bool,
+                          ) -> tuple[R8Loop, torch.nn.Linear, list[float]]:
+    """A real model and loop: a linear regression on 64 examples, 3 epochs of 8 batches; the batch of step
+    `nan_at` has a NaN loss (an overflow, say). With `skip_nonfinite`, the loop leaves out the optimizer step of
+    a non-finite loss, as R8Loop's docstring says to. Returns the loop, the model and the losses reported."""
+    torch.manual_seed(0)
+    inputs = torch.randn(64, 4)
+    targets = inputs @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    reported = []
+    with R8Loop(64, batch_size=8, config=config, base_lr=0.05, num_epochs=3) as loop:
+        for _ in loop.epochs():
+            for indices, lr in loop.batches():
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = torch.from_numpy(indices)
+                losses = (model(inputs[batch]) - targets[batch]).pow(2).squeeze(1)
+                if loop.step + 1 == nan_at:
+                    losses = losses * float("nan")
+                loss = losses.mean()
+                loss.backward()
+                if torch.isfinite(loss) or not skip_nonfinite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loop.report(loss.detach(), per_example_losses=losses.detach())
+                reported.append(loss.item())
+    return loop, model, reported
+
+
+def test_with_rollback_off_the_guard_keeps_a_nan_from_the_controller_and_training_goes_on():
+    config = _config()
+    config.rollback.enabled = False  # the non-finite guard stays on (its default)
+    loop, model, reported = _train_a_linear_model(config, nan_at=10, skip_nonfinite=True)
+    assert not loop.stopped and loop.step == 24, "every batch of the 3 epochs"
+    guard = [event for event in loop.events if event.rule in ("guard", "rollback")]
+    assert [(event.step, event.rule, event.action) for event in guard] == [(10, "guard", "nonfinite_loss")]
+    assert loop.controller.metrics()["nonfinite_losses"] == 0  # the controller never saw the NaN
+    assert loop.rollback.rollbacks == 0
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
+    assert reported[-1] < 0.5 * reported[0], "training went on and learned"
+
+
+def test_with_rollback_and_the_guard_off_a_nan_reaches_the_controller_and_its_step_is_applied():
+    config = _config()
+    config.rollback.enabled = config.rollback.guard_nonfinite = False  # no protection, as asked
+    loop, model, _ = _train_a_linear_model(config, nan_at=10, skip_nonfinite=False)
+    assert not loop.stopped and loop.step == 24
+    assert not any(event.rule in ("guard", "rollback") for event in loop.events)
+    # The NaN step was applied: the weights are NaN, and so is every loss after it, which the controller sees.
+    assert not torch.isfinite(model.weight).all()
+    assert loop.controller.metrics()["nonfinite_losses"] == 24 - 9
+    brake = next(event for event in loop.events if event.rule == "decision")
+    assert (brake.step, brake.action, brake.reason) == (10, "spike_decrease", "non-finite loss")  # the brake
 
 
 @pytest.mark.parametrize(("arguments", "message"), [

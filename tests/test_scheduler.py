@@ -123,6 +123,50 @@ def test_tensor_and_nan_losses_are_taken_as_they_are():
     assert scheduler.controller.metrics()["nonfinite_losses"] == 1
 
 
+def _sgd_with_scheduler(config: R8Config) -> tuple[torch.optim.SGD, AdaptiveScheduler]:
+    """SGD with momentum on one parameter with a zero gradient (steps move nothing): only the LR is watched."""
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    parameter.grad = torch.zeros(3)
+    optimizer = torch.optim.SGD([parameter], lr=1e-2, momentum=0.9)
+    return optimizer, AdaptiveScheduler(optimizer, config, total_steps=100)
+
+
+def test_per_example_losses_and_rewards_stand_for_their_mean():
+    config = _quiet(R8Config.from_preset("default"))
+    trajectories = []
+    for per_example in (True, False):
+        optimizer, scheduler = _sgd_with_scheduler(config)
+        used = []
+        for step, signal in enumerate(_signals(100)):
+            losses = torch.tensor([signal["loss"] - 0.5, signal["loss"], signal["loss"] + 0.8])
+            rewards = torch.tensor([[0.1, 0.3], [step / 50, 0.2]])
+            optimizer.step()
+            used.append(optimizer.param_groups[0]["lr"])
+            if per_example:
+                scheduler.step_loss(losses, reward=rewards)
+            else:
+                scheduler.step_loss(losses.mean(), reward=rewards.mean())
+        trajectories.append(used)
+    assert trajectories[0] == trajectories[1] and len(set(trajectories[0])) > 2
+    optimizer.step()
+    scheduler.step_loss(torch.tensor([1.0, float("nan")]))
+    optimizer.step()
+    assert scheduler.controller.metrics()["nonfinite_losses"] == 1  # one NaN example: a NaN step loss
+
+
+@pytest.mark.parametrize(("signals", "message"), [
+    ({"loss": torch.tensor([])}, r"loss=tensor of 0 values: must be a number, a tensor of one or more values"),
+    ({"loss": 1.0, "reward": torch.zeros(0, 2)}, r"reward=tensor of 0 values"),
+    ({"loss": 1.0, "grad_norm": torch.ones(2)}, r"grad_norm=tensor of 2 values: must be one value"),
+], ids=["empty loss", "empty reward", "two gradient norms"])
+def test_an_empty_signal_or_several_gradient_norms_are_refused_before_the_step(signals, message):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=1e-2)
+    scheduler = AdaptiveScheduler(optimizer, _quiet(R8Config.from_preset("default")))
+    with pytest.raises(ValueError, match=message):
+        scheduler.step_loss(**signals)
+    assert scheduler.last_epoch == 0  # refused before the step: the scheduler did not move
+
+
 def test_a_wrong_optimizer_type_is_refused():
     with pytest.raises(ValueError, match="optimizer=.*must be a torch.optim.Optimizer"):
         AdaptiveScheduler(object())
@@ -132,10 +176,7 @@ def test_set_metrics_then_step_is_step_loss():
     config = _quiet(R8Config.from_preset("aggressive"))
     trajectories = []
     for split_call in (False, True):
-        parameter = torch.nn.Parameter(torch.zeros(3))
-        parameter.grad = torch.zeros(3)
-        optimizer = torch.optim.SGD([parameter], lr=1e-2, momentum=0.9)
-        scheduler = AdaptiveScheduler(optimizer, config, total_steps=100)
+        optimizer, scheduler = _sgd_with_scheduler(config)
         used = []
         for signal in _signals(100):
             optimizer.step()
