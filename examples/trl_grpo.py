@@ -60,7 +60,7 @@ def main(trainer_name: str = "grpo") -> None:
     reward = r8.controller.reward.ema.value
     reward_text = "none yet" if reward is None else f"{reward:.3f}"
     print(f"final LR gain {r8.controller.lr_gain():.3f}, reward EMA {reward_text}; "
-          f"decisions and plots in {output_dir}/r8_events.jsonl and {output_dir}/r8_report/")
+          f"decisions and plots in {output_dir}/r8/r8_events.jsonl and {output_dir}/r8/r8_report/")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ once the step's loss, computed on the weights about to be saved, has passed the 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import inspect
 import logging
@@ -32,6 +33,7 @@ import math
 import os
 import random
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +60,7 @@ from hf_r8.moe import is_router_parameter
 from hf_r8.param_groups import read_momentum, write_lr, write_momentum
 from hf_r8.range_test import LRRangeTest, range_test_length
 from hf_r8.rollback import RollbackAction, RollbackPolicy
-from hf_r8.run_log import RunLog
+from hf_r8.run_log import RUN_DIR, RunLog
 from hf_r8.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
 from hf_r8.taps import TrainerTaps, find_trainer
 
@@ -71,6 +73,10 @@ _MAX_EVENTS_KEPT = 10_000
 _LOGGED_REWARD_KEYS = ("reward", "objective/scores")
 _LOGGED_KL_KEYS = ("kl", "objective/kl")
 _SIGNAL_COUNT = 8  # (sum, count) of loss, gradient norm, reward, router aux loss: see `_reduced_signals`
+# The R8Callback each Trainer was built with (or bound to): the one to keep live when transformers'
+# `restore_callback_states_from_checkpoint` swaps in a copy rebuilt from the checkpoint. Weak both ways: the
+# callback refers to its Trainer, so a strong value would keep both alive for ever.
+_LIVE_CALLBACKS: weakref.WeakKeyDictionary[Any, weakref.ref[R8Callback]] = weakref.WeakKeyDictionary()
 
 
 class R8Callback(TrainerCallback, ExportableState):
@@ -162,14 +168,27 @@ class R8Callback(TrainerCallback, ExportableState):
     def bind(self, trainer: Any) -> R8Callback:
         """Name the Trainer explicitly (subclasses that own the loop); otherwise it is found at train start."""
         self._trainer = trainer
+        _LIVE_CALLBACKS[trainer] = weakref.ref(self)
         return self
 
     # ------------------------------------------------------------------------------------ events
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        with contextlib.suppress(RuntimeError):  # RuntimeError: an event fired by hand, outside a Trainer
+            _LIVE_CALLBACKS.setdefault(find_trainer(self), weakref.ref(self))
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
         trainer = self._trainer if self._trainer is not None else find_trainer(self)
+        live = self._instance_to_run(trainer)
+        if live is not self:
+            live.on_train_begin(args, state, control, optimizer=optimizer, **kwargs)
+            return
+        _refuse_other_instances(self, trainer)
         if optimizer is None or not getattr(optimizer, "param_groups", None):
             raise ValueError(f"optimizer={optimizer!r}: R8Callback needs a torch optimizer with param_groups")
+        # A checkpoint saved without R8 (a stock Trainer's) has no entry for it, and transformers' checkpoint
+        # save then fails with KeyError('R8Callback'): give it one.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         if self._freezer is not None:  # a run that raised never reached on_train_end: its frozen tensors train again
             self._freezer.release()
         self._model, self._optimizer, self._active_trainer = trainer.model, optimizer, trainer
@@ -194,9 +213,26 @@ class R8Callback(TrainerCallback, ExportableState):
             self._start_range_test(state.max_steps, args.device)
         if self._taps is not None:  # a run that raised never reached on_train_end
             self._taps.remove()
-        self._taps = TrainerTaps(trainer, self._add_log_metrics)
+        self._taps = TrainerTaps(trainer, self._add_log_metrics, on_error=self._end_by_exception)
         self._taps.install()
-        self._open_outputs(args, state, trainer)
+        self._applied = tuple(saved["applied"]) if (saved or {}).get("applied") else None
+        self._open_outputs(args, state, trainer, kept_rows=(saved or {}).get("run_files_rows"))
+
+    def _instance_to_run(self, trainer: Any) -> R8Callback:
+        """The user's own R8Callback, also when transformers' `restore_callback_states_from_checkpoint` removed it
+        from the Trainer and put in its place this copy rebuilt from the checkpoint (recognised by the `r8_state`
+        attribute transformers sets on it): the user's object is put back and runs, with its own config; the
+        checkpoint's R8 state is restored into it as on any resume."""
+        live = _LIVE_CALLBACKS.get(trainer, weakref.ref(self))() or self
+        handler = trainer.callback_handler.callbacks
+        if live is self or "r8_state" not in vars(self) or any(callback is live for callback in handler):
+            return self
+        handler[next(index for index, callback in enumerate(handler) if callback is self)] = live
+        if self.config.to_dict() != live.config.to_dict():
+            logger.warning("R8: restore_callback_states_from_checkpoint rebuilt R8Callback from the checkpoint; the "
+                           "R8Callback you passed stays the live one and its config, which differs from the "
+                           "checkpoint's, is used. The checkpoint's controller state is restored into it.")
+        return live
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._taps.start_step()
@@ -283,14 +319,32 @@ class R8Callback(TrainerCallback, ExportableState):
             self._run_log.flush()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._end_run(state.global_step)
+        self._close_outputs(args, state)
+
+    def _end_run(self, step: int) -> None:
+        """Leave the model and the Trainer as they would be without R8: the range test's weights undone,
+        frozen tensors trainable again, the taps removed."""
         if self._range_test is not None:
-            self._abandon_range_test(state.global_step)
+            self._abandon_range_test(step)
         if self._freezer is not None:
             self._freezer.release()
         if self._taps is not None:
             self._taps.remove()
             self._taps = None
-        self._close_outputs(args, state)
+
+    def _end_by_exception(self, error: BaseException) -> None:
+        """Training raised (a notebook may catch it and go on): end the run as `on_train_end` would, and stop
+        the dashboard and close the run files with what they hold (no report: the run did not finish)."""
+        try:
+            self._end_run(self._active_trainer.state.global_step)
+            self._record_last_step()
+            self.close()
+        except Exception as cleanup_error:  # the user must see the error training raised, not this one
+            logger.warning("R8: cleaning up after %r failed: %r", error, cleanup_error)
+            return
+        logger.warning("R8: training raised %s; the dashboard is stopped, the run files are closed and the "
+                       "Trainer's methods are unwrapped.", type(error).__name__)
 
     # -------------------------------------------------------------------------------- the wiring
     def _build_controller(self, initial_gains: list[float] | None = None, warmup_steps: int | None = None) -> None:
@@ -418,8 +472,10 @@ class R8Callback(TrainerCallback, ExportableState):
         if self._run_log is not None:
             self._run_log.metrics(row)
 
-    def _open_outputs(self, args: TrainingArguments, state: TrainerState, trainer: Any) -> None:
-        """Dashboard and run files, on the main process only."""
+    def _open_outputs(self, args: TrainingArguments, state: TrainerState, trainer: Any,
+                      kept_rows: list[int] | None) -> None:
+        """Dashboard and run files, on the main process only (`kept_rows`: the run files' rows the checkpoint
+        resumed from had written)."""
         self.close()  # a previous run that raised never reached on_train_end
         self._elapsed_before = 0.0
         self._view = DashboardView(step=state.global_step, max_steps=state.max_steps, first_step=state.global_step)
@@ -430,21 +486,23 @@ class R8Callback(TrainerCallback, ExportableState):
         if not state.is_world_process_zero:
             return
         if self.config.run_files and args.output_dir:
-            self._run_log = RunLog(args.output_dir, resume_step=state.global_step)
+            self._run_log = RunLog(Path(args.output_dir) / RUN_DIR, resume_step=state.global_step,
+                                   kept_rows=tuple(kept_rows) if kept_rows else None)
             self._elapsed_before = self._run_log.elapsed_before
         if self.config.dashboard:
-            self._unmute_progress = mute_progress_bar(trainer.callback_handler.callbacks, ProgressCallback)
             self._dashboard = Dashboard()
+            if not self._dashboard.notebook:  # a notebook without ipywidgets keeps its live bar (see dashboard.py)
+                self._unmute_progress = mute_progress_bar(trainer.callback_handler.callbacks, ProgressCallback)
             self._dashboard.start(self._view)
-            atexit.register(self.close)
+            # The dashboard's own stop, not this callback's: atexit must not keep the callback and its model alive.
+            atexit.register(self._dashboard.stop, self._view)
 
     def close(self) -> None:
-        """Stop the dashboard and close the run files now (done at the end of training; call it after a
-        `train()` that raised, or leave it to the next `train()` or to interpreter exit)."""
+        """Stop the dashboard and close the run files now (done when training ends, also by an exception)."""
         if self._dashboard is not None:
+            atexit.unregister(self._dashboard.stop)
             self._dashboard.stop(self._view)
             self._dashboard = None
-            atexit.unregister(self.close)
         if self._unmute_progress is not None:
             self._unmute_progress()
             self._unmute_progress = None
@@ -452,10 +510,15 @@ class R8Callback(TrainerCallback, ExportableState):
             self._run_log.close()
             self._run_log = None
 
-    def _close_outputs(self, args: TrainingArguments, state: TrainerState) -> None:
-        if self._pending is not None and self._range_test is None:  # the last step: its row, for the record only
+    def _record_last_step(self) -> None:
+        """The last step's row, for the record only (no decision follows it)."""
+        if self._pending is not None and self._range_test is None:
             self._record_step(_observation(self._pending_step, self._pending.result().tolist()))
-        wrote_files = self._run_log is not None
+            self._pending = None
+
+    def _close_outputs(self, args: TrainingArguments, state: TrainerState) -> None:
+        self._record_last_step()
+        wrote_files = self._run_log is not None and not self._run_log.failed
         self._unmute_progress = None  # the progress bar's own on_train_end, next, unmutes it
         self.close()
         if wrote_files and self.config.report:
@@ -798,6 +861,8 @@ class R8Callback(TrainerCallback, ExportableState):
             "range_test_running": self._range_test is not None,
             "rollback": self._rollback.state_dict() if self._rollback is not None else None,
             "freezing": self._freezer.policy.state_dict() if self._freezer is not None else None,
+            "applied": list(self._applied) if self._applied is not None else None,
+            "run_files_rows": list(self._run_log.rows_written) if self._run_log is not None else None,
         }
         return {"args": {"config": self.config.to_dict()}, "attributes": {"r8_state": r8_state}}
 
@@ -837,6 +902,17 @@ def _observation(step: int, reduced: list[float]) -> Observation:
                        grad_norm=grad_sum / grad_count if grad_count > 0 else None,
                        reward=reward_sum / reward_count if reward_count > 0 else None,
                        router_aux_loss=aux_sum / aux_count if aux_count > 0 else None)
+
+
+def _refuse_other_instances(callback: R8Callback, trainer: Any) -> None:
+    """Two R8 callbacks on one Trainer would each scale the LR the other wrote and share one set of run files."""
+    others = [other for other in trainer.callback_handler.callbacks if isinstance(other, R8Callback)
+              and other is not callback]
+    if others:
+        where = " (R8Trainer adds its own: pass the config as R8Trainer(r8=...) instead)" \
+            if hasattr(trainer, "r8_callback") else ""
+        raise ValueError(f"{type(trainer).__name__} has {len(others) + 1} R8 callbacks{where}: one adapts the LR; "
+                         "keep one of them.")
 
 
 def _unwrap(scheduler: Any) -> Any:

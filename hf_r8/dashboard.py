@@ -6,14 +6,19 @@ the schedule's; gain, momentum, reward, gradient norm; rollbacks and skipped ste
 quartile losses and batch mix (R8Trainer); the last decisions with their reasons.
 
 `Dashboard` shows it: a `rich.live.Live` refreshed a few times a second on a terminal or in
-Jupyter (with ipywidgets); on anything else (CI, a file, `nohup`, Jupyter without ipywidgets) one
-concise line every `line_interval_s`, and in Jupyter the whole view once at the end.
-While it runs, the Trainer's tqdm training bar is muted (see `mute_progress_bar`).
+Jupyter (with ipywidgets), and the Trainer's tqdm training bar is muted meanwhile (see
+`mute_progress_bar`). Jupyter without ipywidgets cannot redraw rich output in place: there the
+Trainer's own notebook bar stays, and a compact panel is printed at the first step and then every
+`notebook_interval_s`, the whole view at the end. Anywhere else (CI, a file, `nohup`) one concise
+line every `line_interval_s`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -26,6 +31,8 @@ from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
+
+logger = logging.getLogger(__name__)
 
 SPARK = "▁▂▃▄▅▆▇█"
 _SPARK_POINTS = 48
@@ -131,40 +138,87 @@ def plain_line(view: DashboardView) -> str:
     return "  ".join(parts)
 
 
+def compact(view: DashboardView) -> Panel:
+    """The one-line form and the last decision in a small panel, for notebooks that cannot redraw."""
+    text = Text(plain_line(view))
+    if view.decisions:
+        text.append("\n" + view.decisions[-1])
+    if view.range_test is not None:
+        text.append("\nLR range test: " + view.range_test)
+    return Panel(text, title="hf_r8", border_style="cyan")
+
+
 class Dashboard:
-    """Shows a `DashboardView`: live on a terminal or in Jupyter, periodic lines elsewhere."""
+    """Shows a `DashboardView`: live on a terminal or in Jupyter, periodic lines elsewhere.
+
+    Observability, not training: an OS error while drawing (a closed pipe, a full disk under a redirected
+    stdout) logs one warning and turns the dashboard off.
+    """
 
     def __init__(self, console: Console | None = None, refresh_per_second: float = 4.0,
-                 line_interval_s: float = 30.0) -> None:
+                 line_interval_s: float = 30.0, notebook_interval_s: float = 10.0) -> None:
         self.console = console if console is not None else Console()
-        # rich draws live in Jupyter through ipywidgets; without them, the plain lines
+        # rich draws live in Jupyter through ipywidgets; without them, printed panels
         self.interactive = self.console.is_terminal or (self.console.is_jupyter and
                                                          importlib.util.find_spec("ipywidgets") is not None)
+        self.notebook = self.console.is_jupyter and not self.interactive
         self.refresh_interval = 1.0 / refresh_per_second
-        self.line_interval_s = line_interval_s
+        self.line_interval_s = notebook_interval_s if self.notebook else line_interval_s
         self._live: Live | None = None
         self._last_draw = 0.0
+        self.failed = False
+
+    def _turn_off(self, error: OSError) -> None:
+        self.failed = True
+        logger.warning("R8 dashboard is off from now on: drawing it failed (%s). Training goes on.", error)
+        if self._live is not None:
+            with contextlib.suppress(OSError):
+                self._live.stop()
+            self._live = None
 
     def start(self, view: DashboardView) -> None:
+        try:
+            self._start(view)
+        except OSError as error:
+            self._turn_off(error)
+
+    def _start(self, view: DashboardView) -> None:
         if self.interactive:
             self._live = Live(render(view), console=self.console, refresh_per_second=1.0 / self.refresh_interval,
                               transient=False)
             self._live.start()
-        self._last_draw = time.monotonic()
+        # In a notebook the first step is shown at once: a cell that prints nothing looks like a hung kernel.
+        self._last_draw = -math.inf if self.notebook else time.monotonic()
 
     def update(self, view: DashboardView, force: bool = False) -> None:
         """Redraw, at most every refresh interval (live) or line interval (plain), unless forced."""
         now = time.monotonic()
         interval = self.refresh_interval if self._live is not None else self.line_interval_s
-        if not force and now - self._last_draw < interval:
+        if self.failed or (not force and now - self._last_draw < interval):
             return
         self._last_draw = now
+        try:
+            self._draw(view)
+        except OSError as error:
+            self._turn_off(error)
+
+    def _draw(self, view: DashboardView) -> None:
         if self._live is not None:
             self._live.update(render(view))
+        elif self.notebook:
+            self.console.print(compact(view))
         else:
             self.console.print(plain_line(view), markup=False, highlight=False, soft_wrap=True)
 
     def stop(self, view: DashboardView) -> None:
+        if self.failed:
+            return
+        try:
+            self._stop(view)
+        except OSError as error:
+            self._turn_off(error)
+
+    def _stop(self, view: DashboardView) -> None:
         if self._live is not None:
             self._live.update(render(view))
             self._live.stop()

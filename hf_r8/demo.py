@@ -1,7 +1,7 @@
 """`hf-r8 demo`: GPT-2 fine-tuned on WikiText-2 with the whole hf_r8 stack, then its report.
 
 `R8Trainer` (LR controller, per-example loss catalog and loss-balanced batches, rollback, live
-dashboard) trains GPT-2; the run ends with the report's plots (`<output_dir>/r8_report/`) and a
+dashboard) trains GPT-2; the run ends with the report's plots (`<output_dir>/r8/r8_report/`) and a
 one-screen summary; `compare=True` first trains the same model for the same steps with the stock
 Trainer and its cosine schedule, and the summary puts both side by side.
 
@@ -42,6 +42,7 @@ from hf_r8.offline import (
     load_causal_lm,
 )
 from hf_r8.report import REPORT_DIR
+from hf_r8.run_log import EVENTS_FILE, RUN_DIR
 from hf_r8.trainer import R8Trainer
 
 # GPT-2 shapes the offline fallback builds from a config: (layers, width, heads).
@@ -197,6 +198,7 @@ def _print_summary(console: Console, settings: DemoSettings, summary: dict[str, 
     for event in decisions[-5:]:
         console.print(f"  step {event.step:4d}  {event.action:10s} gain {event.old_value:.3g} -> {event.new_value:.3g}"
                       f"  ({event.reason})")
-    report = output_dir / REPORT_DIR
+    report = output_dir / RUN_DIR / REPORT_DIR
     plots = sorted(path.name for path in report.glob("*.png")) if report.is_dir() else []
-    console.print(f"report: {report}/ ({', '.join(plots)}, summary.md); every decision: {output_dir}/r8_events.jsonl")
+    console.print(f"report: {report}/ ({', '.join(plots)}, summary.md); "
+                  f"every decision: {output_dir / RUN_DIR / EVENTS_FILE}")

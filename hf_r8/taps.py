@@ -7,7 +7,9 @@ removes the wrappers when training ends:
 
 * `training_step`: its return value (the micro-batch loss, already scaled for gradient accumulation
   and token averaging) is summed on device, giving exactly the loss the Trainer would log for the
-  step, NaN included (the Trainer's own NaN filter runs after);
+  step, NaN included (the Trainer's own NaN filter runs after). An exception raised there (an
+  out-of-memory error, a bad batch, a notebook's interrupt: where training spends its time) is
+  reported to `on_error` before it propagates, since no callback event follows a `train()` that raised;
 * `_get_grad_norm`: its return value is the pre-clip global gradient norm (a device tensor);
 * `log`: training logs get the callback's `r8/*` metrics before reporters and history see them.
 
@@ -49,9 +51,11 @@ _TAPPED_METHODS = ("training_step", "_get_grad_norm", "log")
 class TrainerTaps:
     """Instance-level wrappers on one Trainer (see the module docstring)."""
 
-    def __init__(self, trainer: Trainer, add_log_metrics: Callable[[dict[str, float]], None]) -> None:
+    def __init__(self, trainer: Trainer, add_log_metrics: Callable[[dict[str, float]], None],
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.trainer = trainer
         self.add_log_metrics = add_log_metrics
+        self.on_error = on_error
         self.step_loss: torch.Tensor | None = None
         self.grad_norm: torch.Tensor | float | None = None
         self.aux_loss_sum: torch.Tensor | None = None
@@ -106,7 +110,12 @@ class TrainerTaps:
 
     def _tap_training_step(self, original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-            loss = original(*args, **kwargs)
+            try:
+                loss = original(*args, **kwargs)
+            except BaseException as error:  # KeyboardInterrupt too: a notebook's interrupt ends training here
+                if self.on_error is not None:
+                    self.on_error(error)
+                raise
             if torch.is_tensor(loss):
                 micro = loss.detach().float().reshape(-1).mean()
                 self.step_loss = micro if self.step_loss is None else self.step_loss + micro

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 
 from hf_r8 import R8Callback, R8Config
 from hf_r8.config import RollbackConfig
+from hf_r8.run_log import METRICS_FILE, RUN_DIR, read_jsonl
 from tests.conftest import ScriptedLossModel, training_args
 
 pytestmark = pytest.mark.integration
@@ -297,3 +301,64 @@ def test_callback_outside_a_trainer_explains_itself():
     with pytest.raises(RuntimeError, match="must run inside transformers.Trainer"):
         callback.on_train_begin(TrainingArguments(output_dir="unused", use_cpu=True), TrainerState(),
                                 TrainerControl(), optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]))
+
+
+def test_resuming_a_stock_checkpoint_with_r8_added_saves_the_next_checkpoint(model, lm_dataset, tmp_path):
+    # transformers' own EarlyStoppingCallback fails the same way (KeyError at the next save): R8 works around it.
+    train(model, lm_dataset, tmp_path, [], max_steps=10, save_strategy="steps", save_steps=10)
+    r8 = R8Callback()
+    resumed = Trainer(model=model, args=training_args(tmp_path, max_steps=20, save_strategy="steps", save_steps=5),
+                      train_dataset=lm_dataset, callbacks=[r8])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+    saved = json.loads((tmp_path / "checkpoint-20" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["R8Callback"]["attributes"]["r8_state"]["controller"] is not None
+    assert resumed.state.global_step == 20 and r8.controller.step == 19  # it sees a step's signals at the next
+
+
+def test_restored_callback_states_keep_the_users_r8callback_live_with_its_config(model, lm_dataset, tmp_path,
+                                                                                  caplog):
+    common = dict(max_steps=16, save_strategy="steps", save_steps=8, restore_callback_states_from_checkpoint=True)
+    train(model, lm_dataset, tmp_path / "a", [R8Callback.from_preset("aggressive")], **common)
+    mine = R8Callback.from_preset("conservative")
+    resumed = Trainer(model=model, args=training_args(tmp_path / "b", **common), train_dataset=lm_dataset,
+                      callbacks=[mine])
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
+    running = [callback for callback in resumed.callback_handler.callbacks if isinstance(callback, R8Callback)]
+    assert running == [mine]
+    assert mine.controller is not None and mine.controller.step == 15
+    assert "without saved R8Callback state" not in caplog.text  # the checkpoint's state was restored into it
+    assert mine.config == R8Config.from_preset("conservative")
+    assert "R8Callback you passed stays the live one" in caplog.text
+
+
+def test_two_r8_callbacks_on_one_trainer_are_refused(model, lm_dataset, tmp_path):
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4), train_dataset=lm_dataset,
+                      callbacks=[R8Callback(), R8Callback.from_preset("aggressive")])
+    with pytest.raises(ValueError, match="Trainer has 2 R8 callbacks"):
+        trainer.train()
+
+
+def test_a_run_that_raises_is_closed_and_flushed_even_when_the_caller_goes_on(tokenizer, lm_dataset, tmp_path):
+    def fails_at_25(step):
+        if step == 25:
+            raise RuntimeError("bad batch")
+        return healthy(step)
+
+    from hf_r8.offline import tiny_gpt2
+
+    model = ScriptedLossModel(tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64), fails_at_25)
+    r8 = R8Callback()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=40), train_dataset=lm_dataset,
+                      callbacks=[r8])
+    with pytest.raises(RuntimeError, match="bad batch"):  # a notebook cell that raised: the kernel goes on
+        trainer.train()
+    assert r8._dashboard is None and r8._run_log is None  # no live view redrawing a stale run
+    assert not {"training_step", "log", "_get_grad_norm"} & set(trainer.__dict__)
+    rows = read_jsonl(tmp_path / RUN_DIR / METRICS_FILE, merge_by_step=True)
+    assert [row["step"] for row in rows] == list(range(1, 25))  # every finished step is on disk
+    # Nothing R8 registered at exit keeps the failed run's callback (and its model) alive.
+    reference = weakref.ref(r8)
+    del r8, trainer, model
+    gc.collect()
+    assert reference() is None

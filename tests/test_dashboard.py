@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback
 from hf_r8 import R8Callback, R8Config, R8Trainer
 from hf_r8.cli import main as cli_main
 from hf_r8.dashboard import Dashboard, DashboardView, plain_line, render, sparkline
-from hf_r8.run_log import EVENTS_FILE, METRICS_FILE, read_jsonl
+from hf_r8.run_log import EVENTS_FILE, METRICS_FILE, RUN_DIR, read_jsonl
 from tests.conftest import ScriptedLossModel, training_args
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -79,23 +79,24 @@ def test_events_and_metrics_are_written_as_the_run_goes(model, lm_dataset, tmp_p
     def one_spike(step):
         return 9.0 if step == 25 else 3.0 - 0.01 * step + 0.02 * (step % 3)
 
-    peek = FilePeek(tmp_path / EVENTS_FILE, at_step=30)
+    peek = FilePeek(tmp_path / RUN_DIR / EVENTS_FILE, at_step=30)
     r8 = R8Callback(R8Config.from_preset("default"))
     trainer = Trainer(model=ScriptedLossModel(model, one_spike), args=training_args(tmp_path, max_steps=40),
                       train_dataset=lm_dataset, callbacks=[r8, peek])
     trainer.train()
-    events = read_jsonl(tmp_path / EVENTS_FILE)
+    events = read_jsonl(tmp_path / RUN_DIR / EVENTS_FILE)
     assert [event["kind"] for event in events if event["step"] == 25] == ["rollback/skip_step"]
     assert json.loads(peek.lines[-1])["step"] <= 30 and len(peek.lines) >= 1  # flushed before the end
     assert all({"step", "kind", "group", "old", "new", "reason", "signals"} <= set(event) for event in events)
-    rows = read_jsonl(tmp_path / METRICS_FILE, merge_by_step=True)
+    rows = read_jsonl(tmp_path / RUN_DIR / METRICS_FILE, merge_by_step=True)
     assert [row["step"] for row in rows] == list(range(1, 41))  # skipped step 25 and the last step included
     assert rows[10]["loss"] == pytest.approx(one_spike(11))
     assert all(row["lr"] == pytest.approx(row["base_lr"] * row["gain"]) for row in rows)  # the gain applied
     assert len({round(row["gain"], 9) for row in rows}) > 1  # the controller acted during the run
     assert all(row["base_lr"] == pytest.approx(1e-3) for row in rows)
-    assert (tmp_path / "r8_report" / "loss.png").is_file() and (tmp_path / "r8_report" / "summary.md").is_file()
-    assert "rollback/skip_step | 1" in (tmp_path / "r8_report" / "summary.md").read_text()
+    report = tmp_path / RUN_DIR / "r8_report"
+    assert (report / "loss.png").is_file() and (report / "summary.md").is_file()
+    assert "rollback/skip_step | 1" in (report / "summary.md").read_text()
 
 
 @pytest.mark.integration
@@ -105,10 +106,10 @@ def test_r8trainer_report_has_quartiles_and_the_cli_rewrites_it(model, lm_datase
                                                         logging_steps=4), train_dataset=lm_dataset.select(range(64)),
                         r8=config)
     trainer.train()
-    report = tmp_path / "r8_report"
+    report = tmp_path / RUN_DIR / "r8_report"
     assert {"loss.png", "lr.png", "quartiles.png", "summary.md"} <= {path.name for path in report.iterdir()}
     assert "momentum.png" not in {path.name for path in report.iterdir()}  # no momentum rule: no empty plot
-    kinds = {event["kind"] for event in read_jsonl(tmp_path / EVENTS_FILE)}
+    kinds = {event["kind"] for event in read_jsonl(tmp_path / RUN_DIR / EVENTS_FILE)}
     assert "sampler/plan" in kinds
     for path in report.iterdir():
         path.unlink()
@@ -117,7 +118,7 @@ def test_r8trainer_report_has_quartiles_and_the_cli_rewrites_it(model, lm_datase
 
 
 def test_report_on_a_folder_without_a_run_says_what_is_missing(tmp_path):
-    with pytest.raises(SystemExit, match="no metrics to report"):
+    with pytest.raises(SystemExit, match="no r8_metrics.jsonl in it"):
         cli_main(["report", str(tmp_path)])
 
 
@@ -177,5 +178,20 @@ def test_a_fresh_run_starts_its_files_anew_and_a_failed_run_is_cleaned_up(model,
     assert r8._dashboard is not None  # on_train_end never ran
     Trainer(model=model, args=training_args(tmp_path, max_steps=8), train_dataset=lm_dataset, callbacks=[r8]).train()
     assert r8._dashboard is None and r8._run_log is None  # the leftovers were closed, then this run's
-    rows = read_jsonl(tmp_path / METRICS_FILE)
+    rows = read_jsonl(tmp_path / RUN_DIR / METRICS_FILE)
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, 9))  # the failed run's rows are gone
+
+
+def test_a_dashboard_that_cannot_write_warns_once_and_turns_itself_off(caplog):
+    # The kernel's always-full device, written through (no buffer to hide it): every write gets ENOSPC.
+    with io.TextIOWrapper(open("/dev/full", "wb", buffering=0), write_through=True) as full:
+        dashboard = Dashboard(console=Console(file=full, force_terminal=False), line_interval_s=0.0)
+        view = DashboardView(step=1, max_steps=10)
+        with caplog.at_level("WARNING"):
+            dashboard.start(view)
+            for step in range(2, 6):
+                view.step = step
+                dashboard.update(view, force=True)
+            dashboard.stop(view)
+    assert dashboard.failed
+    assert sum("dashboard is off" in record.getMessage() for record in caplog.records) == 1

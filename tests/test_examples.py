@@ -39,7 +39,7 @@ def test_example_runs_offline(tmp_path, script, arguments, expected):
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert expected in completed.stdout
     assert "model: offline:" in completed.stdout  # the offline tiny model (GPT-2, or Mixtral for moe_tiny.py)
-    assert (run_dir / "r8_report" / "summary.md").is_file()
+    assert (run_dir / "r8" / "r8_report" / "summary.md").is_file()
 
 
 @pytest.mark.parametrize(("script", "arguments", "expected"), [

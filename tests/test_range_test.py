@@ -228,11 +228,11 @@ def test_the_default_finds_its_way_up_from_an_lr_100x_too_low(tokenizer, lm_data
     # The test restored rollback's own snapshot: one snapshot object all run long, holding the chosen gain.
     assert len(probe.snapshot_ids) == 1
     assert probe.stored_gains[rebase.step] == pytest.approx(rebase.new_value)
-    written = json.loads((tmp_path / "r8" / "r8_range_test.json").read_text())
+    written = json.loads((tmp_path / "r8" / "r8" / "r8_range_test.json").read_text())
     assert written["chosen_gain"] == pytest.approx(rebase.new_value) and len(written["curve"]) == 14
     # shown: a plot in the end-of-run report, and a line of the dashboard
-    assert (tmp_path / "r8" / "r8_report" / "range_test.png").stat().st_size > 0
-    assert "LR range test: 15 steps" in (tmp_path / "r8" / "r8_report" / "summary.md").read_text()
+    assert (tmp_path / "r8" / "r8" / "r8_report" / "range_test.png").stat().st_size > 0
+    assert "LR range test: 15 steps" in (tmp_path / "r8" / "r8" / "r8_report" / "summary.md").read_text()
     assert r8._view.range_test.startswith(f"chose LR {3e-5 * rebase.new_value:.3g}")
 
 

@@ -131,4 +131,4 @@ def test_the_ppo_example_runs_offline(tmp_path):
                                text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "offline:tiny-gpt2" in completed.stdout and "final LR gain" in completed.stdout
-    assert (tmp_path / "run" / "r8_report" / "summary.md").is_file()
+    assert (tmp_path / "run" / "r8" / "r8_report" / "summary.md").is_file()
