@@ -183,7 +183,7 @@ class R8Callback(TrainerCallback, ExportableState):
         if live is not self:
             live.on_train_begin(args, state, control, optimizer=optimizer, **kwargs)
             return
-        _refuse_other_instances(self, trainer)
+        _refuse_other_instances(trainer)
         if optimizer is None or not getattr(optimizer, "param_groups", None):
             raise ValueError(f"optimizer={optimizer!r}: R8Callback needs a torch optimizer with param_groups")
         # A checkpoint saved without R8 (a stock Trainer's) has no entry for it, and transformers' checkpoint
@@ -904,15 +904,12 @@ def _observation(step: int, reduced: list[float]) -> Observation:
                        router_aux_loss=aux_sum / aux_count if aux_count > 0 else None)
 
 
-def _refuse_other_instances(callback: R8Callback, trainer: Any) -> None:
+def _refuse_other_instances(trainer: Any) -> None:
     """Two R8 callbacks on one Trainer would each scale the LR the other wrote and share one set of run files."""
-    others = [other for other in trainer.callback_handler.callbacks if isinstance(other, R8Callback)
-              and other is not callback]
-    if others:
-        where = " (R8Trainer adds its own: pass the config as R8Trainer(r8=...) instead)" \
-            if hasattr(trainer, "r8_callback") else ""
-        raise ValueError(f"{type(trainer).__name__} has {len(others) + 1} R8 callbacks{where}: one adapts the LR; "
-                         "keep one of them.")
+    count = sum(isinstance(other, R8Callback) for other in trainer.callback_handler.callbacks)
+    if count > 1:
+        raise ValueError(f"{type(trainer).__name__} has {count} R8 callbacks: one adapts the LR; keep one of them "
+                         "(R8Trainer uses an R8Callback passed in callbacks=, or builds one from r8=).")
 
 
 def _unwrap(scheduler: Any) -> Any:

@@ -84,3 +84,15 @@ def test_the_report_reads_runs_written_before_the_subfolder(model, lm_dataset, t
         path.rename(tmp_path / path.name)  # the layout of older hf_r8 versions
     assert run_files_dir(tmp_path) == tmp_path
     assert json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[0])["step"] == 1
+
+
+def test_metrics_reach_the_disk_within_the_flush_interval_without_a_log_or_save(tmp_path, monkeypatch):
+    from hf_r8 import run_log
+
+    log = run_log.RunLog(tmp_path)
+    log.metrics({"step": 1, "loss": 1.0})
+    assert (tmp_path / METRICS_FILE).read_text() == ""  # buffered: one line per step costs no write
+    monkeypatch.setattr(run_log, "FLUSH_SECONDS", 0.0)  # the interval has passed
+    log.metrics({"step": 2, "loss": 0.9})
+    assert [row["step"] for row in read_jsonl(tmp_path / METRICS_FILE)] == [1, 2]
+    log.close()
