@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_r8.catalog import LossCatalog
-from hf_r8.sampler import BalancedQuartileSampler
+from hf_r8.data.catalog import LossCatalog
+from hf_r8.data.sampler import BalancedQuartileSampler
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -4,7 +4,7 @@
     python bench/gpu.py --tiny --steps 20    # the same script on CPU at a toy size (what the tests run)
 
 The model is GPT-2 small's shape (12 layers x 768, vocabulary 50257) built from a config with random
-weights, trained on the offline corpus (`hf_r8.offline`, tokens below 2048). R8Trainer runs the default
+weights, trained on the offline corpus (`hf_r8.demo.offline`, tokens below 2048). R8Trainer runs the default
 preset: the LR range test (its steps are ordinary training steps, timed like the others), rollback
 (a host read of each step's loss and gradient norm, snapshots every 50 steps), the per-example loss
 catalog and balanced batches, run files. Reported per trainer: median step time after 10 warm-up steps
@@ -32,7 +32,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, 
 from transformers.utils import logging as hf_logging
 
 from hf_r8 import R8Config, R8Trainer
-from hf_r8.offline import build_tokenizer, language_modeling_dataset
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset
 
 RESULTS = Path(__file__).parent / "results"
 WARMUP_STEPS = 10

@@ -28,7 +28,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.utils import logging as hf_logging
 
 from hf_r8 import R8Callback
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
 
 RESULTS = Path(__file__).parent / "results"
 WARMUP_STEPS = 10

@@ -36,7 +36,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hf_r8 import R8Callback, R8Config  # noqa: E402
-from hf_r8.offline import build_tokenizer, english_paragraphs, tiny_gpt2  # noqa: E402
+from hf_r8.demo.offline import build_tokenizer, english_paragraphs, tiny_gpt2  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLD = 0.5

@@ -36,8 +36,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hf_r8 import R8Callback, R8Trainer  # noqa: E402
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2  # noqa: E402
-from hf_r8.snapshot import StateSnapshot  # noqa: E402
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2  # noqa: E402
+from hf_r8.runtime.snapshot import StateSnapshot  # noqa: E402
 from tests.faults import FAULT_STEP, FaultyModel, LearningRateBlast  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from hf_r8.offline import build_tokenizer, english_paragraphs, language_modeling_dataset, stdlib_docstrings, tiny_gpt2
+from hf_r8.demo.offline import (
+    build_tokenizer,
+    english_paragraphs,
+    language_modeling_dataset,
+    stdlib_docstrings,
+    tiny_gpt2,
+)
 
 
 @dataclass

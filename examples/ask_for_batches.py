@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_r8 import R8Config, R8Loop
-from hf_r8.offline import language_modeling_dataset, load_hub_or_offline
+from hf_r8.demo.offline import language_modeling_dataset, load_hub_or_offline
 
 
 def main() -> None:

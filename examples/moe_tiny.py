@@ -20,8 +20,8 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from hf_r8 import R8Config, R8Trainer
-from hf_r8.moe import is_moe_model
-from hf_r8.offline import language_modeling_dataset, load_hub_or_offline, tiny_mixtral
+from hf_r8.demo.offline import language_modeling_dataset, load_hub_or_offline, tiny_mixtral
+from hf_r8.runtime.moe import is_moe_model
 
 
 class GroupGains(TrainerCallback):

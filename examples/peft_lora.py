@@ -19,8 +19,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
 
 from hf_r8 import R8Config, R8Trainer
-from hf_r8.offline import language_modeling_dataset, load_hub_or_offline
-from hf_r8.snapshot import model_tensors, snapshot_bytes, trainable_parameter_names
+from hf_r8.demo.offline import language_modeling_dataset, load_hub_or_offline
+from hf_r8.runtime.snapshot import model_tensors, snapshot_bytes, trainable_parameter_names
 
 
 def main() -> None:

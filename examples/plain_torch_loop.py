@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from hf_r8 import AdaptiveScheduler, R8Config
-from hf_r8.offline import language_modeling_dataset, load_hub_or_offline
+from hf_r8.demo.offline import language_modeling_dataset, load_hub_or_offline
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import torch
 from transformers import TrainingArguments
 
 from hf_r8 import R8Config, R8Trainer
-from hf_r8.offline import language_modeling_dataset, load_hub_or_offline
+from hf_r8.demo.offline import language_modeling_dataset, load_hub_or_offline
 
 
 def main() -> None:

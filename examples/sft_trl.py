@@ -18,7 +18,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from hf_r8 import R8Config, with_r8
-from hf_r8.offline import english_paragraphs, load_hub_or_offline
+from hf_r8.demo.offline import english_paragraphs, load_hub_or_offline
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_r8 import R8Callback
-from hf_r8.offline import language_modeling_dataset, load_hub_or_offline
+from hf_r8.demo.offline import language_modeling_dataset, load_hub_or_offline
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from hf_r8 import R8Callback, R8Config
-from hf_r8.offline import english_paragraphs, load_hub_or_offline
+from hf_r8.demo.offline import english_paragraphs, load_hub_or_offline
 
 TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
 

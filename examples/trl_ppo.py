@@ -27,7 +27,7 @@ from datasets import Dataset
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from hf_r8 import R8Callback, R8Config
-from hf_r8.offline import english_paragraphs, load_hub_or_offline
+from hf_r8.demo.offline import english_paragraphs, load_hub_or_offline
 
 try:
     from trl.experimental.ppo import PPOConfig, PPOTrainer

@@ -9,27 +9,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from hf_r8.config import R8Config, available_presets
+from hf_r8.control.config import R8Config, available_presets
 
 if TYPE_CHECKING:
-    from hf_r8.callback import R8Callback
-    from hf_r8.controller import Controller, Event, GroupSpec, Observation
-    from hf_r8.decision import Decision
-    from hf_r8.loop import R8Loop
-    from hf_r8.scheduler import AdaptiveScheduler
-    from hf_r8.trainer import R8Trainer, with_r8
+    from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
+    from hf_r8.control.decision import Decision
+    from hf_r8.integrations.callback import R8Callback
+    from hf_r8.integrations.loop import R8Loop
+    from hf_r8.integrations.scheduler import AdaptiveScheduler
+    from hf_r8.integrations.trainer import R8Trainer, with_r8
 
 _LAZY = {
-    "AdaptiveScheduler": "hf_r8.scheduler",
-    "Controller": "hf_r8.controller",
-    "Decision": "hf_r8.decision",
-    "Event": "hf_r8.controller",
-    "GroupSpec": "hf_r8.controller",
-    "Observation": "hf_r8.controller",
-    "R8Callback": "hf_r8.callback",
-    "R8Loop": "hf_r8.loop",
-    "R8Trainer": "hf_r8.trainer",
-    "with_r8": "hf_r8.trainer",
+    "AdaptiveScheduler": "hf_r8.integrations.scheduler",
+    "Controller": "hf_r8.control.controller",
+    "Decision": "hf_r8.control.decision",
+    "Event": "hf_r8.control.controller",
+    "GroupSpec": "hf_r8.control.controller",
+    "Observation": "hf_r8.control.controller",
+    "R8Callback": "hf_r8.integrations.callback",
+    "R8Loop": "hf_r8.integrations.loop",
+    "R8Trainer": "hf_r8.integrations.trainer",
+    "with_r8": "hf_r8.integrations.trainer",
 }
 
 __all__ = [

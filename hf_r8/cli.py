@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hf_r8.config import R8Config, available_presets
+from hf_r8.control.config import R8Config, available_presets
 
 
 def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
-    """The demo's options; their defaults and choices come from `hf_r8.demo`, which imports torch and transformers."""
-    from hf_r8.demo import MODEL_SIZES, DemoSettings
+    """The demo's options; their defaults and choices come from `hf_r8.demo.run` (it imports torch)."""
+    from hf_r8.demo.run import MODEL_SIZES, DemoSettings
 
     demo.add_argument("--steps", type=int, default=DemoSettings.steps)
     demo.add_argument("--train-examples", type=int, default=DemoSettings.train_examples,
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((word for word in argv if not word.startswith("-")), None)
     args = _parser(command).parse_args(argv)
     if args.command == "demo":
-        from hf_r8.demo import DemoSettings, run_demo
+        from hf_r8.demo.run import DemoSettings, run_demo
 
         run_demo(DemoSettings(steps=args.steps, train_examples=args.train_examples or None,
                               model_size=args.model_size, preset=args.preset,
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                               learning_rate=args.learning_rate, batch_size=args.batch_size, model=args.model,
                               offline=args.offline))
     elif args.command == "report":
-        from hf_r8.report import write_report
+        from hf_r8.ui.report import write_report
 
         try:
             written = write_report(args.output_dir)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"hf-r8 report: {error}") from error
         print("\n".join(str(path) for path in written))
     elif args.command == "config-reference":
-        from hf_r8.config_reference import config_reference
+        from hf_r8.control.config_reference import config_reference
 
         print(config_reference(), end="")
     elif args.command == "presets":

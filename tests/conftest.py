@@ -12,7 +12,7 @@ from hypothesis import settings
 from transformers import TrainingArguments
 
 from hf_r8 import R8Config
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
 
 VOCAB_SIZE = 512
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from hf_r8.offline import tiny_gpt2
+from hf_r8.demo.offline import tiny_gpt2
 
 QUIET_PREFIX = "transformer.h.0.mlp."
 

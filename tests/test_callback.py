@@ -12,8 +12,8 @@ import torch
 from transformers import Trainer, TrainerCallback, get_scheduler
 
 from hf_r8 import R8Callback, R8Config
-from hf_r8.config import RollbackConfig
-from hf_r8.run_log import METRICS_FILE, RUN_DIR, read_jsonl
+from hf_r8.control.config import RollbackConfig
+from hf_r8.ui.run_log import METRICS_FILE, RUN_DIR, read_jsonl
 from tests.conftest import ScriptedLossModel, training_args
 
 pytestmark = pytest.mark.integration
@@ -115,7 +115,7 @@ def test_diverging_training_hits_the_spike_brake(model, lm_dataset, tmp_path):
 
 
 def test_moe_profile_bounds_are_tighter_and_changes_gentler(tokenizer, lm_dataset, tmp_path):
-    from hf_r8.offline import tiny_gpt2
+    from hf_r8.demo.offline import tiny_gpt2
 
     def gains_for(preset):
         callback = R8Callback.from_preset(preset)
@@ -147,7 +147,7 @@ def test_nan_loss_does_not_poison_the_controller(model, lm_dataset, tmp_path):
 
 
 def test_per_step_loss_needs_no_logging_every_step(model, lm_dataset, tmp_path, tokenizer):
-    from hf_r8.offline import tiny_gpt2
+    from hf_r8.demo.offline import tiny_gpt2
 
     every_step = R8Callback()
     trainer = train(model, lm_dataset, tmp_path / "a", [every_step], max_steps=12, gradient_accumulation_steps=2)
@@ -163,7 +163,7 @@ def test_per_step_loss_needs_no_logging_every_step(model, lm_dataset, tmp_path, 
 
 @pytest.mark.parametrize("restore_flag", [False, True])
 def test_resume_reproduces_lr_trajectory(tokenizer, lm_dataset, tmp_path, restore_flag):
-    from hf_r8.offline import tiny_gpt2
+    from hf_r8.demo.offline import tiny_gpt2
 
     def fresh_model():
         return tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, seed=1)
@@ -345,7 +345,7 @@ def test_a_run_that_raises_is_closed_and_flushed_even_when_the_caller_goes_on(to
             raise RuntimeError("bad batch")
         return healthy(step)
 
-    from hf_r8.offline import tiny_gpt2
+    from hf_r8.demo.offline import tiny_gpt2
 
     model = ScriptedLossModel(tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64), fails_at_25)
     r8 = R8Callback()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_r8.catalog import UNSEEN, LossCatalog
-from hf_r8.catalog_updates import CatalogUpdateQueue
+from hf_r8.data.catalog import UNSEEN, LossCatalog
+from hf_r8.data.catalog_updates import CatalogUpdateQueue
 
 
 def test_row_costs_at_most_24_bytes():

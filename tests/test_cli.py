@@ -17,11 +17,11 @@ from rich.console import Console
 
 import hf_r8
 from hf_r8.cli import main
-from hf_r8.config import available_presets
-from hf_r8.demo import MODEL_SIZES, DemoSettings, run_demo
-from hf_r8.offline import hub_offline, hub_reachable, load_hub_or_offline
-from hf_r8.report import REPORT_DIR
-from hf_r8.run_log import METRICS_FILE, RUN_DIR
+from hf_r8.control.config import available_presets
+from hf_r8.demo.offline import hub_offline, hub_reachable, load_hub_or_offline
+from hf_r8.demo.run import MODEL_SIZES, DemoSettings, run_demo
+from hf_r8.ui.report import REPORT_DIR
+from hf_r8.ui.run_log import METRICS_FILE, RUN_DIR
 
 PACKAGE_DIR = Path(hf_r8.__file__).parent
 HEAVY_MODULES = ("torch", "transformers", "peft", "datasets", "accelerate")

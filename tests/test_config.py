@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hf_r8.config import DecisionConfig, MomentumConfig, R8Config, available_presets
+from hf_r8.control.config import DecisionConfig, MomentumConfig, R8Config, available_presets
 
 
 def test_every_documented_preset_ships_and_loads():
@@ -85,7 +85,7 @@ def test_unknown_preset_lists_the_available_ones():
 
 
 def test_configuration_reference_is_generated_from_the_dataclasses_and_committed():
-    from hf_r8.config_reference import config_reference
+    from hf_r8.control.config_reference import config_reference
 
     committed = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert committed == config_reference(), "regenerate: hf-r8 config-reference > docs/configuration.md"
@@ -95,7 +95,7 @@ def test_configuration_reference_is_generated_from_the_dataclasses_and_committed
 
 def _fields_of_type(*annotations: str) -> list[tuple[str, str]]:
     """(section, field) for every field annotated as one of `annotations`; section "" is the top level."""
-    from hf_r8.config import _SECTIONS
+    from hf_r8.control.config import _SECTIONS
 
     owners = [("", R8Config), *_SECTIONS.items()]
     return [(section, spec.name) for section, owner in owners for spec in dataclasses.fields(owner)

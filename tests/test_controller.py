@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_r8.config import (
+from hf_r8.control.config import (
     AnnealConfig,
     BlendConfig,
     BoundsConfig,
@@ -28,8 +28,8 @@ from hf_r8.config import (
     TrendConfig,
     VarianceConfig,
 )
-from hf_r8.controller import Controller, GroupSpec, Observation
-from hf_r8.rules import Proposal, blend
+from hf_r8.control.controller import Controller, GroupSpec, Observation
+from hf_r8.control.rules import Proposal, blend
 
 BASE_LR = 1e-3
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from hf_r8.config import DecisionConfig
-from hf_r8.decision import Decision, DecisionEngine
-from hf_r8.signals import LossStep, WindowSummary
+from hf_r8.control.config import DecisionConfig
+from hf_r8.control.decision import Decision, DecisionEngine
+from hf_r8.control.signals import LossStep, WindowSummary
 
 CONFIG = DecisionConfig(cooldown_steps=0)
 
@@ -65,7 +65,7 @@ def test_near_zero_losses_late_in_a_classification_run_do_not_brake_or_decrease(
     """A digits-like run: the loss falls from 2.3 to ~0.03, then batches with one hard example read 0.1.
     Relative to a level of 0.03 they are 3x spikes and a window CV above 0.5; against the progress made
     (2.3 -> 0.03) they are noise."""
-    from hf_r8.signals import LossStatistics
+    from hf_r8.control.signals import LossStatistics
 
     config = DecisionConfig()
     statistics, engine = LossStatistics(window=10, ema_beta=0.9), DecisionEngine()
@@ -86,7 +86,7 @@ def test_near_zero_losses_late_in_a_classification_run_do_not_brake_or_decrease(
 
 
 def test_a_real_spike_after_progress_still_brakes():
-    from hf_r8.signals import LossStatistics
+    from hf_r8.control.signals import LossStatistics
 
     config = DecisionConfig()
     statistics, engine = LossStatistics(window=10, ema_beta=0.9), DecisionEngine()

@@ -45,7 +45,7 @@ def test_two_ranks_average_signals_and_decide_the_same(tmp_path):
 
 
 def test_two_ranks_hold_identical_catalogs_and_split_the_cataloging_epoch(tmp_path):
-    from hf_r8.catalog import LossCatalog
+    from hf_r8.data.catalog import LossCatalog
 
     run_two_ranks("two_rank_r8trainer.py", tmp_path)
     catalogs = [LossCatalog.load(tmp_path / f"rank{rank}") for rank in (0, 1)]
@@ -58,7 +58,7 @@ def test_two_ranks_hold_identical_catalogs_and_split_the_cataloging_epoch(tmp_pa
 
 
 def test_a_fault_on_one_rank_gets_the_same_action_on_every_rank(tmp_path):
-    from hf_r8.catalog import LossCatalog
+    from hf_r8.data.catalog import LossCatalog
 
     run_two_ranks("two_rank_rollback.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]

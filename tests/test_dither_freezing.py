@@ -11,9 +11,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_r8 import R8Callback, R8Config
-from hf_r8.config import ExplorationConfig, FreezingConfig, RollbackConfig
-from hf_r8.dither import Dither
-from hf_r8.freezing import FreezePolicy
+from hf_r8.control.config import ExplorationConfig, FreezingConfig, RollbackConfig
+from hf_r8.runtime.dither import Dither
+from hf_r8.runtime.freezing import FreezePolicy
 from tests.conftest import training_args
 from tests.dither_freezing_models import QUIET_PREFIX, ReviveAt, model_with_a_silenceable_block
 from tests.faults import LearningRateBlast

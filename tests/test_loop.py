@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_r8 import R8Config, R8Loop
-from hf_r8.config import RangeTestConfig
+from hf_r8.control.config import RangeTestConfig
 
 
 def _config() -> R8Config:

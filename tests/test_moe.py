@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, TrainerCallback
 
-from hf_r8 import R8Config, R8Trainer, offline
-from hf_r8.moe import is_moe_model, is_router_parameter, split_router_groups
-from hf_r8.offline import tiny_gpt2
+from hf_r8 import R8Config, R8Trainer
+from hf_r8.demo import offline
+from hf_r8.demo.offline import tiny_gpt2
+from hf_r8.runtime.moe import is_moe_model, is_router_parameter, split_router_groups
 from tests.conftest import VOCAB_SIZE, training_args
 
 

@@ -35,7 +35,7 @@ TRAINING_CELL = """
 import time
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_r8 import R8Callback, R8Config
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
 
 class Slow(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):

@@ -10,9 +10,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from hf_r8 import R8Callback, R8Config
-from hf_r8.config import RangeTestConfig
-from hf_r8.offline import tiny_gpt2
-from hf_r8.range_test import LRRangeTest, range_test_length
+from hf_r8.control.config import RangeTestConfig
+from hf_r8.control.range_test import LRRangeTest, range_test_length
+from hf_r8.demo.offline import tiny_gpt2
 from tests.conftest import training_args
 
 

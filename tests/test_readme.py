@@ -16,7 +16,7 @@ import pytest
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from hf_r8.offline import english_paragraphs, tiny_gpt2
+from hf_r8.demo.offline import english_paragraphs, tiny_gpt2
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_r8.report import REPORT_DIR, write_report
-from hf_r8.run_log import EVENTS_FILE, METRICS_FILE, RANGE_TEST_FILE
+from hf_r8.ui.report import REPORT_DIR, write_report
+from hf_r8.ui.run_log import EVENTS_FILE, METRICS_FILE, RANGE_TEST_FILE
 
 
 def _write_run(folder: Path, steps: int = 30) -> None:
@@ -46,7 +46,7 @@ def test_malformed_rows_are_skipped_with_one_warning_per_file(tmp_path, caplog):
         metrics.write(b"\n".join(bad_metrics) + b"\n")
     with (tmp_path / EVENTS_FILE).open("ab") as events:
         events.write(b'{"step": 12}\n{"step": 13, "kind": 4}\n')
-    with caplog.at_level(logging.WARNING, logger="hf_r8.report"):
+    with caplog.at_level(logging.WARNING, logger="hf_r8.ui.report"):
         written = write_report(tmp_path)
     assert [record.getMessage() for record in caplog.records] == [
         f"skipped 7 malformed rows in {tmp_path / METRICS_FILE}",
@@ -61,7 +61,7 @@ def test_a_damaged_range_test_file_is_left_out_with_a_warning(tmp_path, caplog):
     (tmp_path / RANGE_TEST_FILE).write_text(json.dumps({"step": 15, "curve": [[1.0, 2.0]], "denoised": [],
                                                         "suggested_gain": 2.0, "chosen_gain": "x3",
                                                         "base_lrs": [1e-3]}), encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="hf_r8.report"):
+    with caplog.at_level(logging.WARNING, logger="hf_r8.ui.report"):
         written = write_report(tmp_path)
     assert "range_test.png" not in {path.name for path in written}
     assert caplog.records[-1].getMessage().endswith(f"{RANGE_TEST_FILE}: chosen_gain must be a number")
@@ -114,7 +114,7 @@ def test_a_report_leaves_pyplot_and_the_matplotlib_backend_alone(tmp_path):
         import sys
         import matplotlib
         matplotlib.use("svg")  # a notebook's backend stands in: any but Agg, and headless
-        from hf_r8.report import write_report
+        from hf_r8.ui.report import write_report
         write_report({str(tmp_path)!r})
         assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"
         print(matplotlib.get_backend())

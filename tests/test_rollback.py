@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from hf_r8 import R8Callback, R8Config
-from hf_r8.catalog import LossCatalog
-from hf_r8.config import RollbackConfig
-from hf_r8.offline import tiny_gpt2
-from hf_r8.rollback import RollbackPolicy
-from hf_r8.snapshot import StateSnapshot, model_tensors, trainable_parameter_names
+from hf_r8.control.config import RollbackConfig
+from hf_r8.control.rollback import RollbackPolicy
+from hf_r8.data.catalog import LossCatalog
+from hf_r8.demo.offline import tiny_gpt2
+from hf_r8.runtime.snapshot import StateSnapshot, model_tensors, trainable_parameter_names
 from tests.conftest import ScriptedLossModel, training_args
 from tests.faults import FAULT_STEP, FaultyModel, LearningRateBlast
 

@@ -11,8 +11,8 @@ import pytest
 from transformers import Trainer
 
 from hf_r8 import R8Callback
-from hf_r8.offline import tiny_gpt2
-from hf_r8.run_log import EVENTS_FILE, METRICS_FILE, RUN_DIR, read_jsonl, run_files_dir
+from hf_r8.demo.offline import tiny_gpt2
+from hf_r8.ui.run_log import EVENTS_FILE, METRICS_FILE, RUN_DIR, read_jsonl, run_files_dir
 from tests.conftest import training_args
 
 pytestmark = pytest.mark.integration
@@ -87,7 +87,7 @@ def test_the_report_reads_runs_written_before_the_subfolder(model, lm_dataset, t
 
 
 def test_metrics_reach_the_disk_within_the_flush_interval_without_a_log_or_save(tmp_path, monkeypatch):
-    from hf_r8 import run_log
+    from hf_r8.ui import run_log
 
     log = run_log.RunLog(tmp_path)
     log.metrics({"step": 1, "loss": 1.0})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_r8.catalog import LossCatalog
-from hf_r8.sampler import BalancedQuartileSampler, batch_counts
+from hf_r8.data.catalog import LossCatalog
+from hf_r8.data.sampler import BalancedQuartileSampler, batch_counts
 
 
 def cataloged(size=64, seed=0):

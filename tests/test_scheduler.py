@@ -10,7 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_r8 import AdaptiveScheduler, R8Callback, R8Config
-from hf_r8.config import MomentumConfig
+from hf_r8.control.config import MomentumConfig
 
 
 def _quiet(config: R8Config) -> R8Config:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hf_r8.signals import (
+from hf_r8.control.signals import (
     Ema,
     LossStatistics,
     coefficient_of_variation,
@@ -62,7 +62,7 @@ def test_non_finite_values_never_enter():
 
 
 def test_slope_t_statistic_measures_how_certain_a_trend_is():
-    from hf_r8.signals import MAX_CV, slope_t_statistic
+    from hf_r8.control.signals import MAX_CV, slope_t_statistic
 
     assert slope_t_statistic([5.0, 4.0, 3.0, 2.0]) == -MAX_CV  # noiseless fall: certain
     assert slope_t_statistic([2.0, 2.0, 2.0]) == 0.0
@@ -73,7 +73,7 @@ def test_slope_t_statistic_measures_how_certain_a_trend_is():
 
 
 def test_slope_t_statistic_does_not_overflow_on_huge_values():
-    from hf_r8.signals import slope_t_statistic
+    from hf_r8.control.signals import slope_t_statistic
 
     huge = [0.0, 0.0, 8.98e307, 8.98e307, 1e300]
     assert -1e6 <= slope_t_statistic(huge) <= 1e6

@@ -8,8 +8,8 @@ import torch
 from transformers import Trainer
 
 from hf_r8 import R8Config, R8Trainer, with_r8
-from hf_r8.config import SamplerConfig
-from hf_r8.offline import tiny_gpt2
+from hf_r8.control.config import SamplerConfig
+from hf_r8.demo.offline import tiny_gpt2
 from tests.conftest import training_args
 
 pytestmark = pytest.mark.integration
@@ -182,7 +182,7 @@ def test_infobatch_mode_trains_with_reweighted_losses(tokenizer, lm_dataset, tmp
 
 
 def test_weighted_loss_with_unit_weights_is_the_model_loss(tokenizer, lm_dataset):
-    from hf_r8.per_example import per_example_losses, weighted_loss
+    from hf_r8.data.per_example import per_example_losses, weighted_loss
 
     model = make_model(tokenizer)
     ids = torch.tensor(lm_dataset.select(range(4))["input_ids"])
@@ -199,7 +199,7 @@ def test_with_r8_sft_trainer_catalogs_every_example(tokenizer, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from hf_r8.offline import english_paragraphs
+    from hf_r8.demo.offline import english_paragraphs
 
     dataset = Dataset.from_dict({"text": english_paragraphs()[:32]})
     args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, report_to=[],
@@ -219,7 +219,7 @@ def test_with_r8_sft_trainer_catalogs_every_example(tokenizer, tmp_path):
 
 
 def test_per_example_losses_refuse_shapes_they_cannot_split():
-    from hf_r8.per_example import per_example_losses
+    from hf_r8.data.per_example import per_example_losses
 
     multi_label = per_example_losses({"logits": torch.zeros(4, 3)}, torch.ones(4, 3), shifts_labels=False)
     assert multi_label is None  # BCE over [batch, labels] is not one number per example here

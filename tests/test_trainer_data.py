@@ -12,8 +12,8 @@ import torch
 from transformers import TrainerCallback
 
 from hf_r8 import R8Callback, R8Trainer
-from hf_r8.indexed_data import IndexedDataset
-from hf_r8.per_example import ExampleLosses, LossAgreement
+from hf_r8.data.indexed_data import IndexedDataset
+from hf_r8.data.per_example import ExampleLosses, LossAgreement
 from tests.conftest import training_args
 from tests.test_trainer import RecordingR8Trainer, make_model, r8_config
 
@@ -170,7 +170,7 @@ def test_an_unwrapped_language_model_is_proven_exact_without_a_warning(tokenizer
 
 
 def test_an_moe_model_adding_its_router_loss_is_proven_exact(lm_dataset, tmp_path, caplog):
-    from hf_r8.offline import tiny_mixtral
+    from hf_r8.demo.offline import tiny_mixtral
     from tests.conftest import VOCAB_SIZE
 
     model = tiny_mixtral(VOCAB_SIZE, output_router_logits=True)

@@ -18,7 +18,7 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from hf_r8 import R8Callback, R8Config
-from hf_r8.offline import english_paragraphs, tiny_gpt2
+from hf_r8.demo.offline import english_paragraphs, tiny_gpt2
 from tests.test_callback import UsedLearningRates, logged
 
 ppo = pytest.importorskip("trl.experimental.ppo", reason="this TRL has no PPOTrainer (run `make test-ppo`)")

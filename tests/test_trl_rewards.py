@@ -11,7 +11,7 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from hf_r8 import R8Callback, R8Config
-from hf_r8.offline import english_paragraphs, tiny_gpt2
+from hf_r8.demo.offline import english_paragraphs, tiny_gpt2
 from tests.test_callback import UsedLearningRates, logged
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from recording_trainer import RecordingR8Trainer
 from transformers import TrainerCallback, TrainingArguments
 
 from hf_r8 import R8Config, R8Trainer
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2, tiny_mixtral
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2, tiny_mixtral
 
 
 class Lockstep(TrainerCallback):

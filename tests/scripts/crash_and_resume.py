@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainingArguments
 
 from hf_r8 import R8Config, R8Trainer
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
 
 
 class StepLog(TrainerCallback):

@@ -7,7 +7,7 @@ import sys
 from transformers import Trainer, TrainingArguments
 
 from hf_r8 import R8Callback
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
 
 
 def main(output_dir: str) -> None:

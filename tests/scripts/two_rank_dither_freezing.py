@@ -15,8 +15,8 @@ from rank_result import write_rank_result
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_r8 import R8Callback, R8Config
-from hf_r8.config import ExplorationConfig, FreezingConfig
-from hf_r8.offline import build_tokenizer, language_modeling_dataset
+from hf_r8.control.config import ExplorationConfig, FreezingConfig
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset
 from tests.dither_freezing_models import ReviveAt, model_with_a_silenceable_block
 
 

@@ -14,8 +14,8 @@ from rank_result import write_rank_result
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from hf_r8.offline import tiny_gpt2
-from hf_r8.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
+from hf_r8.demo.offline import tiny_gpt2
+from hf_r8.runtime.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
 
 
 def local_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

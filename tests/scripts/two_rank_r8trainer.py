@@ -16,7 +16,7 @@ from recording_trainer import RecordingR8Trainer
 from transformers import TrainingArguments
 
 from hf_r8 import R8Config
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
 
 
 def main(output_dir: str) -> None:

@@ -20,8 +20,8 @@ from recording_trainer import RecordingR8Trainer
 from transformers import TrainingArguments
 
 from hf_r8 import R8Config
-from hf_r8.config import RollbackConfig
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+from hf_r8.control.config import RollbackConfig
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
 
 NAN_STEP, GARBAGE_STEPS = 30, (40, 41)
 

@@ -14,7 +14,7 @@ from rank_result import write_rank_result
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_r8 import R8Callback
-from hf_r8.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
+from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
 
 
 class LocalLosses(TrainerCallback):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hf_r8.distributed import sum_across_processes
+from hf_r8.runtime.distributed import sum_across_processes
 
 IGNORE_INDEX = -100
 

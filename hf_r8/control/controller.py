@@ -20,9 +20,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hf_r8.config import R8Config
-from hf_r8.decision import Decision, DecisionEngine
-from hf_r8.rules import (
+from hf_r8.control.config import R8Config
+from hf_r8.control.decision import Decision, DecisionEngine
+from hf_r8.control.rules import (
     Proposal,
     blend,
     cosine_restart_level,
@@ -38,7 +38,7 @@ from hf_r8.rules import (
     trend_factor,
     variance_level,
 )
-from hf_r8.signals import (
+from hf_r8.control.signals import (
     Ema,
     LossStatistics,
     LossStep,

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from hf_r8.config import R8Config
-from hf_r8.controller import Controller, Event, GroupSpec, Observation
-from hf_r8.host_copy import HostCopy
-from hf_r8.param_groups import read_momentum, write_lr, write_momentum
-from hf_r8.range_test import LRRangeTest, range_test_length
-from hf_r8.snapshot import StateSnapshot, optimizer_parameters
+from hf_r8.control.config import R8Config
+from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
+from hf_r8.control.range_test import LRRangeTest, range_test_length
+from hf_r8.runtime.host_copy import HostCopy
+from hf_r8.runtime.param_groups import read_momentum, write_lr, write_momentum
+from hf_r8.runtime.snapshot import StateSnapshot, optimizer_parameters
 
 
 class AdaptiveScheduler(LRScheduler):

@@ -34,8 +34,8 @@ import math
 import statistics
 from typing import Any
 
-from hf_r8.config import RangeTestConfig
-from hf_r8.signals import is_finite_number
+from hf_r8.control.config import RangeTestConfig
+from hf_r8.control.signals import is_finite_number
 
 _DENOISE_RADIUS = 1  # neighbours on each side in the centered mean of the curve
 

@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hf_r8.run_log import EVENTS_FILE, METRICS_FILE, RANGE_TEST_FILE, RUN_DIR, read_jsonl, run_files_dir
+from hf_r8.ui.run_log import EVENTS_FILE, METRICS_FILE, RANGE_TEST_FILE, RUN_DIR, read_jsonl, run_files_dir
 
 REPORT_DIR = "r8_report"
 _MARKERS = {"decision": ("^", "tab:green"), "guard": ("x", "tab:orange"), "rollback": ("v", "tab:red")}

@@ -38,15 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_r8.catalog import LossCatalog
-from hf_r8.config import R8Config
-from hf_r8.controller import Controller, Event, GroupSpec, Observation
-from hf_r8.dashboard import Dashboard, DashboardView
-from hf_r8.host_copy import HostCopy
-from hf_r8.range_test import LRRangeTest, range_test_length
-from hf_r8.rollback import RollbackAction, RollbackPolicy
-from hf_r8.sampler import BalancedQuartileSampler
-from hf_r8.scheduler import one_value
+from hf_r8.control.config import R8Config
+from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
+from hf_r8.control.range_test import LRRangeTest, range_test_length
+from hf_r8.control.rollback import RollbackAction, RollbackPolicy
+from hf_r8.data.catalog import LossCatalog
+from hf_r8.data.sampler import BalancedQuartileSampler
+from hf_r8.integrations.scheduler import one_value
+from hf_r8.runtime.host_copy import HostCopy
+from hf_r8.ui.dashboard import Dashboard, DashboardView
 
 
 class R8Loop:

@@ -29,8 +29,8 @@ import enum
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hf_r8.config import DecisionConfig
-from hf_r8.signals import LossStep, WindowSummary
+from hf_r8.control.config import DecisionConfig
+from hf_r8.control.signals import LossStep, WindowSummary
 
 
 class Decision(str, enum.Enum):

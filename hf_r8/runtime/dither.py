@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_r8.config import ExplorationConfig
+from hf_r8.control.config import ExplorationConfig
 
 # Steps and seeds are combined into one 63-bit generator seed.
 _SEED_STRIDE = 1_000_003

@@ -32,8 +32,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_r8.config import R8Config
-from hf_r8.offline import (
+from hf_r8.control.config import R8Config
+from hf_r8.demo.offline import (
     build_tokenizer,
     english_paragraphs,
     hub_or_cache,
@@ -41,9 +41,9 @@ from hf_r8.offline import (
     language_modeling_dataset,
     load_causal_lm,
 )
-from hf_r8.report import REPORT_DIR
-from hf_r8.run_log import EVENTS_FILE, RUN_DIR
-from hf_r8.trainer import R8Trainer
+from hf_r8.integrations.trainer import R8Trainer
+from hf_r8.ui.report import REPORT_DIR
+from hf_r8.ui.run_log import EVENTS_FILE, RUN_DIR
 
 # GPT-2 shapes the offline fallback builds from a config: (layers, width, heads).
 MODEL_SIZES = {"tiny": (2, 128, 2), "small": (4, 256, 4), "gpt2": (12, 768, 12)}

@@ -48,21 +48,21 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.optimization import GreedyLR
 from transformers.trainer_callback import ExportableState, ProgressCallback
 
-from hf_r8.config import R8Config
-from hf_r8.controller import Controller, Event, GroupSpec, Observation
-from hf_r8.dashboard import Dashboard, DashboardView, mute_progress_bar, sparkline
-from hf_r8.decision import Decision
-from hf_r8.distributed import sum_across_processes
-from hf_r8.dither import Dither
-from hf_r8.freezing import ParameterFreezer, trainable_parameters
-from hf_r8.host_copy import HostCopy
-from hf_r8.moe import is_router_parameter
-from hf_r8.param_groups import read_momentum, write_lr, write_momentum
-from hf_r8.range_test import LRRangeTest, range_test_length
-from hf_r8.rollback import RollbackAction, RollbackPolicy
-from hf_r8.run_log import RUN_DIR, RunLog
-from hf_r8.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
-from hf_r8.taps import TrainerTaps, find_trainer
+from hf_r8.control.config import R8Config
+from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
+from hf_r8.control.decision import Decision
+from hf_r8.control.range_test import LRRangeTest, range_test_length
+from hf_r8.control.rollback import RollbackAction, RollbackPolicy
+from hf_r8.integrations.taps import TrainerTaps, find_trainer
+from hf_r8.runtime.distributed import sum_across_processes
+from hf_r8.runtime.dither import Dither
+from hf_r8.runtime.freezing import ParameterFreezer, trainable_parameters
+from hf_r8.runtime.host_copy import HostCopy
+from hf_r8.runtime.moe import is_router_parameter
+from hf_r8.runtime.param_groups import read_momentum, write_lr, write_momentum
+from hf_r8.runtime.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
+from hf_r8.ui.dashboard import Dashboard, DashboardView, mute_progress_bar, sparkline
+from hf_r8.ui.run_log import RUN_DIR, RunLog
 
 logger = logging.getLogger(__name__)
 
@@ -522,7 +522,7 @@ class R8Callback(TrainerCallback, ExportableState):
         self._unmute_progress = None  # the progress bar's own on_train_end, next, unmutes it
         self.close()
         if wrote_files and self.config.report:
-            from hf_r8.report import write_report
+            from hf_r8.ui.report import write_report
 
             try:
                 written = write_report(args.output_dir)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hf_r8.catalog import LossCatalog
-from hf_r8.distributed import gather_across_processes
+from hf_r8.data.catalog import LossCatalog
+from hf_r8.runtime.distributed import gather_across_processes
 
 PADDING_INDEX = -1
 

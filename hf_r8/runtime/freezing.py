@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from hf_r8.config import FreezingConfig
-from hf_r8.controller import Event
+from hf_r8.control.config import FreezingConfig
+from hf_r8.control.controller import Event
 
 
 @dataclass

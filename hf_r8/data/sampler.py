@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from hf_r8.catalog import UNSEEN, LossCatalog
+from hf_r8.data.catalog import UNSEEN, LossCatalog
 
 PLAN_FILE_NAME = "r8_epoch_plan.npz"
 

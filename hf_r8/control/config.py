@@ -24,7 +24,7 @@ from typing import Any, ClassVar, NoReturn
 import numpy as np
 import yaml
 
-PRESETS_DIR = Path(__file__).parent / "configs"
+PRESETS_DIR = Path(__file__).parent.parent / "configs"
 
 LR_RULES = ("decision", "trend", "variance", "loss_decay", "grad_norm", "cyclical", "plateau")
 REWARD_RULES = ("scaling", "trend", "variance")

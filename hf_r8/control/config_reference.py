@@ -13,7 +13,7 @@ import inspect
 import textwrap
 from typing import Any
 
-from hf_r8.config import R8Config, available_presets
+from hf_r8.control.config import R8Config, available_presets
 
 HEADER = """# Configuration reference
 

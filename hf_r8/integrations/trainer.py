@@ -34,15 +34,15 @@ from transformers import Trainer
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
-from hf_r8.callback import R8Callback
-from hf_r8.catalog import FILE_NAME, LossCatalog
-from hf_r8.catalog_updates import CatalogUpdateQueue
-from hf_r8.config import R8Config
-from hf_r8.controller import Event
-from hf_r8.indexed_data import BATCH_KEY, INDEX_KEY, IndexCarryingCollator, IndexedDataset
-from hf_r8.moe import is_moe_model, split_router_groups
-from hf_r8.per_example import LossAgreement, example_losses, weighted_loss
-from hf_r8.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
+from hf_r8.control.config import R8Config
+from hf_r8.control.controller import Event
+from hf_r8.data.catalog import FILE_NAME, LossCatalog
+from hf_r8.data.catalog_updates import CatalogUpdateQueue
+from hf_r8.data.indexed_data import BATCH_KEY, INDEX_KEY, IndexCarryingCollator, IndexedDataset
+from hf_r8.data.per_example import LossAgreement, example_losses, weighted_loss
+from hf_r8.data.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
+from hf_r8.integrations.callback import R8Callback
+from hf_r8.runtime.moe import is_moe_model, split_router_groups
 
 logger = logging.getLogger(__name__)
 

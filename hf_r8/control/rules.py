@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hf_r8.config import (
+from hf_r8.control.config import (
     BlendConfig,
     CyclicalConfig,
     ExplorationConfig,
@@ -26,7 +26,7 @@ from hf_r8.config import (
     TrendConfig,
     VarianceConfig,
 )
-from hf_r8.signals import WindowSummary, relative_improvement
+from hf_r8.control.signals import WindowSummary, relative_improvement
 
 # A factor of 0 (reward scaling at center - span) means "as low as the bounds allow".
 _SMALLEST_FACTOR = 1e-12

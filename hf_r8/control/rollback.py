@@ -23,8 +23,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from hf_r8.config import RollbackConfig
-from hf_r8.signals import setback
+from hf_r8.control.config import RollbackConfig
+from hf_r8.control.signals import setback
 
 _EMA_BETA = 0.9
 

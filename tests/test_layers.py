@@ -1,0 +1,44 @@
+"""The layers of `hf_r8/` (docs/architecture.md): the control layer is pure Python, and `import hf_r8` is light."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+import textwrap
+
+import hf_r8.control
+
+BLOCKED = ("torch", "transformers", "trl", "accelerate", "rich", "psutil", "matplotlib", "datasets")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_the_control_layer_imports_with_torch_and_transformers_blocked():
+    modules = [f"hf_r8.control.{module.name}" for module in pkgutil.iter_modules(hf_r8.control.__path__)]
+    assert "hf_r8.control.controller" in modules and len(modules) >= 8, modules
+    result = _run(f"""
+        import importlib, sys
+        for name in {BLOCKED!r}:
+            sys.modules[name] = None  # `import torch` now raises ImportError
+        for module in {modules!r}:
+            importlib.import_module(module)
+        print("imported", len({modules!r}))
+    """)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"imported {len(modules)}" in result.stdout
+
+
+def test_import_hf_r8_loads_no_framework_until_an_adapter_is_used():
+    result = _run(f"""
+        import sys
+        import hf_r8
+        config = hf_r8.R8Config.from_preset("default")
+        print(sorted(name for name in {BLOCKED!r} if name in sys.modules))
+        hf_r8.R8Callback
+        print("torch" in sys.modules and "transformers" in sys.modules)
+    """)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[:2] == ["[]", "True"]
