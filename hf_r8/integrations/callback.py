@@ -46,14 +46,24 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.optimization import GreedyLR
-from transformers.trainer_callback import ExportableState, ProgressCallback
+from transformers.trainer_callback import ExportableState
 
 from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
 from hf_r8.control.decision import Decision
 from hf_r8.control.range_test import LRRangeTest, range_test_length
 from hf_r8.control.rollback import RollbackAction, RollbackPolicy
-from hf_r8.integrations.taps import TrainerTaps, find_trainer
+from hf_r8.integrations.compat import (
+    find_trainer,
+    give_stateful_entry,
+    grad_scaler,
+    mute_training_bar,
+    rebuilt_from_checkpoint,
+    set_logged_lr,
+    uses_deepspeed,
+    uses_fsdp,
+)
+from hf_r8.integrations.taps import TrainerTaps
 from hf_r8.runtime.distributed import sum_across_processes
 from hf_r8.runtime.dither import Dither
 from hf_r8.runtime.freezing import ParameterFreezer, trainable_parameters
@@ -61,7 +71,7 @@ from hf_r8.runtime.host_copy import HostCopy
 from hf_r8.runtime.moe import is_router_parameter
 from hf_r8.runtime.param_groups import read_momentum, write_lr, write_momentum
 from hf_r8.runtime.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
-from hf_r8.ui.dashboard import Dashboard, DashboardView, mute_progress_bar, sparkline
+from hf_r8.ui.dashboard import Dashboard, DashboardView, sparkline
 from hf_r8.ui.run_log import RUN_DIR, RunLog
 
 logger = logging.getLogger(__name__)
@@ -186,9 +196,7 @@ class R8Callback(TrainerCallback, ExportableState):
         _refuse_other_instances(trainer)
         if optimizer is None or not getattr(optimizer, "param_groups", None):
             raise ValueError(f"optimizer={optimizer!r}: R8Callback needs a torch optimizer with param_groups")
-        # A checkpoint saved without R8 (a stock Trainer's) has no entry for it, and transformers' checkpoint
-        # save then fails with KeyError('R8Callback'): give it one.
-        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+        give_stateful_entry(state, type(self).__name__, self.state())  # resuming a stock checkpoint
         if self._freezer is not None:  # a run that raised never reached on_train_end: its frozen tensors train again
             self._freezer.release()
         self._model, self._optimizer, self._active_trainer = trainer.model, optimizer, trainer
@@ -225,7 +233,7 @@ class R8Callback(TrainerCallback, ExportableState):
         checkpoint's R8 state is restored into it as on any resume."""
         live = _LIVE_CALLBACKS.get(trainer, weakref.ref(self))() or self
         handler = trainer.callback_handler.callbacks
-        if live is self or "r8_state" not in vars(self) or any(callback is live for callback in handler):
+        if live is self or not rebuilt_from_checkpoint(self) or any(callback is live for callback in handler):
             return self
         handler[next(index for index, callback in enumerate(handler) if callback is self)] = live
         if self.config.to_dict() != live.config.to_dict():
@@ -379,7 +387,7 @@ class R8Callback(TrainerCallback, ExportableState):
         length = range_test_length(self.config.range_test, total_steps)
         if length is None:
             return
-        if getattr(self._active_trainer, "is_deepspeed_enabled", False):
+        if uses_deepspeed(self._active_trainer):
             logger.warning("R8: no LR range test under DeepSpeed (the LR R8 writes does not reach its engine's step).")
             return
         if self._snapshots_allowed:
@@ -492,7 +500,7 @@ class R8Callback(TrainerCallback, ExportableState):
         if self.config.dashboard:
             self._dashboard = Dashboard()
             if not self._dashboard.notebook:  # a notebook without ipywidgets keeps its live bar (see dashboard.py)
-                self._unmute_progress = mute_progress_bar(trainer.callback_handler.callbacks, ProgressCallback)
+                self._unmute_progress = mute_training_bar(trainer.callback_handler.callbacks)
             self._dashboard.start(self._view)
             # The dashboard's own stop, not this callback's: atexit must not keep the callback and its model alive.
             atexit.register(self._dashboard.stop, self._view)
@@ -563,9 +571,7 @@ class R8Callback(TrainerCallback, ExportableState):
             used.append(lr)
         self._applied = (step_index + 1, used[0], self._schedule_lrs[0],
                          used[0] / self._schedule_lrs[0] if self._schedule_lrs[0] else None)
-        scheduler = _unwrap(lr_scheduler)
-        if isinstance(getattr(scheduler, "_last_lr", None), list):
-            scheduler._last_lr = used
+        set_logged_lr(lr_scheduler, used)
 
     def _restore_schedule(self, optimizer: torch.optim.Optimizer) -> None:
         for group, schedule_lr in zip(optimizer.param_groups, self._schedule_lrs, strict=False):
@@ -671,7 +677,7 @@ class R8Callback(TrainerCallback, ExportableState):
         reason = policy.guard(loss, grad_norm)
         if reason is None:
             return policy.observe(step, loss)
-        scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
+        scaler = grad_scaler(self._active_trainer)
         if scaler is not None and loss is not None and math.isfinite(loss):
             # An fp16 overflow in the gradients: the grad scaler skips the step and lowers its scale. Not applied,
             # so, as for a step the guard skips, the controller never sees it and no dither follows it.
@@ -697,7 +703,7 @@ class R8Callback(TrainerCallback, ExportableState):
         wanted = self.config.exploration.enabled or self.config.freezing.enabled
         if not wanted:
             return None, None
-        if getattr(trainer, "is_deepspeed_enabled", False) or any(
+        if uses_deepspeed(trainer) or any(
                 isinstance(param, DTensor) for param in trainer.model.parameters()):
             logger.warning("R8: dither and freezing are off with DeepSpeed and FSDP (sharded parameters).")
             return None, None
@@ -713,14 +719,14 @@ class R8Callback(TrainerCallback, ExportableState):
         """(check steps, take snapshots) for this run: what the parallelism in use allows."""
         config = self.config.rollback
         checks = config.enabled or config.guard_nonfinite
-        if checks and getattr(trainer, "is_deepspeed_enabled", False):
+        if checks and uses_deepspeed(trainer):
             # DeepSpeed steps inside backward (zero_grad cannot skip) and keeps fp32 masters a snapshot misses.
             logger.warning("R8: the non-finite guard and rollback are off under DeepSpeed (its engine steps inside "
                            "backward and keeps its own fp32 master weights); for the same reason the LR R8 writes "
                            "before the optimizer step does not reach DeepSpeed's step (not supported yet).")
             return False, False
         sharded = any(isinstance(param, DTensor) for param in trainer.model.parameters())
-        if config.enabled and getattr(trainer, "is_fsdp_enabled", False) and not sharded:
+        if config.enabled and uses_fsdp(trainer) and not sharded:
             # FSDP1 flattens parameters into its own FlatParameters; FSDP2 keeps each as a DTensor whose
             # local shard a snapshot can hold (each process its own, see snapshot.py).
             logger.warning("R8: rollback snapshots are off under FSDP1 (flattened parameters); use FSDP2 "
@@ -782,7 +788,7 @@ class R8Callback(TrainerCallback, ExportableState):
         torch.set_rng_state(extras["torch_rng"])
         if extras.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(extras["cuda_rng"])
-        scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
+        scaler = grad_scaler(self._active_trainer)
         if scaler is not None and extras.get("scaler") is not None:
             scaler.load_state_dict(extras["scaler"])
         if self._freezer is not None and extras.get("freezing") is not None:
@@ -797,7 +803,7 @@ class R8Callback(TrainerCallback, ExportableState):
             return False
         reused = self._healthy_snapshots.pop(0) if len(self._healthy_snapshots) >= config.keep else None
         snapshot = reused if reused is not None else StateSnapshot(self._snapshot_parameters)
-        scaler = getattr(getattr(self._active_trainer, "accelerator", None), "scaler", None)
+        scaler = grad_scaler(self._active_trainer)
         extras = {
             "controller": self.controller.state_dict(),
             "spike_detector": self._rollback.detector.state_dict(),

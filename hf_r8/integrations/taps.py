@@ -19,31 +19,13 @@ return when `output_router_logits` is on, averaged over the step's training forw
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import Trainer
 
-
-def find_trainer(callback: object) -> Trainer:
-    """The Trainer whose callback handler holds `callback`, found among the callers' frames.
-
-    A stock `Trainer(callbacks=[cb])` never hands itself to its callbacks; the event that is
-    running right now was called from one of its methods, so `self` in a caller frame is it.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer) and any(cb is callback for cb in candidate.callback_handler.callbacks):
-            return candidate
-        frame = frame.f_back
-    raise RuntimeError(
-        f"{type(callback).__name__} must run inside transformers.Trainer: pass it as Trainer(callbacks=[...]) "
-        "or call .bind(trainer) before trainer.train()"
-    )
-
+from hf_r8.integrations.compat import check_trainer, unwrap_methods, wrap_method
 
 _TAPPED_METHODS = ("training_step", "_get_grad_norm", "log")
 
@@ -65,10 +47,11 @@ class TrainerTaps:
     def install(self) -> None:
         # A run that crashed never reached on_train_end: unwrap its taps so nothing is counted twice.
         self.remove()
-        self._wrap("training_step", self._tap_training_step)
-        self._wrap("log", self._tap_log)
-        if hasattr(self.trainer, "_get_grad_norm"):
-            self._wrap("_get_grad_norm", self._tap_grad_norm)
+        missing = check_trainer(self.trainer)  # a missing method is warned about, never silently untapped
+        taps = {"training_step": self._tap_training_step, "log": self._tap_log, "_get_grad_norm": self._tap_grad_norm}
+        for name, make_wrapper in taps.items():
+            if name not in missing:
+                wrap_method(self.trainer, name, make_wrapper)
         if isinstance(self.trainer.model, torch.nn.Module):
             self._aux_hook = self.trainer.model.register_forward_hook(self._keep_aux_loss)
 
@@ -77,13 +60,7 @@ class TrainerTaps:
         if self._aux_hook is not None:
             self._aux_hook.remove()
             self._aux_hook = None
-        for name in _TAPPED_METHODS:
-            while (restore := getattr(self.trainer.__dict__.get(name), "_r8_restore", None)) is not None:
-                had_instance_attribute, original = restore
-                if had_instance_attribute:
-                    setattr(self.trainer, name, original)
-                else:
-                    del self.trainer.__dict__[name]
+        unwrap_methods(self.trainer, _TAPPED_METHODS)
 
     def start_step(self) -> None:
         self.step_loss = None
@@ -101,12 +78,6 @@ class TrainerTaps:
         value = aux_loss.detach().float().reshape(-1).mean()
         self.aux_loss_sum = value if self.aux_loss_sum is None else self.aux_loss_sum + value
         self.aux_loss_count += 1
-
-    def _wrap(self, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-        original = getattr(self.trainer, name)
-        wrapper = make_wrapper(original)
-        wrapper._r8_restore = (name in self.trainer.__dict__, original)
-        setattr(self.trainer, name, wrapper)
 
     def _tap_training_step(self, original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:

@@ -42,6 +42,7 @@ from hf_r8.data.indexed_data import BATCH_KEY, INDEX_KEY, IndexCarryingCollator,
 from hf_r8.data.per_example import LossAgreement, example_losses, weighted_loss
 from hf_r8.data.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
 from hf_r8.integrations.callback import R8Callback
+from hf_r8.integrations.compat import check_trainer_internals
 from hf_r8.runtime.moe import is_moe_model, split_router_groups
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class R8CallbackMixin:
         self.r8_config = self.r8_callback.config
         kwargs["callbacks"] = callbacks
         super().__init__(*args, **kwargs)
+        check_trainer_internals(type(self))
         self.r8_callback.bind(self)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:

@@ -7,7 +7,7 @@ quartile losses and batch mix (R8Trainer); the last decisions with their reasons
 
 `Dashboard` shows it: a `rich.live.Live` refreshed a few times a second on a terminal or in
 Jupyter (with ipywidgets), and the Trainer's tqdm training bar is muted meanwhile (see
-`mute_progress_bar`). Jupyter without ipywidgets cannot redraw rich output in place: there the
+`compat.mute_training_bar`). Jupyter without ipywidgets cannot redraw rich output in place: there the
 Trainer's own notebook bar stays, and a compact panel is printed at the first step and then every
 `notebook_interval_s`, the whole view at the end. Anywhere else (CI, a file, `nohup`) one concise
 line every `line_interval_s`.
@@ -21,9 +21,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -227,39 +226,3 @@ class Dashboard:
             self.console.print(render(view))
         else:
             self.console.print(plain_line(view), markup=False, highlight=False, soft_wrap=True)
-
-
-_MUTED_EVENTS = ("on_train_begin", "on_step_end", "on_log")
-
-
-def _print_other_logs(args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-    """The muted bar's `on_log`: training logs are on the dashboard; evaluation metrics and the final
-    summary are printed as the bar would have written them."""
-    if state.is_world_process_zero and logs and "learning_rate" not in logs:
-        print(logs)
-
-
-def mute_progress_bar(callbacks: list[Any], progress_type: type) -> Callable[[], None] | None:
-    """Silence the Trainer's tqdm training bar (the `progress_type` instance in `callbacks`) for one run.
-
-    Its training events become no-ops on the instance (evaluation metrics and the final summary are
-    still printed); its own `on_train_end` puts them back (it
-    runs after R8Callback's, so it must not find a bar to close). Evaluation bars are untouched.
-    Returns a function that unmutes at once (for a run that never reaches `on_train_end`), or None.
-    """
-    progress = next((callback for callback in callbacks if isinstance(callback, progress_type)), None)
-    if progress is None or "on_train_end" in vars(progress):
-        return None
-    if getattr(progress, "training_bar", None) is not None:  # it ran first (added before R8Callback)
-        progress.training_bar.close()
-        progress.training_bar = None
-
-    def unmute(*args: Any, **kwargs: Any) -> None:
-        for name in (*_MUTED_EVENTS, "on_train_end"):
-            vars(progress).pop(name, None)
-
-    for name in _MUTED_EVENTS:
-        setattr(progress, name, lambda *args, **kwargs: None)
-    progress.on_log = _print_other_logs
-    progress.on_train_end = unmute
-    return unmute

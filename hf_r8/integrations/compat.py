@@ -1,0 +1,177 @@
+"""Every use hf_r8 makes of transformers' internals, in one place, each failing loudly.
+
+No public event of `transformers.Trainer` hands a callback the per-step loss, the gradient norm or the
+Trainer itself, and no public hook lets a subclass own the train sampler's dataset or write files into a
+checkpoint before it is pushed. hf_r8 reaches for these here, and only here:
+
+* `find_trainer`: the Trainer, found in the callers' frames (a callback is never handed it);
+* `wrap_method` / `unwrap_methods`: instance-level wrappers on `training_step`, `_get_grad_norm`, `log`
+  (see `taps.py` for why each);
+* `set_logged_lr`: the scheduler's `_last_lr`, so the logged `learning_rate` is the LR used;
+* `mute_training_bar`: ProgressCallback's `training_bar`, silenced while the dashboard draws;
+* `grad_scaler`, `uses_deepspeed`, `uses_fsdp`: the accelerator's scaler and the parallelism in use;
+* `rebuilt_from_checkpoint`, `give_stateful_entry`: what `restore_callback_states_from_checkpoint` and a
+  stock checkpoint do to a stateful callback;
+* `TRAINER_INTERNALS`: the private methods R8Trainer overrides or calls.
+
+`check_trainer` runs when training starts: a missing internal is never a silent loss of a signal but a
+warning that names it, what goes without it, and the transformers version. `tests/test_compat.py` pins
+every name here against the installed transformers, so an upgrade that drops one fails a test first.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import transformers
+from transformers import Trainer, TrainerState
+from transformers.trainer_callback import ProgressCallback
+
+logger = logging.getLogger(__name__)
+
+# The Trainer methods R8Callback wraps on the instance, and what it loses without each.
+WRAPPED_METHODS = {
+    "training_step": "the per-step loss (every rule, the guard and rollback)",
+    "_get_grad_norm": "the gradient norm (the grad_norm rule, the guard's gradient check)",
+    "log": "the r8/* metrics in the Trainer's logs",
+}
+# The private Trainer methods and attributes R8Trainer overrides or calls, and what needs each.
+TRAINER_INTERNALS = {
+    "_get_dataloader": "the train dataloader over the indexed dataset",
+    "_set_signature_columns_if_needed": "keeping r8_index through column removal",
+    "_save_checkpoint": "the catalog and epoch plan in each checkpoint",
+    "_push_from_checkpoint": "the catalog in a checkpoint pushed to the Hub",
+    "_get_output_dir": "the checkpoint folder to write the catalog into",
+    "_get_train_sampler": "telling a foreign sampler (kept as it is) from the stock one",
+}
+_REBUILT_MARKER = "r8_state"  # the attribute transformers sets on a callback it rebuilds from a checkpoint
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s (transformers %s)", message, transformers.__version__)
+
+
+def check_trainer(trainer: Any) -> set[str]:
+    """The wrapped methods `trainer` lacks, each warned once with what goes without it."""
+    missing = {name for name in WRAPPED_METHODS if not callable(getattr(trainer, name, None))}
+    for name in sorted(missing):
+        _warn_once(f"method:{name}", f"R8: {type(trainer).__name__}.{name} does not exist: no {WRAPPED_METHODS[name]}")
+    return missing
+
+
+def check_trainer_internals(trainer_class: type) -> None:
+    """Warn once per private Trainer method R8Trainer relies on and `trainer_class` lacks."""
+    for name, purpose in TRAINER_INTERNALS.items():
+        if not hasattr(trainer_class, name):
+            _warn_once(f"internal:{name}", f"R8Trainer: Trainer.{name} does not exist: no {purpose}")
+
+
+def find_trainer(callback: object) -> Trainer:
+    """The Trainer whose callback handler holds `callback`, found among the callers' frames.
+
+    A stock `Trainer(callbacks=[cb])` never hands itself to its callbacks; the event that is running right now
+    was called from one of its methods, so `self` in a caller frame is it.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer) and any(cb is callback for cb in candidate.callback_handler.callbacks):
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError(
+        f"{type(callback).__name__} must run inside transformers.Trainer: pass it as Trainer(callbacks=[...]) "
+        "or call .bind(trainer) before trainer.train()"
+    )
+
+
+def wrap_method(owner: Any, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Replace `owner.name` on the instance by `make_wrapper(original)`; `unwrap_methods` puts it back."""
+    original = getattr(owner, name)
+    wrapper = make_wrapper(original)
+    wrapper._r8_restore = (name in owner.__dict__, original)
+    setattr(owner, name, wrapper)
+
+
+def unwrap_methods(owner: Any, names: tuple[str, ...]) -> None:
+    """Put back exactly what each name was before its wrappers (an instance attribute or the class method)."""
+    for name in names:
+        while (restore := getattr(owner.__dict__.get(name), "_r8_restore", None)) is not None:
+            had_instance_attribute, original = restore
+            if had_instance_attribute:
+                setattr(owner, name, original)
+            else:
+                del owner.__dict__[name]
+
+
+def set_logged_lr(scheduler: Any, lrs: list[float]) -> None:
+    """Make a torch scheduler report `lrs` as its last LR (the Trainer logs `get_last_lr()`)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's AcceleratedScheduler wraps it
+    if isinstance(getattr(inner, "_last_lr", None), list):
+        inner._last_lr = lrs
+
+
+_MUTED_EVENTS = ("on_train_begin", "on_step_end", "on_log")
+
+
+def _print_other_logs(args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """The muted bar's `on_log`: training logs are on the dashboard; evaluation metrics and the final
+    summary are printed as the bar would have written them."""
+    if state.is_world_process_zero and logs and "learning_rate" not in logs:
+        print(logs)
+
+
+def mute_training_bar(callbacks: list[Any]) -> Callable[[], None] | None:
+    """Silence the Trainer's tqdm training bar (its `ProgressCallback`) for one run.
+
+    Its training events become no-ops on the instance (evaluation metrics and the final summary are
+    still printed); its own `on_train_end` puts them back (it runs after R8Callback's, so it must not
+    find a bar to close). Evaluation bars are untouched. Returns a function that unmutes at once (for a
+    run that never reaches `on_train_end`), or None when there is no bar to mute.
+    """
+    progress = next((callback for callback in callbacks if isinstance(callback, ProgressCallback)), None)
+    if progress is None or "on_train_end" in vars(progress):
+        return None
+    if getattr(progress, "training_bar", None) is not None:  # it ran first (added before R8Callback)
+        progress.training_bar.close()
+        progress.training_bar = None
+
+    def unmute(*args: Any, **kwargs: Any) -> None:
+        for name in (*_MUTED_EVENTS, "on_train_end"):
+            vars(progress).pop(name, None)
+
+    for name in _MUTED_EVENTS:
+        setattr(progress, name, lambda *args, **kwargs: None)
+    progress.on_log = _print_other_logs
+    progress.on_train_end = unmute
+    return unmute
+
+
+def grad_scaler(trainer: Any) -> Any:
+    """The fp16 gradient scaler of the Trainer's accelerator, or None."""
+    return getattr(getattr(trainer, "accelerator", None), "scaler", None)
+
+
+def uses_deepspeed(trainer: Any) -> bool:
+    return bool(getattr(trainer, "is_deepspeed_enabled", False))
+
+
+def uses_fsdp(trainer: Any) -> bool:
+    return bool(getattr(trainer, "is_fsdp_enabled", False))
+
+
+def rebuilt_from_checkpoint(callback: object) -> bool:
+    """Whether `restore_callback_states_from_checkpoint` built `callback` from a checkpoint (it then sets
+    the saved attributes on the new instance and swaps it in for the user's)."""
+    return _REBUILT_MARKER in vars(callback)
+
+
+def give_stateful_entry(state: TrainerState, name: str, entry: dict[str, Any]) -> None:
+    """A checkpoint saved without the callback `name` (a stock Trainer's) has no entry for it, and
+    transformers' next checkpoint save fails with KeyError(name): give it one."""
+    state.stateful_callbacks.setdefault(name, entry)

@@ -1,0 +1,59 @@
+"""The transformers internals hf_r8 relies on (`hf_r8/integrations/compat.py`), pinned against the installed version:
+an upgrade that renames one fails here first, and at run time a missing one is a warning, never a silent loss."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import pytest
+from transformers import Trainer, TrainerState
+from transformers.trainer_callback import ProgressCallback
+
+from hf_r8.integrations import compat
+
+
+@pytest.mark.parametrize("name", sorted(compat.WRAPPED_METHODS))
+def test_every_wrapped_trainer_method_exists(name):
+    assert callable(getattr(Trainer, name))
+
+
+def test_the_wrapped_methods_take_what_the_taps_pass_through():
+    # training_step(model, inputs, num_items_in_batch): its tensor return is the micro-batch loss;
+    # log(logs, start_time): the taps add r8/* keys to `logs` before calling it.
+    assert list(inspect.signature(Trainer.training_step).parameters)[1:3] == ["model", "inputs"]
+    assert list(inspect.signature(Trainer.log).parameters)[1] == "logs"
+
+
+@pytest.mark.parametrize("name", sorted(compat.TRAINER_INTERNALS))
+def test_every_trainer_internal_r8trainer_uses_exists(name):
+    assert hasattr(Trainer, name)
+
+
+def test_the_progress_bar_and_the_stateful_callbacks_look_as_compat_expects():
+    assert "training_bar" in vars(ProgressCallback())  # what mute_training_bar closes
+    assert isinstance(TrainerState().stateful_callbacks, dict)  # what give_stateful_entry fills
+
+
+def test_a_missing_method_is_a_warning_naming_it_and_the_version(caplog):
+    class NotQuiteATrainer:
+        def training_step(self, model, inputs):
+            return 0.0
+
+        def log(self, logs):
+            pass
+
+    with caplog.at_level(logging.WARNING):
+        missing = compat.check_trainer(NotQuiteATrainer())
+    assert missing == {"_get_grad_norm"}
+    assert "NotQuiteATrainer._get_grad_norm does not exist: no the gradient norm" in caplog.text
+    assert "transformers" in caplog.text and "5." in caplog.text
+
+
+def test_a_trainer_class_missing_an_internal_is_warned_about(caplog):
+    class Stripped:
+        pass
+
+    with caplog.at_level(logging.WARNING):
+        compat.check_trainer_internals(Stripped)
+    assert all(f"Trainer.{name} does not exist" in caplog.text for name in compat.TRAINER_INTERNALS)
