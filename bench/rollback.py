@@ -137,7 +137,7 @@ def fault_run(fault: str, trainer_kind: str, seed: int, steps: int) -> dict:
         trainer.train()
         eval_loss = trainer.evaluate()["eval_loss"]
     r8 = next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, R8Callback)), None)
-    policy = r8._rollback if r8 is not None else None
+    policy = r8._run.rollback.policy if r8 is not None else None
     return {"fault": fault, "trainer": trainer_kind, "seed": seed, "eval_loss": eval_loss, "losses": model.losses,
             "wasted": (policy.wasted_steps + policy.skipped_steps) if policy else 0,
             "rollbacks": policy.rollbacks if policy else 0}

@@ -30,22 +30,22 @@ def main() -> None:
     dataset = language_modeling_dataset(tokenizer, seq_len=64).with_format("torch")
     loader = DataLoader(dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = AdaptiveScheduler(optimizer, R8Config.from_preset(options.preset), total_steps=options.steps)
-
     step, model = 0, model.train()
-    while step < options.steps:
-        for batch in loader:
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step_loss(loss.detach(), grad_norm=grad_norm)
-            step += 1
-            if step % 50 == 0:
-                print(f"step {step:4d}  loss {loss.item():.3f}  lr {scheduler.get_last_lr()[0]:.3g}")
-            if step == options.steps:
-                break
+    # Leaving the block removes the scheduler's optimizer hook; its events and controller stay readable.
+    with AdaptiveScheduler(optimizer, R8Config.from_preset(options.preset), total_steps=options.steps) as scheduler:
+        while step < options.steps:
+            for batch in loader:
+                loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step_loss(loss.detach(), grad_norm=grad_norm)
+                step += 1
+                if step % 50 == 0:
+                    print(f"step {step:4d}  loss {loss.item():.3f}  lr {scheduler.get_last_lr()[0]:.3g}")
+                if step == options.steps:
+                    break
     for event in scheduler.events:
         if event.group == 0:
             print(f"step {event.step:4d}  {event.rule}/{event.action}: gain {event.old_value:.3f} -> "

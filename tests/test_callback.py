@@ -290,8 +290,20 @@ def test_training_again_after_a_crash_taps_the_trainer_once(model, lm_dataset, t
 def test_bad_config_fails_at_construction():
     with pytest.raises(ValueError, match="decision.increase_factor=0.5: must be > 1"):
         R8Callback({"decision": {"increase_factor": 0.5}})
-    with pytest.raises(ValueError, match="config='default': must be an R8Config"):
-        R8Callback("default")
+    with pytest.raises(TypeError, match="config=3: must be an R8Config, a dict, a preset name, a YAML path or None"):
+        R8Callback(3)
+    with pytest.raises(ValueError, match="config='no-such-preset': must be a preset"):
+        R8Callback("no-such-preset")
+
+
+def test_every_adapter_takes_a_config_the_same_ways(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: aggressive\ndecision:\n  patience_windows: 7\n")
+    aggressive = R8Config.from_preset("aggressive")
+    assert R8Callback("aggressive").config == aggressive
+    assert R8Callback(aggressive.to_dict()).config == aggressive
+    assert R8Callback(tmp_path / "mine.yaml").config.decision.patience_windows == 7
+    assert R8Callback(str(tmp_path / "mine.yaml")).config.decision.patience_windows == 7
+    assert R8Callback().config == R8Config.from_preset("default")
 
 
 def test_callback_outside_a_trainer_explains_itself():
@@ -353,7 +365,7 @@ def test_a_run_that_raises_is_closed_and_flushed_even_when_the_caller_goes_on(to
                       callbacks=[r8])
     with pytest.raises(RuntimeError, match="bad batch"):  # a notebook cell that raised: the kernel goes on
         trainer.train()
-    assert r8._dashboard is None and r8._run_log is None  # no live view redrawing a stale run
+    assert not r8._outputs.live  # no live view redrawing a stale run
     assert not {"training_step", "log", "_get_grad_norm"} & set(trainer.__dict__)
     rows = read_jsonl(tmp_path / RUN_DIR / METRICS_FILE, merge_by_step=True)
     assert [row["step"] for row in rows] == list(range(1, 25))  # every finished step is on disk

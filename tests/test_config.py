@@ -1,4 +1,4 @@
-"""R8Config: presets, YAML, and clear errors for bad input at construction time."""
+"""R8Config: presets, YAML, and clear errors for bad input at construction time and when a config is used."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from hf_r8.control.config import DecisionConfig, MomentumConfig, R8Config, available_presets
+from hf_r8.control import config_rules
+from hf_r8.control.config import SECTIONS, DecisionConfig, MomentumConfig, R8Config, available_presets
 
 
 def test_every_documented_preset_ships_and_loads():
@@ -93,11 +94,80 @@ def test_configuration_reference_is_generated_from_the_dataclasses_and_committed
     assert len(rows) > 100 and not [row for row in rows if row.endswith("|  |")]  # every field documented
 
 
+def test_every_field_carries_its_help_as_field_metadata():
+    # the reference writes the help verbatim into one table row: it must exist and be a single clean line
+    owners = [R8Config, *SECTIONS.values()]
+    fields = [spec for owner in owners for spec in dataclasses.fields(owner) if spec.name not in SECTIONS]
+    assert len(fields) > 100
+    for spec in fields:
+        text = spec.metadata.get("help")
+        assert isinstance(text, str) and text.strip() == text and text == " ".join(text.split()), spec.name
+
+
+def test_validate_checks_fields_assigned_after_construction():
+    config = R8Config.from_preset("default")
+    config.decision.patience_windows = "three"
+    with pytest.raises(TypeError, match=re.escape("decision.patience_windows='three': must be an integer")):
+        config.validate()
+    config.decision.patience_windows = 0
+    with pytest.raises(ValueError, match=re.escape("decision.patience_windows=0: must be an integer >= 1")):
+        config.validate()
+    config.decision.patience_windows = "3"  # a numeric string passes, as at construction, and is stored as a number
+    config.bounds.lr_min = np.float32(0.5)
+    config.validate()
+    assert config.decision.patience_windows == 3 and type(config.decision.patience_windows) is int
+    assert type(config.bounds.lr_min) is float
+    assert config == R8Config.from_dict(config.to_dict())
+
+
+def test_validate_catches_in_place_changes_and_replaced_sections():
+    config = R8Config()
+    config.rules.append("warp")  # no assignment at all: only a check when the config is used can see this
+    with pytest.raises(ValueError, match=re.escape("rules=['decision', 'grad_norm', 'warp']: must be a list")):
+        config.validate()
+    config = R8Config()
+    config.blend.weights["nope"] = 1.0
+    with pytest.raises(ValueError, match="blend.weights='nope': must be a rule name"):
+        config.validate()
+    config = R8Config()
+    config.rollback = {"enabled": False}
+    with pytest.raises(TypeError, match=re.escape("rollback={'enabled': False}: must be a RollbackConfig")):
+        config.validate()
+    section = DecisionConfig()
+    section.spike_factor = 1.5
+    with pytest.raises(ValueError, match=re.escape("decision.spike_factor=1.5: must be in (0.0, 1.0)")):
+        R8Config(decision=section)  # a section changed before it is handed over is checked again
+
+
+def test_cross_field_checks_see_the_fields_together_whatever_the_assignment_order():
+    config = R8Config()
+    config.decision.stability_threshold = 0.6  # above instability_threshold (0.5) until the next line
+    config.decision.instability_threshold = 0.9
+    config.validate()
+    config.decision.instability_threshold = 0.4
+    with pytest.raises(ValueError, match=r"decision.instability_threshold=0.4: must be > stability_threshold \(0.6\)"):
+        config.validate()
+
+
+def test_a_registered_rule_passes_every_rule_name_check(monkeypatch):
+    from hf_r8.control.rule_registry import RULES, register_rule
+    from hf_r8.control.rules import Rule
+
+    class Mine(Rule):
+        def propose(self, statistics):
+            return None
+
+    with pytest.raises(ValueError, match="rules="):
+        R8Config(rules=["decision", "mine"])  # else the test below proves nothing
+    monkeypatch.setattr(RULES, "_classes", dict(RULES._classes))  # the registration ends with the test
+    register_rule("mine", Mine)
+    config = R8Config.from_dict({"rules": ["decision", "mine"], "blend": {"weights": {"mine": 2.0}}})
+    assert config_rules.known_rule_names()[-1] == "mine" and config.blend.weights == {"mine": 2.0}
+
+
 def _fields_of_type(*annotations: str) -> list[tuple[str, str]]:
     """(section, field) for every field annotated as one of `annotations`; section "" is the top level."""
-    from hf_r8.control.config import _SECTIONS
-
-    owners = [("", R8Config), *_SECTIONS.items()]
+    owners = [("", R8Config), *SECTIONS.items()]
     return [(section, spec.name) for section, owner in owners for spec in dataclasses.fields(owner)
             if spec.type in annotations]
 

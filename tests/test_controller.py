@@ -464,3 +464,40 @@ def test_rising_router_aux_loss_damps_router_groups_only():
                     moe=MoEConfig(aux_loss_rise=0.05, aux_loss_cooldown_steps=5))
     restored.load_state_dict(controller.state_dict())
     assert restored.aux_slow.value == controller.aux_slow.value and restored.groups[1] == controller.groups[1]
+
+
+# The flat layout of a parameter group in version 1 of the controller state, before the rules were classes.
+VERSION_1_GROUP_KEYS = {"running_gain", "lr_gain", "momentum", "engine", "steps_since_grad_rule", "plateau_best",
+                        "plateau_steps", "plateau_cooldown", "cycle_position", "cycle_length", "trend_direction",
+                        "reward_direction", "kl_braking", "steps_since_aux_rule"}
+
+
+def test_a_version_1_state_with_flat_rule_keys_resumes_exactly():
+    def build():
+        return make(["decision", "trend", "grad_norm", "plateau", "cyclical"], shift=0.5,
+                    reward=RewardConfig(rules=["trend"], kl_limit=0.5))
+
+    losses = [5.0 * 0.98 ** t + 0.1 * (t % 3) for t in range(60)]
+    grads = [1.0 + 0.3 * (t % 4) for t in range(60)]
+    rewards = [0.01 * t for t in range(60)]
+    original = build()
+    feed(original, losses[:30], grads[:30], rewards[:30])
+    state = json.loads(json.dumps(original.state_dict()))
+    flat_groups = []
+    for group in state["groups"]:
+        flat = {key: value for key, value in group.items() if key != "rules"}
+        for rule_state in group["rules"].values():
+            flat.update(rule_state)
+        flat_groups.append(flat)
+    assert set(flat_groups[0]) == VERSION_1_GROUP_KEYS  # else this is not the old layout
+    restored = build()
+    restored.load_state_dict({**state, "version": 1, "groups": flat_groups})
+    assert restored.state_dict() == original.state_dict()
+    assert (feed(restored, losses[30:], grads[30:], rewards[30:], start=31)
+            == feed(original, losses[30:], grads[30:], rewards[30:], start=31))
+
+
+def test_a_state_of_an_unknown_version_is_refused():
+    state = make([]).state_dict()
+    with pytest.raises(ValueError, match="controller state version 7: expected 2"):
+        make([]).load_state_dict({**state, "version": 7})

@@ -175,9 +175,9 @@ def test_a_fresh_run_starts_its_files_anew_and_a_failed_run_is_cleaned_up(model,
                       callbacks=[r8, Boom()])
     with pytest.raises(RuntimeError, match="boom"):
         failing.train()
-    assert r8._dashboard is not None  # on_train_end never ran
+    assert r8._outputs.live  # on_train_end never ran
     Trainer(model=model, args=training_args(tmp_path, max_steps=8), train_dataset=lm_dataset, callbacks=[r8]).train()
-    assert r8._dashboard is None and r8._run_log is None  # the leftovers were closed, then this run's
+    assert not r8._outputs.live  # the leftovers were closed, then this run's
     rows = read_jsonl(tmp_path / RUN_DIR / METRICS_FILE)
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, 9))  # the failed run's rows are gone
 

@@ -111,7 +111,7 @@ def test_a_quiet_block_is_frozen_untouched_then_unfrozen_when_it_revives(tokeniz
     assert all(watch.requires_grad[unfrozen_at - 1:])
     assert all(not torch.equal(after[unfrozen_at - 2][name], after[-1][name]) for name in watch.quiet)  # training
     assert all(p.requires_grad for p in model.parameters())  # the user's model is fully trainable after train()
-    logged = [entry["r8/frozen_fraction"] for entry in r8._active_trainer.state.log_history
+    logged = [entry["r8/frozen_fraction"] for entry in r8._run.trainer.state.log_history
               if "r8/frozen_fraction" in entry]
     assert max(logged) > 0 and logged[-1] == 0.0
 
@@ -129,10 +129,11 @@ def test_freezing_state_comes_back_on_resume(tokenizer, lm_dataset, tmp_path):
         return r8
 
     first = run(25, resume=False)
-    assert first._freezer.frozen_fraction > 0
+    assert first._run.actions.freezer.frozen_fraction > 0
     resumed = run(30, resume=True)
-    assert resumed._freezer.policy.state_dict().keys() == first._freezer.policy.state_dict().keys()
-    assert resumed._freezer.frozen_fraction > 0  # still frozen after the resume: no re-learning from scratch
+    resumed_freezer, first_freezer = resumed._run.actions.freezer, first._run.actions.freezer
+    assert resumed_freezer.policy.state_dict().keys() == first_freezer.policy.state_dict().keys()
+    assert resumed_freezer.frozen_fraction > 0  # still frozen after the resume: no re-learning from scratch
 
 
 @pytest.mark.integration
@@ -150,7 +151,7 @@ def test_a_rollback_restores_tensors_frozen_since_the_snapshot_and_the_frozen_se
     assert trainer.state.global_step == 60 and r8.rollback_counts["rollbacks"] == 1 and probe.compared == 1
     rollback_step = next(event.step for event in r8.events if event.action == "cut")
     quiet = {name for name, _ in model.named_parameters() if name.startswith(QUIET_PREFIX)}
-    assert quiet <= set(r8._healthy_snapshots[-1]._model)  # trainable at the start: in every snapshot
+    assert quiet <= set(r8._run.rollback.snapshots[-1]._model)  # trainable at the start: in every snapshot
     freeze_steps = sorted({event.step for event in r8.events if event.action == "freeze"})
     # Frozen on the discarded trajectory, unfrozen by the rollback, frozen again by the restored patience count.
     assert freeze_steps[0] < rollback_step < freeze_steps[1]
@@ -174,11 +175,11 @@ def test_a_run_that_raised_leaves_no_tensor_frozen_for_the_next_one(tokenizer, l
                       train_dataset=lm_dataset, callbacks=[r8, failure])
     with pytest.raises(RuntimeError, match="injected failure"):
         trainer.train()
-    assert r8._freezer.frozen_fraction > 0 and not any(param.requires_grad for param in quiet.values())
+    assert r8._run.actions.freezer.frozen_fraction > 0 and not any(param.requires_grad for param in quiet.values())
     failure.step, scale[0] = None, 1.0  # the next run, where the block's gradient is back
     before = {name: param.detach().clone() for name, param in quiet.items()}
     trainer.train()
-    assert set(quiet) <= set(r8._freezer.names) and all(param.requires_grad for param in quiet.values())
+    assert set(quiet) <= set(r8._run.actions.freezer.names) and all(param.requires_grad for param in quiet.values())
     assert all(not torch.equal(before[name], param) for name, param in quiet.items())
 
 
@@ -224,7 +225,7 @@ def test_an_fp16_overflow_step_gets_no_dither_and_leaves_the_freezer_finite(toke
         trainer.add_callback(callback)
     trainer.train()
     assert skips.unchanged  # no noise on the weights of a step that was not applied
-    assert all(math.isfinite(state.ema) for state in r8._freezer.policy.tensors)
+    assert all(math.isfinite(state.ema) for state in r8._run.actions.freezer.policy.tensors)
     assert not any(event.action == "skip_step" for event in r8.events)  # the scaler's skip, not R8's
     assert any(event.action == "freeze" for event in r8.events)
 
@@ -273,6 +274,6 @@ def test_freezing_on_a_lora_model_only_touches_the_adapters(tokenizer, lm_datase
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=4,
                              learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True)
     Trainer(model=model, args=args, train_dataset=lm_dataset, callbacks=[r8]).train()
-    assert all("lora_" in name for name in r8._freezer.names)
+    assert all("lora_" in name for name in r8._run.actions.freezer.names)
     assert any(event.action == "freeze" for event in r8.events)
     assert not any(p.requires_grad for p in frozen_base)  # the base model stays the user's frozen base

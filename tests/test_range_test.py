@@ -199,7 +199,7 @@ class SnapshotProbe(TrainerCallback):
         self.r8, self.snapshot_ids, self.stored_gains = r8, set(), {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        snapshots = self.r8._healthy_snapshots
+        snapshots = self.r8._run.rollback.snapshots
         self.snapshot_ids.update(id(snapshot) for snapshot in snapshots)
         if snapshots:
             self.stored_gains[state.global_step] = snapshots[0].extras["controller"]["groups"][0]["lr_gain"]
@@ -233,7 +233,7 @@ def test_the_default_finds_its_way_up_from_an_lr_100x_too_low(tokenizer, lm_data
     # shown: a plot in the end-of-run report, and a line of the dashboard
     assert (tmp_path / "r8" / "r8" / "r8_report" / "range_test.png").stat().st_size > 0
     assert "LR range test: 15 steps" in (tmp_path / "r8" / "r8" / "r8_report" / "summary.md").read_text()
-    assert r8._view.range_test.startswith(f"chose LR {3e-5 * rebase.new_value:.3g}")
+    assert r8._outputs.view.range_test.startswith(f"chose LR {3e-5 * rebase.new_value:.3g}")
 
 
 @pytest.mark.integration

@@ -230,7 +230,7 @@ def _run(tokenizer, lm_dataset, tmp_path, fault, callbacks=(), save_strategy="no
 @pytest.fixture(scope="module")
 def clean_eval_loss(tokenizer, lm_dataset, tmp_path_factory):
     trainer, r8 = _run(tokenizer, lm_dataset, tmp_path_factory.mktemp("clean"), None)
-    assert r8._rollback.rollbacks == 0 and r8._rollback.skipped_steps == 0  # no false alarm on a clean run
+    assert r8.rollback_counts == {"skipped_steps": 0, "rollbacks": 0, "wasted_steps": 0}  # no false alarm
     return trainer.evaluate()["eval_loss"]
 
 
@@ -244,7 +244,7 @@ def clean_eval_loss(tokenizer, lm_dataset, tmp_path_factory):
 def test_the_run_survives_the_fault(tokenizer, lm_dataset, tmp_path, clean_eval_loss, fault, callbacks, skipped,
                                     rolled_back):
     trainer, r8 = _run(tokenizer, lm_dataset, tmp_path, fault, callbacks)
-    assert r8._rollback.skipped_steps == skipped and r8._rollback.rollbacks == rolled_back
+    assert r8._run.rollback.policy.skipped_steps == skipped and r8._run.rollback.policy.rollbacks == rolled_back
     assert all(torch.isfinite(param).all() for param in trainer.model.parameters())
     assert trainer.state.global_step == 70
     eval_loss = trainer.evaluate()["eval_loss"]
@@ -262,8 +262,8 @@ class RestoreProbe(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         last = self.r8.events[-1] if self.r8.events else None
         if last is not None and last.step == state.global_step + 1 and last.action in ("cut", "stop"):
-            snapshot = self.r8._healthy_snapshots[-1]
-            live = model_tensors(self.r8._model, snapshot.parameter_names)
+            snapshot = self.r8._run.rollback.snapshots[-1]
+            live = model_tensors(self.r8._run.trainer.model, snapshot.parameter_names)
             assert all(torch.equal(live[name], buffer) for name, buffer in snapshot._model.items())
             self.compared += 1
 
@@ -285,7 +285,7 @@ def test_rollback_restores_the_snapshot_bit_for_bit_and_stops_after_the_limit(mo
     checkpoint = tmp_path / f"checkpoint-{stops[0].step}"
     assert (checkpoint / "model.safetensors").is_file()  # the healthy state, written although save_strategy="no"
     saved = load_file(checkpoint / "model.safetensors")
-    snapshot = r8._healthy_snapshots[-1]
+    snapshot = r8._run.rollback.snapshots[-1]
     shared = set(saved) & set(snapshot._model)
     assert shared == set(saved)  # every tensor in the checkpoint is compared
     assert all(torch.equal(saved[name], snapshot._model[name]) for name in shared)
@@ -296,7 +296,7 @@ def test_rollback_turns_itself_off_when_snapshots_do_not_fit_and_the_guard_still
                                                                                      tmp_path, caplog):
     trainer, r8 = _run(tokenizer, lm_dataset, tmp_path, "nan_loss", max_ram_fraction=1e-12)
     assert "R8 rollback is off" in caplog.text and "GiB" in caplog.text
-    assert r8._healthy_snapshots == [] and r8._rollback.skipped_steps == 1
+    assert r8._run.rollback.snapshots == [] and r8._run.rollback.policy.skipped_steps == 1
     assert all(torch.isfinite(param).all() for param in trainer.model.parameters())
 
 
@@ -308,7 +308,7 @@ def test_counters_survive_a_checkpoint(tokenizer, lm_dataset, tmp_path):
     trainer = Trainer(model=FaultyModel(_tiny_gpt2(tokenizer, untied=True), None), args=args,
                       train_dataset=lm_dataset, callbacks=[r8])
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-40"))
-    assert r8._rollback.skipped_steps == 1 and r8._rollback.last_anomaly_step == FAULT_STEP
+    assert r8._run.rollback.policy.skipped_steps == 1 and r8._run.rollback.policy.last_anomaly_step == FAULT_STEP
 
 
 @pytest.mark.integration
@@ -325,8 +325,8 @@ def test_peft_lora_snapshots_hold_the_adapters_only(tokenizer, lm_dataset, tmp_p
     trainer = Trainer(model=ScriptedLossModel(model, spikes_twice), args=training_args(tmp_path, max_steps=50,
                       per_device_train_batch_size=8, learning_rate=3e-3), train_dataset=lm_dataset, callbacks=[r8])
     trainer.train()
-    assert r8._rollback.rollbacks == 1
-    parameters = [name for name in r8._healthy_snapshots[-1]._model if not name.startswith("buffer:")]
+    assert r8._run.rollback.policy.rollbacks == 1
+    parameters = [name for name in r8._run.rollback.snapshots[-1]._model if not name.startswith("buffer:")]
     assert len(parameters) == 2  # lora_A and lora_B of the one c_attn
     assert parameters and all("lora_" in name for name in parameters)
     assert all(torch.isfinite(param).all() for param in model.parameters())

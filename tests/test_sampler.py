@@ -7,6 +7,7 @@ import pytest
 
 from hf_r8.data.catalog import LossCatalog
 from hf_r8.data.sampler import BalancedQuartileSampler, batch_counts
+from hf_r8.data.sampler_modes import SAMPLER_MODES, SamplerMode, register_sampler_mode, registered_sampler_modes
 
 
 def cataloged(size=64, seed=0):
@@ -127,3 +128,55 @@ def test_uniform_mode_is_a_fresh_permutation_every_epoch():
     sampler.set_epoch(3)
     plan = sampler.plan().tolist()
     assert sorted(plan) == list(range(64)) and (sampler.loss_weights == 1.0).all()
+
+
+class HardestFirst(SamplerMode):
+    """A user's mode: the highest EMA loss first, and those examples count double."""
+
+    def plan(self, sampler, rng):
+        order = np.argsort(-sampler.catalog.ema_loss, kind="stable")
+        sampler.loss_weights[order[: sampler.batch_size]] = 2.0
+        return order
+
+    def describe(self, sampler):
+        return f"hardest first, the first {sampler.batch_size} weighted x2"
+
+
+@pytest.fixture
+def user_modes(monkeypatch):
+    """`hardest_first` registered for one test."""
+    monkeypatch.setattr(SAMPLER_MODES, "_classes", dict(SAMPLER_MODES._classes))
+    register_sampler_mode("hardest_first", HardestFirst)
+
+
+def test_a_registered_sampler_mode_plans_the_epochs_after_the_cataloging_one(user_modes):
+    catalog = cataloged()
+    plans = []
+    sampler = BalancedQuartileSampler(catalog, batch_size=8, mode="hardest_first",
+                                      on_plan=lambda epoch, kind: plans.append((epoch, kind)))
+    cataloging = list(sampler)
+    sampler.set_epoch(1)
+    planned = list(sampler)
+    assert sorted(cataloging) == list(range(64)) and cataloging != planned
+    assert planned == np.argsort(-catalog.ema_loss, kind="stable").tolist()
+    assert (sampler.loss_weights[planned[:8]] == 2.0).all() and (sampler.loss_weights[planned[8:]] == 1.0).all()
+    assert plans == [(0, "cataloging epoch, every example once in a seeded order"),
+                     (1, "hardest first, the first 8 weighted x2")]
+    assert registered_sampler_modes() == ("balanced", "infobatch", "uniform", "hardest_first")
+
+
+def test_an_unknown_sampler_mode_is_refused_naming_the_registered_ones(user_modes):
+    with pytest.raises(ValueError, match=r"sampler.mode: 'hardest' is not registered: must be one of \['balanced', "
+                                         r"'infobatch', 'uniform', 'hardest_first'\] \(add one with "
+                                         r"hf_r8.data.sampler_modes.register_sampler_mode\)"):
+        BalancedQuartileSampler(cataloged(), batch_size=8, mode="hardest")
+
+
+@pytest.mark.parametrize(("name", "mode", "error", "message"), [
+    ("balanced", HardestFirst, ValueError, "'balanced' is built into hf_r8"),
+    ("mine", object, TypeError, "must be a subclass of hf_r8.data.sampler_modes.SamplerMode"),
+])
+def test_register_sampler_mode_refuses_taken_names_and_non_modes(user_modes, name, mode, error, message):
+    with pytest.raises(error, match=message):
+        register_sampler_mode(name, mode)
+    assert "mine" not in registered_sampler_modes()

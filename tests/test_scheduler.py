@@ -1,12 +1,15 @@
 """`AdaptiveScheduler` outside the Trainer: the same LR trajectory as R8Callback on the same signals,
-state round trip, reward-only driving, momentum only where the optimizer has it."""
+state round trip, reward-only driving, momentum only where the optimizer has it; torch's `LRScheduler`
+contract: SequentialLR and ChainedScheduler, `step(epoch)`, `close()`."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from torch.optim.lr_scheduler import ChainedScheduler, ExponentialLR, LinearLR, LRScheduler, SequentialLR
 from transformers import Trainer, TrainingArguments
 
 from hf_r8 import AdaptiveScheduler, R8Callback, R8Config
@@ -19,13 +22,18 @@ def _quiet(config: R8Config) -> R8Config:
 
 
 def _lrs_after_each_step(optimizer: torch.optim.Optimizer, scheduler: AdaptiveScheduler,
-                         signals: list[dict[str, float | None]]) -> list[float]:
-    """A loop with zero gradients (so the weights do not matter): step, record the LR used, report the signals."""
+                         signals: list[dict[str, float | None]], container: LRScheduler | None = None) -> list[float]:
+    """A loop: step, record the LR used, report the signals; with a `container` (a SequentialLR or
+    ChainedScheduler holding `scheduler`), give them with `set_metrics` and step the container."""
     used = []
     for signal in signals:
         optimizer.step()
         used.append(optimizer.param_groups[0]["lr"])
-        scheduler.step_loss(signal["loss"], grad_norm=signal["grad_norm"])
+        if container is None:
+            scheduler.step_loss(signal["loss"], grad_norm=signal["grad_norm"])
+        else:
+            scheduler.set_metrics(signal["loss"], grad_norm=signal["grad_norm"])
+            container.step()
     return used
 
 
@@ -123,12 +131,12 @@ def test_tensor_and_nan_losses_are_taken_as_they_are():
     assert scheduler.controller.metrics()["nonfinite_losses"] == 1
 
 
-def _sgd_with_scheduler(config: R8Config) -> tuple[torch.optim.SGD, AdaptiveScheduler]:
+def _sgd_with_scheduler(config: R8Config, total_steps: int | None = 100) -> tuple[torch.optim.SGD, AdaptiveScheduler]:
     """SGD with momentum on one parameter with a zero gradient (steps move nothing): only the LR is watched."""
     parameter = torch.nn.Parameter(torch.zeros(3))
     parameter.grad = torch.zeros(3)
     optimizer = torch.optim.SGD([parameter], lr=1e-2, momentum=0.9)
-    return optimizer, AdaptiveScheduler(optimizer, config, total_steps=100)
+    return optimizer, AdaptiveScheduler(optimizer, config, total_steps=total_steps)
 
 
 def test_per_example_losses_and_rewards_stand_for_their_mean():
@@ -168,7 +176,7 @@ def test_an_empty_signal_or_several_gradient_norms_are_refused_before_the_step(s
 
 
 def test_a_wrong_optimizer_type_is_refused():
-    with pytest.raises(ValueError, match="optimizer=.*must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match="optimizer=.*must be a torch.optim.Optimizer"):
         AdaptiveScheduler(object())
 
 
@@ -222,3 +230,112 @@ def test_a_plain_loop_started_100x_too_low_finds_its_way_up():
     restored.load_state_dict(scheduler.state_dict())
     assert restored.controller.specs[0].initial_gain == rebase.new_value
     assert restored.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_sequential_lr_warms_up_with_linear_lr_then_the_scheduler_drives_from_its_milestone():
+    config = _quiet(R8Config.from_preset("aggressive"))
+    warmup, steps = 10, 150  # 150 steps of its own: the range test runs, from the milestone
+    signals = _signals(warmup + steps)
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([parameter], lr=1e-2)
+    adaptive = AdaptiveScheduler(optimizer, config, total_steps=steps)
+    sequential = SequentialLR(optimizer, [LinearLR(optimizer, start_factor=0.1, total_iters=warmup), adaptive],
+                              milestones=[warmup])
+    parameter.grad = torch.ones(3)  # the weights move (until the range test drops the gradient at its end)
+    weights = []
+    optimizer.register_step_post_hook(lambda *_: weights.append(parameter.detach().clone()))
+    used = _lrs_after_each_step(optimizer, adaptive, signals, sequential)
+
+    alone = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=1e-2)
+    linear, warmup_lrs = LinearLR(alone, start_factor=0.1, total_iters=warmup), []
+    for _ in range(warmup):
+        alone.step()
+        warmup_lrs.append(alone.param_groups[0]["lr"])
+        linear.step()
+    assert used[:warmup] == warmup_lrs
+    assert used[warmup:] == _lrs_after_each_step(*_sgd_with_scheduler(config, steps), signals[warmup:])
+    assert len(set(used[warmup:])) > 2
+    rebase = next(event for event in adaptive.events if event.rule == "range_test")
+    assert not torch.equal(weights[warmup - 1], torch.zeros(3))  # a snapshot taken at construction would differ
+    assert torch.equal(weights[warmup + rebase.step - 1], weights[warmup - 1])
+
+
+def test_after_its_phase_in_sequential_lr_the_scheduler_leaves_the_lr_to_the_next_one():
+    config = _quiet(R8Config.from_preset("aggressive"))
+    signals = _signals(60)
+    optimizer, adaptive = _sgd_with_scheduler(config, total_steps=None)
+    sequential = SequentialLR(optimizer, [adaptive, ExponentialLR(optimizer, gamma=0.9)], milestones=[40])
+    used = _lrs_after_each_step(optimizer, adaptive, signals, sequential)
+    plain = _lrs_after_each_step(*_sgd_with_scheduler(config, total_steps=None), signals[:40])
+    assert used[:40] == plain and plain[-1] != 1e-2  # the gain had moved the LR before the milestone
+    exponential = [1e-2]  # restarted at base_lrs, then scaled as ExponentialLR scales: to the last bit
+    for _ in range(19):
+        exponential.append(exponential[-1] * 0.9)
+    assert used[40:] == exponential
+
+
+@pytest.mark.parametrize("adaptive_first", [True, False], ids=["adaptive first", "exponential first"])
+def test_in_a_chained_scheduler_the_gain_multiplies_the_lr_the_other_scheduler_sets(adaptive_first):
+    config = _quiet(R8Config.from_preset("aggressive"))
+    signals = _signals(100)
+    optimizer, adaptive = _sgd_with_scheduler(config, total_steps=None)  # no anneal: it reads the schedule
+    exponential = ExponentialLR(optimizer, gamma=0.98)
+    chained = ChainedScheduler([adaptive, exponential] if adaptive_first else [exponential, adaptive])
+    used = _lrs_after_each_step(optimizer, adaptive, signals, chained)
+    optimizer.step()
+    assert adaptive.get_last_lr() == [optimizer.param_groups[0]["lr"]]  # what the step used
+    plain = _lrs_after_each_step(*_sgd_with_scheduler(config, total_steps=None), signals)
+    assert len(set(plain)) > 2
+    assert used == pytest.approx([lr * 0.98 ** step for step, lr in enumerate(plain)], rel=1e-12)
+
+
+def test_a_chained_scheduler_saved_as_plain_data_resumes_the_same_trajectory():
+    config = _quiet(R8Config.from_preset("aggressive"))
+    signals = _signals(100)
+
+    def fresh() -> tuple[torch.optim.Optimizer, AdaptiveScheduler, ChainedScheduler]:
+        optimizer, adaptive = _sgd_with_scheduler(config, total_steps=None)
+        return optimizer, adaptive, ChainedScheduler([ExponentialLR(optimizer, gamma=0.98), adaptive])
+
+    optimizer, adaptive, chained = fresh()
+    straight = _lrs_after_each_step(optimizer, adaptive, signals, chained)
+    optimizer, adaptive, chained = fresh()
+    first = _lrs_after_each_step(optimizer, adaptive, signals[:40], chained)
+    saved_chained, saved_optimizer = json.dumps(chained.state_dict()), optimizer.state_dict()
+    optimizer, adaptive, chained = fresh()
+    optimizer.load_state_dict(saved_optimizer)
+    chained.load_state_dict(json.loads(saved_chained))
+    assert first + _lrs_after_each_step(optimizer, adaptive, signals[40:], chained) == straight
+    assert len(set(straight)) > 2 and adaptive.events  # the gain moved, and the events came back with the state
+
+
+def test_step_with_an_epoch_warns_as_torch_does_and_only_restarts_the_schedule_at_base_lrs():
+    config = _quiet(R8Config.from_preset("aggressive"))
+    signals = _signals(100)
+    optimizer, scheduler = _sgd_with_scheduler(config)
+    used = []
+    for signal in signals:
+        optimizer.step()
+        used.append(optimizer.param_groups[0]["lr"])
+        scheduler.set_metrics(signal["loss"], grad_norm=signal["grad_norm"])
+        with pytest.warns(UserWarning, match=r"The epoch parameter in `scheduler.step\(\)`"):
+            scheduler.step(epoch=0)
+        assert scheduler.last_epoch == 0 and scheduler.get_last_lr() == [1e-2]
+    # Alone, the schedule is base_lrs: restarting it changes nothing, and the controller counts its own steps.
+    assert used == _lrs_after_each_step(*_sgd_with_scheduler(config), signals)
+    assert len(set(used)) > 2
+
+
+def test_close_removes_the_optimizer_hook_and_refuses_later_steps():
+    config = _quiet(R8Config.from_preset("aggressive"))
+    optimizer, scheduler = _sgd_with_scheduler(config)
+    with scheduler:
+        assert len(optimizer._optimizer_step_pre_hooks) == 1
+        _lrs_after_each_step(optimizer, scheduler, _signals(40))
+    assert not optimizer._optimizer_step_pre_hooks
+    optimizer.param_groups[0]["lr"] = 0.5
+    optimizer.step()
+    assert optimizer.param_groups[0]["lr"] == 0.5  # nothing writes the LR any more
+    with pytest.raises(RuntimeError, match=r"step\(\): the scheduler is closed"):
+        scheduler.step_loss(1.0)
+    scheduler.close()

@@ -77,7 +77,8 @@ def test_async_reward_functions_stay_async_and_are_tracked():
     tracked = r8.track_rewards(constant_one)[0]
     assert inspect.iscoroutinefunction(tracked) and tracked.__name__ == "constant_one"
     assert asyncio.run(tracked(["a", "b"])) == [1.0, 1.0]
-    assert r8._step_reward() == (1.0, 1.0) and r8._step_reward() == (0.0, 0.0)  # used up by the step
+    rewards = r8._rewards
+    assert rewards.take_step_reward() == (1.0, 1.0) and rewards.take_step_reward() == (0.0, 0.0)  # used up by the step
 
 
 def test_controller_state_comes_back_on_resume(rl_tokenizer, tmp_path):

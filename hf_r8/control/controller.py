@@ -10,45 +10,27 @@ after the warmup hand-off, every parameter group's state:
 The LR actually used is `compose_lr(group, schedule_lr)`: the base schedule's value times the gain
 (and, near the end of a run whose schedule does not decay, the anneal factor), never pushed below
 lr_min (unless the schedule itself is lower) nor above lr_max. With every rule and the anneal off the
-controller is the identity. Everything here is plain Python: no torch, no transformers; `state_dict()`
-is JSON-safe and `load_state_dict()` restores it exactly.
+controller is the identity. The rules are small classes looked up by name (rule_registry.py): each group runs
+its own instances, and the controller only hands them the step's statistics and combines what they propose.
+Everything here is plain Python: no torch, no transformers; `state_dict()` is JSON-safe and `load_state_dict()`
+restores it exactly (a version-1 state, from before the rules were classes, too).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from hf_r8.control.config import R8Config
-from hf_r8.control.decision import Decision, DecisionEngine
-from hf_r8.control.rules import (
-    Proposal,
-    blend,
-    cosine_restart_level,
-    loss_decay_level,
-    loss_momentum,
-    next_sigma,
-    normalized_momentum,
-    relative_momentum,
-    reward_momentum,
-    reward_scaling_level,
-    reward_trend_factor,
-    reward_variance_level,
-    trend_factor,
-    variance_level,
-)
-from hf_r8.control.signals import (
-    Ema,
-    LossStatistics,
-    LossStep,
-    RewardStatistics,
-    WindowSummary,
-    is_finite_number,
-    relative_improvement,
-)
+from hf_r8.control.decision import Decision
+from hf_r8.control.laws import next_momentum, next_sigma
+from hf_r8.control.rule_registry import build_rules, version_1_rule_states
+from hf_r8.control.rules import Proposal, Rule, StepStatistics, blend
+from hf_r8.control.signals import Ema, LossStatistics, LossStep, RewardStatistics, WindowSummary, is_finite_number
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""2: each group's rule states under "rules", by rule name; 1 kept them as flat keys of the group (still loaded)."""
 
 
 @dataclass
@@ -95,21 +77,11 @@ class Event:
 
 @dataclass
 class GroupState:
-    """Per-group controller state: plain numbers."""
+    """Per-group controller state: plain numbers (each rule keeps its own state)."""
 
     running_gain: float = 1.0
     lr_gain: float = 1.0
     momentum: float | None = None
-    engine: DecisionEngine = field(default_factory=DecisionEngine)
-    steps_since_grad_rule: int = 1_000_000_000  # "long ago": no cooldown at start
-    plateau_best: float | None = None
-    plateau_steps: int = 0
-    plateau_cooldown: int = 0
-    cycle_position: int = 0
-    cycle_length: int = 0
-    trend_direction: int = 0
-    reward_direction: int = 0
-    kl_braking: bool = False
     steps_since_aux_rule: int = 0
 
 
@@ -150,8 +122,10 @@ class Controller:
         # Router groups always get the MoE profile; with `moe.enabled` and no router group, every group does.
         self.router_profile = [spec.is_router or (config.moe.enabled and no_router_group) for spec in self.specs]
         self.gain_bounds = [self._gain_bounds(i) for i in range(len(self.specs))]
-        self.groups = [GroupState(running_gain=spec.initial_gain, lr_gain=spec.initial_gain, momentum=spec.momentum,
-                                  cycle_length=config.cyclical.T0) for spec in self.specs]
+        self.groups = [GroupState(running_gain=spec.initial_gain, lr_gain=spec.initial_gain, momentum=spec.momentum)
+                       for spec in self.specs]
+        self.group_rules: list[dict[str, Rule]] = [build_rules(config, router) for router in self.router_profile]
+        """Per group, the rules it runs by name, in the order they propose."""
 
     # ----------------------------------------------------------------------------------- bounds
     def lr_bounds(self, index: int) -> tuple[float, float]:
@@ -214,14 +188,15 @@ class Controller:
         reward_updated = is_finite_number(observation.reward)
         if reward_updated:
             self.reward.update(observation.reward)
-        reward_direction = self._reward_direction() if reward_updated else None
         if observation.step <= self.warmup_steps:
             return []
+        statistics = StepStatistics(observation.step, loss_step, self.loss, self.reward,
+                                    self._reward_direction() if reward_updated else None, self.grad_fast,
+                                    self.grad_slow, grad_jump, grad_collapse, observation.kl)
         instability = min(1.0, self.loss.rolling_cv() / self.config.decision.instability_threshold)
         events: list[Event] = []
         for index in range(len(self.groups)):
-            events += self._adapt_group(index, loss_step, grad_jump, grad_collapse, reward_direction, observation.kl,
-                                        instability)
+            events += self._adapt_group(index, statistics, instability)
             if self.router_profile[index]:
                 events += self._damp_router_on_aux_rise(index, aux_rise)
         events += self._adapt_sigma(loss_step, events)
@@ -272,149 +247,31 @@ class Controller:
         collapse = ready and not jump and self.grad_fast.value < config.collapse_ratio * self.grad_slow.value
         return jump, collapse
 
-    def _adapt_group(self, index: int, loss_step: LossStep | None, grad_jump: bool, grad_collapse: bool,
-                     reward_direction: int | None, kl: float | None, instability: float) -> list[Event]:
+    def _adapt_group(self, index: int, statistics: StepStatistics, instability: float) -> list[Event]:
+        """Ask the group's rules; the blended step factor (rate-limited) moves the running gain, the blended level
+        applies on top of it."""
         config, group = self.config, self.groups[index]
-        rules = set(config.rules)
-        step_proposals = self._step_proposals(index, loss_step, grad_jump, grad_collapse, reward_direction, kl)
-        level_proposals = self._level_proposals(index, loss_step)
-
+        step_proposals: list[Proposal] = []
+        level_proposals: list[Proposal] = []
+        for rule in self.group_rules[index].values():
+            proposal = rule.propose(statistics)
+            if proposal is None:
+                continue
+            if rule.kind == "level":
+                level_proposals.append(proposal)
+            else:
+                step_proposals.append(proposal)
         max_change = config.moe.max_change_per_step if self.router_profile[index] else config.bounds.max_change_per_step
         step_factor = min(1.0 + max_change, max(1.0 - max_change, blend(step_proposals, config.blend, instability)))
         gain_min, gain_max = self.gain_bounds[index]
         old_gain = group.lr_gain
         group.running_gain = min(gain_max, max(gain_min, group.running_gain * step_factor))
-        level = blend(level_proposals, config.blend, instability)
-        new_gain = group.running_gain * level
+        new_gain = group.running_gain * blend(level_proposals, config.blend, instability)
         group.lr_gain = min(gain_max, max(gain_min, new_gain)) if math.isfinite(new_gain) else group.lr_gain
-        if "cyclical" in rules:
-            self._advance_cycle(group)
-        self._adapt_momentum(index, loss_step, reward_direction)
+        if config.momentum.rule != "none" and group.momentum is not None:
+            group.momentum = next_momentum(group.momentum, statistics, config.momentum)
         return [Event(self.step, index, p.rule, p.action, old_gain, group.lr_gain, p.reason)
-                for p in step_proposals if p.action]
-
-    def _step_proposals(self, index: int, loss_step: LossStep | None, grad_jump: bool, grad_collapse: bool,
-                        reward_direction: int | None, kl: float | None) -> list[Proposal]:
-        config, group = self.config, self.groups[index]
-        rules = set(config.rules)
-        proposals: list[Proposal] = []
-        if "decision" in rules:
-            verdict = group.engine.on_step(loss_step, config.decision)
-            if verdict is not None:
-                factor = self._decision_factor(index, verdict.decision)
-                if factor != 1.0:
-                    proposals.append(Proposal("decision", factor, verdict.decision.value, verdict.reason,
-                                              blendable=verdict.decision is not Decision.SPIKE_DECREASE))
-        has_ema_step = loss_step is not None and loss_step.finite and loss_step.ema_before is not None
-        if "trend" in rules and has_ema_step:
-            factor = trend_factor(loss_step.ema_before, loss_step.ema, config.trend)
-            direction = 1 if factor > 1.0 else -1
-            # Only a change of direction is a decision worth an event; the rule acts every step.
-            action = "" if direction == group.trend_direction else f"trend_{'up' if direction > 0 else 'down'}"
-            reason = f"loss EMA {'improving' if direction > 0 else 'not improving'} ({loss_step.ema:.4g})"
-            group.trend_direction = direction
-            proposals.append(Proposal("trend", factor, action, reason))
-        if "grad_norm" in rules:
-            group.steps_since_grad_rule += 1
-            if (grad_jump or grad_collapse) and group.steps_since_grad_rule > config.grad_norm.cooldown_steps:
-                group.steps_since_grad_rule = 0
-                slow = self.grad_slow.value
-                if grad_jump:
-                    proposals.append(Proposal("grad_norm", config.grad_norm.shrink_factor, "grad_norm_jump",
-                                              f"norm > {config.grad_norm.jump_ratio} x EMA {slow:.4g}"))
-                else:
-                    proposals.append(Proposal("grad_norm", config.grad_norm.grow_factor, "grad_norm_collapse",
-                                              f"fast EMA {self.grad_fast.value:.4g} < "
-                                              f"{config.grad_norm.collapse_ratio} x slow EMA {slow:.4g}"))
-        if "plateau" in rules and loss_step is not None and loss_step.finite:
-            proposals += self._plateau_proposal(group, loss_step.ema)
-        kl_limit = config.reward.kl_limit
-        over_kl = kl_limit is not None and is_finite_number(kl) and kl > kl_limit
-        if over_kl:  # acts every step while over the limit; an event marks the start
-            proposals.append(Proposal("reward_kl", config.reward.down_factor, "" if group.kl_braking else "kl_brake",
-                                      f"KL {kl:.4g} above reward.kl_limit={kl_limit:g}", blendable=False))
-        if kl is not None:
-            group.kl_braking = over_kl
-        if "trend" in config.reward.rules and reward_direction and not (over_kl and reward_direction > 0):
-            # Like the loss trend: the rule acts every step, an event marks a change of direction.
-            action = "" if reward_direction == group.reward_direction else \
-                f"reward_{'up' if reward_direction > 0 else 'down'}"
-            reason = (f"reward slope {abs(self.reward.trend_t()):.1f} standard errors "
-                      f"{'above' if reward_direction > 0 else 'below'} flat over the last {len(self.reward.recent)} "
-                      f"rewards (EMA {self.reward.ema.value:.4g})")
-            proposals.append(Proposal("reward_trend", reward_trend_factor(reward_direction, config.reward), action,
-                                      reason))
-        if reward_direction is not None:  # a step without a new reward changes nothing
-            group.reward_direction = reward_direction
-        return proposals
-
-    def _decision_factor(self, index: int, decision: Decision) -> float:
-        config = self.config.decision
-        moe = self.router_profile[index]
-        if decision is Decision.INCREASE:
-            return self.config.moe.increase_factor if moe else config.increase_factor
-        if decision is Decision.DECREASE:
-            return self.config.moe.decrease_factor if moe else config.decrease_factor
-        if decision is Decision.SPIKE_DECREASE:
-            return config.spike_factor
-        return 1.0
-
-    def _plateau_proposal(self, group: GroupState, loss_ema: float) -> list[Proposal]:
-        config = self.config.plateau
-        if group.plateau_best is None or relative_improvement(group.plateau_best, loss_ema) > config.min_rel_improve:
-            group.plateau_best, group.plateau_steps = loss_ema, 0
-            return []
-        if group.plateau_cooldown > 0:  # like ReduceLROnPlateau: bad steps in cooldown do not count
-            group.plateau_cooldown -= 1
-            return []
-        group.plateau_steps += 1
-        if group.plateau_steps < config.patience:
-            return []
-        group.plateau_steps, group.plateau_cooldown = 0, config.cooldown
-        return [Proposal("plateau", config.big_drop, "plateau_drop",
-                         f"no new best loss EMA ({group.plateau_best:.4g}) for {config.patience} steps")]
-
-    def _level_proposals(self, index: int, loss_step: LossStep | None) -> list[Proposal]:
-        config, group = self.config, self.groups[index]
-        rules = set(config.rules)
-        proposals: list[Proposal] = []
-        if "variance" in rules:
-            proposals.append(Proposal("variance", variance_level(self.loss.rolling_cv(), config.variance)))
-        if "loss_decay" in rules and self.loss.ema.value is not None:
-            proposals.append(Proposal("loss_decay", loss_decay_level(self.loss.ema.value, config.loss_decay)))
-        if "cyclical" in rules:
-            level = cosine_restart_level(group.cycle_position, group.cycle_length, config.cyclical)
-            proposals.append(Proposal("cyclical", level))
-        if self.reward.ema.value is not None:
-            if "scaling" in config.reward.rules:
-                proposals.append(Proposal("reward_scaling", reward_scaling_level(self.reward.ema.value, config.reward)))
-            if "variance" in config.reward.rules:
-                proposals.append(Proposal("reward_variance", reward_variance_level(self.reward.variance(),
-                                                                                   config.reward)))
-        return proposals
-
-    def _advance_cycle(self, group: GroupState) -> None:
-        group.cycle_position += 1
-        if group.cycle_position >= group.cycle_length:
-            group.cycle_position = 0
-            group.cycle_length *= self.config.cyclical.T_mult
-
-    def _adapt_momentum(self, index: int, loss_step: LossStep | None, reward_direction: int | None) -> None:
-        config, group = self.config.momentum, self.groups[index]
-        if config.rule == "none" or group.momentum is None:
-            return
-        momentum = group.momentum
-        window = loss_step.closed_window if loss_step is not None else None
-        if config.rule in ("inverse", "exp") and self.loss.ema.value is not None:
-            momentum = loss_momentum(config.rule, self.loss.ema.value, config)
-        elif config.rule == "relative" and window is not None:
-            momentum = relative_momentum(momentum, window, config)
-        elif config.rule == "normalized" and len(self.loss.rolling) >= 2:
-            momentum = normalized_momentum(self.loss.rolling_cv(), config)
-        elif config.rule == "reward" and reward_direction:
-            momentum = reward_momentum(momentum, reward_direction, config)
-        if math.isfinite(momentum):
-            group.momentum = min(config.max, max(config.min, momentum))
+                for p in step_proposals + level_proposals if p.action]
 
     def _adapt_sigma(self, loss_step: LossStep | None, events: list[Event]) -> list[Event]:
         exploration = self.config.exploration
@@ -499,14 +356,17 @@ class Controller:
             "grad_slow": self.grad_slow.state_dict(),
             "aux_fast": self.aux_fast.state_dict(),
             "aux_slow": self.aux_slow.state_dict(),
-            "groups": [asdict(group) for group in self.groups],
+            "groups": [{**asdict(group), "rules": {name: rule.state_dict() for name, rule in rules.items()}}
+                       for group, rules in zip(self.groups, self.group_rules, strict=True)],
             "recovery": self.recovery,
             "annealing": self.annealing,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"controller state version {state.get('version')!r}: expected {STATE_VERSION}")
+        """Restore `state_dict()`'s output, or a version-1 state; a rule the saved run did not run starts fresh."""
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"controller state version {version!r}: expected {STATE_VERSION} (or 1)")
         if len(state["groups"]) != len(self.groups):
             raise ValueError(f"controller state has {len(state['groups'])} parameter groups, "
                              f"the optimizer has {len(self.groups)}")
@@ -526,8 +386,10 @@ class Controller:
         if "aux_fast" in state:  # saved before the aux-loss rule existed: it starts fresh
             self.aux_fast.load_state_dict(state["aux_fast"])
             self.aux_slow.load_state_dict(state["aux_slow"])
-        for group, saved in zip(self.groups, state["groups"], strict=True):
-            saved = dict(saved)
-            group.engine.load_state_dict(saved.pop("engine"))
-            for key, value in saved.items():
-                setattr(group, key, value)
+        for group, rules, saved in zip(self.groups, self.group_rules, state["groups"], strict=True):
+            for name in (spec.name for spec in fields(GroupState) if spec.name in saved):  # older states lack some
+                setattr(group, name, saved[name])
+            rule_states = saved["rules"] if version == STATE_VERSION else version_1_rule_states(saved)
+            for name, rule in rules.items():
+                if name in rule_states:
+                    rule.load_state_dict(rule_states[name])

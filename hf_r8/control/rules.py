@@ -1,32 +1,29 @@
-"""The control laws as small pure functions: each docstring carries its formula.
+"""The rule protocol: an LR rule is a small class that proposes a change of the gain from the step's statistics.
 
-Two kinds of LR rules exist:
+Two kinds exist:
 
-* **step rules** return a multiplicative factor applied to the group's running gain this step
-  (trend, grad_norm, plateau, reward trend, and the decision engine in `decision.py`);
-* **level rules** return a multiplier computed afresh from the current statistics and applied on
-  top of the running gain (variance, loss_decay, cyclical, reward scaling, reward variance).
+* **step rules** propose a multiplicative factor applied to the group's running gain this step, which it
+  keeps (decision engine, trend, grad_norm, plateau, the KL brake, reward trend);
+* **level rules** propose a multiplier computed afresh from the current statistics and applied on top of
+  the running gain, this step only (variance, loss_decay, cyclical, reward scaling, reward variance).
 
-`blend` combines several factors in log-space. Momentum laws return a momentum in [min, max];
-`next_sigma` is the exploration law. No torch, no transformers.
+Every parameter group runs its own instance of each active rule, so a rule keeps its state (counters,
+cooldowns, directions) in plain attributes and says what to save in `state_dict()`. The controller builds
+the rules by name (`rule_registry.py`), hands each the same `StepStatistics`, and combines their proposals
+with `blend`; a rule knows nothing of the other rules, the gains or their bounds. The built-in rules live
+in `loss_rules.py` and `reward_rules.py`. No torch, no transformers.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from hf_r8.control.config import (
-    BlendConfig,
-    CyclicalConfig,
-    ExplorationConfig,
-    LossDecayConfig,
-    MomentumConfig,
-    RewardConfig,
-    TrendConfig,
-    VarianceConfig,
-)
-from hf_r8.control.signals import WindowSummary, relative_improvement
+if TYPE_CHECKING:
+    from hf_r8.control.config import BlendConfig, R8Config
+    from hf_r8.control.signals import Ema, LossStatistics, LossStep, RewardStatistics
 
 # A factor of 0 (reward scaling at center - span) means "as low as the bounds allow".
 _SMALLEST_FACTOR = 1e-12
@@ -37,52 +34,92 @@ class Proposal:
     """One rule's multiplicative proposal for this step."""
 
     rule: str
+    """The rule's registered name: `blend.weights` and the events know it by this name."""
     factor: float
     action: str = ""
-    """Name of a discrete decision (e.g. "increase", "grad_norm_jump"); empty for continuous rules."""
+    """Name of a discrete decision (e.g. "increase", "grad_norm_jump"), which becomes an event; empty for
+    continuous rules."""
     reason: str = ""
     blendable: bool = True
     """False for safety actions (the spike brake), which are never weighted down."""
 
 
-def trend_factor(ema_before: float, ema: float, config: TrendConfig) -> float:
-    """x u if the loss EMA improved by more than `min_rel_improve` (relative), else x d."""
-    improved = relative_improvement(ema_before, ema) > config.min_rel_improve
-    return config.up_factor if improved else config.down_factor
+@dataclass(frozen=True)
+class StepStatistics:
+    """What one optimizer step (after warmup) tells the rules; the same record for every parameter group.
 
-
-def variance_level(cv: float, config: VarianceConfig) -> float:
-    """lr / (base + lambda * var), with var measured scale-free as cv^2 of the rolling loss window."""
-    return 1.0 / (config.base + config.scale * cv * cv)
-
-
-def loss_decay_level(loss_ema: float, config: LossDecayConfig) -> float:
-    """lr / (1 + k * loss): a high loss keeps the LR low (loss clipped at 0 from below)."""
-    return 1.0 / (1.0 + config.k * max(0.0, loss_ema))
-
-
-def cosine_restart_level(t_cur: int, t_i: int, config: CyclicalConfig) -> float:
-    """eta_min + (1 - eta_min) * (1 + cos(pi * T_cur / T_i)) / 2, eta_min = eta_min_scale."""
-    cosine = 0.5 * (1.0 + math.cos(math.pi * t_cur / max(1, t_i)))
-    return config.eta_min_scale + (1.0 - config.eta_min_scale) * cosine
-
-
-def reward_scaling_level(reward_ema: float, config: RewardConfig) -> float:
-    """1 + clip((R - center) / span, -1, 1): center - span -> ~0x, center -> 1x, center + span -> 2x.
-
-    The ~0 end is held up by the group's lower gain bound.
+    The statistics objects are the controller's own, already updated with this step's signals: read them,
+    never update them.
     """
-    return 1.0 + max(-1.0, min(1.0, (reward_ema - config.center) / config.span))
+
+    step: int
+    loss_step: LossStep | None
+    """What this step's loss did to the loss statistics; None when the step had no loss."""
+    loss: LossStatistics
+    reward: RewardStatistics
+    reward_direction: int | None
+    """1 / -1 while the recent rewards rise / fall significantly, else 0; None for a step without a new reward."""
+    grad_fast: Ema
+    grad_slow: Ema
+    grad_jump: bool
+    """This step's gradient norm is above grad_norm.jump_ratio x its slow EMA."""
+    grad_collapse: bool
+    """The fast gradient-norm EMA fell below grad_norm.collapse_ratio x the slow one."""
+    kl: float | None
+    """KL divergence to the reference model (RL fine-tuning), when the trainer logs it."""
 
 
-def reward_trend_factor(direction: int, config: RewardConfig) -> float:
-    """x up_factor while the reward rises significantly (direction 1), x down_factor while it falls (-1), else 1."""
-    return config.up_factor if direction > 0 else config.down_factor if direction < 0 else 1.0
+class Rule(ABC):
+    """One LR rule of one parameter group: subclass it, implement `propose`, register it by name.
 
+    Args:
+        config: the full `R8Config`; a rule reads its own section (a user rule its own settings).
+        router: whether the group gets the mixture-of-experts router profile (gentler factors).
 
-def reward_variance_level(variance: float, config: RewardConfig) -> float:
-    """1 / (1 + variance_scale * var(R) / span^2): noisy rewards damp the LR."""
-    return 1.0 / (1.0 + config.variance_scale * variance / (config.span * config.span))
+    Example:
+        ```python
+        class CoolDownBelowOne(Rule):
+            '''x0.99 every step the loss EMA is below 1.'''
+
+            def propose(self, statistics):
+                ema = statistics.loss.ema.value
+                return Proposal("cool_down", 0.99) if ema is not None and ema < 1.0 else None
+
+        register_rule("cool_down", CoolDownBelowOne)   # hf_r8.control.rule_registry
+        config = R8Config(rules=["decision", "cool_down"])
+        ```
+    """
+
+    kind: ClassVar[Literal["step", "level"]] = "step"
+    """"step": the factor multiplies the running gain and stays; "level": it applies on top, this step only."""
+    state_keys: ClassVar[tuple[str, ...]] = ()
+    """The attributes that evolve (plain, JSON-safe values): the default `state_dict` saves them by name and
+    `load_state_dict` restores them."""
+
+    def __init__(self, config: R8Config, router: bool = False) -> None:
+        self.config = config
+        self.router = router
+
+    @abstractmethod
+    def propose(self, statistics: StepStatistics) -> Proposal | None:
+        """This step's proposal (named after the rule), or None to leave the gain alone.
+
+        Called once per optimizer step after warmup, for every group; a rule may update its own state here.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """What evolves, as JSON-safe plain data: the `state_keys` attributes (override for anything else)."""
+        return {key: getattr(self, key) for key in self.state_keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned: the `state_keys` attributes. State this default does not know (a
+        `state_dict` overridden alone) is an error rather than a silent resume from a fresh state."""
+        unknown = sorted(set(state) - set(self.state_keys))
+        if unknown:
+            raise NotImplementedError(f"{type(self).__name__}.load_state_dict() does not restore {unknown}: name "
+                                      "them in state_keys or override load_state_dict()")
+        for key in self.state_keys:
+            setattr(self, key, state[key])
 
 
 def blend(proposals: list[Proposal], config: BlendConfig, instability: float) -> float:
@@ -105,44 +142,3 @@ def blend(proposals: list[Proposal], config: BlendConfig, instability: float) ->
             weight = 1.0
         log_total += weight * math.log(max(proposal.factor, _SMALLEST_FACTOR))
     return math.exp(log_total)
-
-
-def loss_momentum(rule: str, loss_ema: float, config: MomentumConfig) -> float:
-    """`inverse`: mu = 1 - 1 / (1 + a * loss); `exp`: mu = 1 - exp(-a * loss) (loss clipped at 0)."""
-    scaled = config.loss_scale * max(0.0, loss_ema)
-    if rule == "inverse":
-        return 1.0 - 1.0 / (1.0 + scaled)
-    return 1.0 - math.exp(-scaled)
-
-
-def relative_momentum(momentum: float, window: WindowSummary, config: MomentumConfig) -> float:
-    """mu * (1 + relative_gain * clip(improvement_rate, -1, 1)): consistent gains raise momentum."""
-    return momentum * (1.0 + config.relative_gain * max(-1.0, min(1.0, window.improvement_rate)))
-
-
-def normalized_momentum(cv: float, config: MomentumConfig) -> float:
-    """max - (max - min) * min(1, cv / cv_reference): smooth loss -> high momentum, noisy -> low."""
-    return config.max - (config.max - config.min) * min(1.0, cv / config.cv_reference)
-
-
-def reward_momentum(momentum: float, direction: int, config: MomentumConfig) -> float:
-    """mu + reward_up while the reward rises significantly, mu * reward_down while it falls, else mu."""
-    return momentum + config.reward_up if direction > 0 else momentum * config.reward_down if direction < 0 \
-        else momentum
-
-
-def next_sigma(sigma: float, window: WindowSummary, spiked: bool, instability_threshold: float,
-               plateau_threshold: float, config: ExplorationConfig) -> tuple[float, str | None]:
-    """Exploration law at each closed window: x cut on instability or spike, x raise on a plateau.
-
-    Unstable means cv > decision.instability_threshold; a plateau means |improvement_rate| below
-    decision.plateau_threshold. Returns the clipped sigma and why it moved (None when it did not).
-    """
-    if spiked or window.cv > instability_threshold:
-        new_sigma, reason = sigma * config.cut_factor, f"unstable (cv={window.cv:.3f}) or spike: cut exploration"
-    elif window.previous_mean is not None and abs(window.improvement_rate) < plateau_threshold:
-        new_sigma, reason = sigma * config.raise_factor, (
-            f"plateau (rate={window.improvement_rate:.4f}): raise exploration")
-    else:
-        return sigma, None
-    return min(config.sigma_max, max(config.sigma_min, new_sigma)), reason

@@ -1,18 +1,14 @@
-"""Balanced loss-quartile sampling: every batch mixes easy and hard examples in fixed proportions.
+"""The train sampler: a cataloging epoch, then epochs planned by its mode (by default, balanced loss quartiles:
+every batch mixes easy and hard examples in fixed proportions).
 
 * Epoch 0 is the **cataloging epoch**: a seeded permutation that visits every example once.
-* Later epochs: each batch of `batch_size` takes `counts[q]` examples from quartile q (Q1 lowest
-  loss ... Q4 highest; examples never seen count as Q4, the least known), with counts from
-  `proportions` by largest remainder. Within a quartile the least-used examples come first, ties
-  broken by a seeded random key; a quartile asked for more than it holds cycles through its order.
+* Later epochs follow the sampler's mode, a class looked up by name (sampler_modes.py): "balanced"
+  (the default) takes `counts[q]` examples from loss quartile q in each batch of `batch_size`, with
+  counts from `proportions` by largest remainder; "infobatch" prunes well-learned examples and
+  reweights the kept ones (`loss_weights`); "uniform" shuffles; `register_sampler_mode` adds others.
 * `stabilize(n)` (after a rollback): from the next batch boundary the sampler reaches, `n` batches come
   from Q1 only, inside the epoch under way (a prefetching DataLoader delivers them a few batches
   later) and into the next one if this one ends first.
-* mode "infobatch" (InfoBatch, Qin et al. 2024): each epoch, examples whose EMA loss is below the mean
-  are left out with probability `prune_ratio`; the kept ones get loss weight 1/(1 - prune_ratio)
-  (`loss_weights`), so the expected gradient is unchanged; the last `full_data_fraction` of the
-  epochs use all data. The plan keeps the dataset's length by cycling through the kept examples.
-* mode "uniform": a seeded permutation every epoch (a baseline that keeps the catalog).
 
 The plan depends only on (seed, epoch, catalog), so every process computes the same global order
 and Accelerate's per-process split of batches stays disjoint and complete.
@@ -25,7 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from hf_r8.data.catalog import UNSEEN, LossCatalog
+from hf_r8.data.catalog import LossCatalog
+from hf_r8.data.sampler_modes import SAMPLER_MODES, draw_least_used, quartiles_and_usage
 
 PLAN_FILE_NAME = "r8_epoch_plan.npz"
 
@@ -43,7 +40,10 @@ def batch_counts(proportions: Sequence[float], batch_size: int) -> np.ndarray:
 
 
 class BalancedQuartileSampler(Sampler[int]):
-    """Yields example indices; consecutive runs of `batch_size` form the quartile-balanced batches."""
+    """Yields example indices; consecutive runs of `batch_size` form the batches of the epoch's plan.
+
+    `mode` names a registered sampler mode; an unknown name raises a ValueError listing the registered ones.
+    """
 
     def __init__(self, catalog: LossCatalog, batch_size: int, seed: int = 0,
                  proportions: Sequence[float] = (0.25, 0.25, 0.25, 0.25),
@@ -59,6 +59,8 @@ class BalancedQuartileSampler(Sampler[int]):
         self.epoch = 0
         self.stabilize_batches = 0
         self.mode = mode
+        self.planner = SAMPLER_MODES.get(mode)()
+        """The mode's instance, which plans every epoch after the cataloging one."""
         self.prune_ratio = prune_ratio
         self.full_data_fraction = full_data_fraction
         self.total_epochs = total_epochs
@@ -104,11 +106,7 @@ class BalancedQuartileSampler(Sampler[int]):
         """What the current epoch's plan is, in words."""
         if self.epoch == 0:
             return "cataloging epoch, every example once in a seeded order"
-        if self.mode == "infobatch" and self.epoch >= self.total_epochs * (1.0 - self.full_data_fraction):
-            return "InfoBatch's full-data epochs, a seeded permutation"
-        return {"balanced": f"balanced quartiles, {self.counts.tolist()} examples of Q1..Q4 per batch",
-                "infobatch": f"InfoBatch, below-mean examples left out with probability {self.prune_ratio}",
-                "uniform": "uniform shuffle"}[self.mode]
+        return self.planner.describe(self)
 
     def _stabilize_from(self, plan: np.ndarray, position: int) -> int:
         """Overwrite the plan from `position` on with Q1 examples (deterministic: same on every process); returns
@@ -118,57 +116,19 @@ class BalancedQuartileSampler(Sampler[int]):
         if self.before_plan is not None:
             self.before_plan()  # every catalog update in: all processes draw from the same catalog
         rng = np.random.default_rng([self.seed, self.epoch, position])
-        quartiles = self.catalog.quartiles()
-        quartiles[quartiles == UNSEEN] = 3
-        usage = np.minimum(self.catalog.usage, np.iinfo(np.int16).max).astype(np.int16)
+        quartiles, usage = quartiles_and_usage(self.catalog)
         room = len(plan) - position
         wanted = min(room, self.stabilize_batches * self.batch_size)
         if self.catalog.seen.any():  # before anything is cataloged there is no low-loss quartile
-            plan[position:position + wanted] = self._draw(0, quartiles, usage, rng, wanted)
+            plan[position:position + wanted] = draw_least_used(0, quartiles, usage, rng, wanted)
         self.stabilize_batches -= -(-wanted // self.batch_size)
         return position + wanted
 
     def plan(self) -> np.ndarray:
-        """The epoch's order of indices (length = dataset size)."""
+        """The epoch's order of indices (length = dataset size): a seeded permutation in the cataloging epoch,
+        then the mode's plan."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        size = self.catalog.size
         self.loss_weights[:] = 1.0
-        if self.epoch == 0 or self.mode == "uniform":
-            return rng.permutation(size)
-        if self.mode == "infobatch":
-            return self._infobatch_plan(rng)
-        quartiles = self.catalog.quartiles()
-        quartiles[quartiles == UNSEEN] = 3
-        # int16 usage lets numpy's stable sort run as a radix sort: the 10M-example plan stays fast
-        usage = np.minimum(self.catalog.usage, np.iinfo(np.int16).max).astype(np.int16)
-        batches = -(-size // self.batch_size)
-        columns = []
-        for quartile, count in enumerate(self.counts):
-            if count == 0:
-                continue
-            columns.append(self._draw(quartile, quartiles, usage, rng, count * batches).reshape(batches, count))
-        plan = np.concatenate(columns, axis=1)
-        # shuffle inside each batch so quartiles are not in fixed positions
-        return rng.permuted(plan, axis=1).reshape(-1)[:size]
-
-    def _infobatch_plan(self, rng: np.random.Generator) -> np.ndarray:
-        size, catalog = self.catalog.size, self.catalog
-        full_data_from = self.total_epochs * (1.0 - self.full_data_fraction)
-        if self.epoch >= full_data_from or not catalog.seen.any():
-            return rng.permutation(size)
-        well_learned = catalog.seen & (catalog.ema_loss < catalog.ema_loss[catalog.seen].mean())
-        pruned = well_learned & (rng.random(size) < self.prune_ratio)
-        self.loss_weights[well_learned & ~pruned] = 1.0 / (1.0 - self.prune_ratio)
-        return np.resize(rng.permutation(np.flatnonzero(~pruned)), size)
-
-    @staticmethod
-    def _draw(quartile: int, quartiles: np.ndarray, usage: np.ndarray, rng: np.random.Generator,
-              needed: int) -> np.ndarray:
-        """`needed` members of a quartile: least used first, ties in random order, cycling if short."""
-        members = np.flatnonzero(quartiles == quartile)
-        if members.size == 0:  # an empty quartile lends its share to the nearest non-empty one
-            populated = np.unique(quartiles)
-            members = np.flatnonzero(quartiles == populated[np.argmin(np.abs(populated - quartile))])
-        shuffled = rng.permutation(members)
-        order = shuffled[np.argsort(usage[shuffled], kind="stable")]
-        return np.resize(order, needed)
+        if self.epoch == 0:
+            return rng.permutation(self.catalog.size)
+        return self.planner.plan(self, rng)

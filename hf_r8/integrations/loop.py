@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
 from hf_r8.control.range_test import LRRangeTest, range_test_length
+from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.control.rollback import RollbackAction, RollbackPolicy
 from hf_r8.data.catalog import LossCatalog
 from hf_r8.data.sampler import BalancedQuartileSampler
@@ -55,7 +55,8 @@ class R8Loop:
     Args:
         num_samples: dataset size (>= 1).
         batch_size: examples per batch (>= 1).
-        config: an `R8Config` (default: the `default` preset); its `sampler`, `rollback` and LR rules apply.
+        config: an `R8Config`, its dict form, a preset name or a YAML path (default: the `default` preset); its
+            `sampler`, `rollback` and LR rules apply.
         base_lr: the LR the gain multiplies.
         num_epochs: how many epochs `epochs()` yields (sizes the statistics window too).
         seed: the sampler's seed.
@@ -64,7 +65,7 @@ class R8Loop:
         dashboard: show the live dashboard (default: `config.dashboard`).
     """
 
-    def __init__(self, num_samples: int, batch_size: int, config: R8Config | None = None, *, base_lr: float = 1e-3,
+    def __init__(self, num_samples: int, batch_size: int, config: ConfigLike = None, *, base_lr: float = 1e-3,
                  num_epochs: int = 1, seed: int = 0, save: Callable[[], Any] | None = None,
                  load: Callable[[Any], None] | None = None, dashboard: bool | None = None) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -73,7 +74,7 @@ class R8Loop:
             raise ValueError(f"base_lr={base_lr!r}: must be a finite number > 0")
         if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
             raise ValueError(f"num_epochs={num_epochs!r}: must be an integer >= 1")
-        self.config = config if config is not None else R8Config.from_preset("default")
+        self.config = resolve_config(config)
         sampler_config = self.config.sampler
         self.catalog = LossCatalog(num_samples, alpha=sampler_config.catalog_alpha)
         self.sampler = BalancedQuartileSampler(self.catalog, batch_size, seed=seed,

@@ -1,24 +1,31 @@
 """`AdaptiveScheduler`: hf_r8's controller as a `torch.optim.lr_scheduler.LRScheduler`, for loops
 that are not a `transformers.Trainer` (plain PyTorch, Lightning, custom).
 
-    scheduler = AdaptiveScheduler(optimizer, R8Config.from_preset("default"))
-    for batch in loader:
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step_loss(loss)          # or observe(loss=..., reward=..., model=model)
+    with AdaptiveScheduler(optimizer, R8Config.from_preset("default")) as scheduler:
+        for batch in loader:
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step_loss(loss)      # or observe(loss=..., reward=..., model=model)
 
 It is the same controller `R8Callback` runs (per parameter group, momentum written only where the
 optimizer has it), timed the same way: a step's signals are staged when the scheduler steps (a tensor
 loss is copied to the host without waiting) and consumed just before the next `optimizer.step()`, by
 an optimizer step pre-hook, which writes that step's LR and momentum. So the LR of step t+1 reacts to
 the loss of step t, as under the Trainer, and no call forces a device sync. The LR is
-`base_lr x gain`, base_lr being each group's LR when the scheduler was built.
+`schedule x gain`, the schedule being the group's LR without the gain: the LR the hook first finds
+(`base_lrs` after a restart), as scaled since by the other schedulers of a `ChainedScheduler`.
+
+That timing is the one place the `LRScheduler` contract bends: `step()` goes through `get_lr()` as
+torch's base does, but learns nothing there that the LR could answer yet (its signals are still on their
+way to the host), so `get_lr()` leaves the LR as it is and the hook writes the new one; after
+`optimizer.step()`, `get_last_lr()` is the LR that step used. `close()` (or leaving the `with` block)
+removes the hook.
 
 With `total_steps` known, the default's LR range test runs first, as under the Trainer: the optimizer's
-parameters and state are snapshotted before it (in CPU RAM; a model's buffers, e.g. BatchNorm running
-statistics, are not among an optimizer's tensors and are not restored), the LR sweeps for
+parameters and state are snapshotted before its first step (in CPU RAM; a model's buffers, e.g. BatchNorm
+running statistics, are not among an optimizer's tensors and are not restored), the LR sweeps for
 `range_test_length` steps, then parameters and state are restored and the gain the test chose becomes
 the base. The step in flight when the test ends is dropped (its gradients were computed on the sweep's
 weights).
@@ -26,14 +33,16 @@ weights).
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.hooks import RemovableHandle
 
-from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
 from hf_r8.control.range_test import LRRangeTest, range_test_length
+from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.runtime.host_copy import HostCopy
 from hf_r8.runtime.param_groups import read_momentum, write_lr, write_momentum
 from hf_r8.runtime.snapshot import StateSnapshot, optimizer_parameters
@@ -42,33 +51,65 @@ from hf_r8.runtime.snapshot import StateSnapshot, optimizer_parameters
 class AdaptiveScheduler(LRScheduler):
     """Adapts each parameter group's LR (and momentum) from the loss, gradient norm and reward it is given.
 
+    The hook sets the LR once per step of this scheduler: an optimizer step with no scheduler step since the
+    previous one (a second one in a row, or one after this scheduler's phase of a SequentialLR) keeps the LR.
+
+    With other schedulers the gain multiplies the schedule they set; give the signals with `set_metrics()`
+    and step the container, not this scheduler:
+
+    - `ChainedScheduler([AdaptiveScheduler(...), ExponentialLR(...)])` (either order): the hook reads the
+      factor the others scaled the group's LR by since it last wrote it (the LR now over the LR it wrote)
+      and puts the gain on that schedule. Exact for schedulers that multiply the LR (LinearLR, ConstantLR,
+      ExponentialLR, MultiplicativeLR, StepLR, MultiStepLR, PolynomialLR); one whose step adds to it
+      (CosineAnnealingLR with eta_min > 0) scales an LR that carries the gain.
+    - `SequentialLR([LinearLR(...), AdaptiveScheduler(...)], milestones=[w])`: before its milestone its
+      `last_epoch` is -1 and the hook leaves the LR to the scheduler in charge; the milestone restarts it at
+      `base_lrs` and it drives the LR from there (`total_steps` then counts its own steps; a range test
+      snapshots the weights of the milestone). After its phase (`SequentialLR([AdaptiveScheduler(...), ...])`)
+      it is not stepped any more, and leaves the LR to the next scheduler.
+
+    `step(epoch)`, deprecated in torch, warns as torch's schedulers do and restarts the schedule at
+    `base_lrs` (`_get_closed_form_lr`), as SequentialLR does at a milestone; the gain is kept, and the
+    controller counts the optimizer steps it saw, whatever `last_epoch` says.
+
     Args:
         optimizer: any torch optimizer.
-        config: an `R8Config` (default: the `default` preset).
+        config: an `R8Config`, its dict form, a preset name or a YAML path (default: the `default` preset).
         total_steps: planned optimizer steps (sizes the statistics window); None if unknown.
         warmup_steps: steps during which signals are only gathered.
+        last_epoch: torch's resume index (-1: a new run; anything else needs the groups' `initial_lr`).
+
+    Attributes:
+        controller: the `Controller` (its `lr_gain(group)`, `metrics()`).
+        events: the decisions made so far, oldest first.
+
+    Raises:
+        TypeError: `optimizer` is not a `torch.optim.Optimizer`.
+        RuntimeError: `step()` after `close()`.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, config: R8Config | None = None,
+    def __init__(self, optimizer: torch.optim.Optimizer, config: ConfigLike = None,
                  total_steps: int | None = None, warmup_steps: int = 0, last_epoch: int = -1) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(f"optimizer={type(optimizer).__name__}: must be a torch.optim.Optimizer")
-        self.config = config if config is not None else R8Config.from_preset("default")
+            raise TypeError(f"optimizer={type(optimizer).__name__}: must be a torch.optim.Optimizer")
+        self.config = resolve_config(config)
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         self.controller = self._controller(optimizer, [1.0] * len(optimizer.param_groups), warmup_steps)
         self.events: list[Event] = []
         self._metrics: tuple[Any, Any, Any] | None = None
         self._staged: tuple[int, HostCopy] | None = None
         self._updates = 0
-        self._range_test: LRRangeTest | None = None
-        self._snapshot: StateSnapshot | None = None
+        self._schedule_lrs: list[float] | None = None
+        """Each group's LR without the gain at the hook's last write; None: the group's LR as the hook finds it."""
+        self._written_lrs: list[float] = []
+        self._applied_at: tuple[int, int] | None = None
+        """(last_epoch, _step_count) when the hook last wrote: a step of this scheduler since changes one."""
+        self._closed = False
         length = range_test_length(self.config.range_test, total_steps) if last_epoch == -1 else None
-        if length is not None:
-            self._range_test = LRRangeTest(self.config.range_test, length)
-            self._snapshot = StateSnapshot()
-            self._snapshot.capture(_OptimizerParameters(optimizer), optimizer, step=0)
+        self._range_test = LRRangeTest(self.config.range_test, length) if length is not None else None
+        self._snapshot: StateSnapshot | None = None
         super().__init__(optimizer, last_epoch)
-        self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        self._hook: RemovableHandle = optimizer.register_step_pre_hook(self._before_optimizer_step)
 
     def _controller(self, optimizer: torch.optim.Optimizer, initial_gains: list[float],
                     warmup_steps: int) -> Controller:
@@ -101,44 +142,91 @@ class AdaptiveScheduler(LRScheduler):
         self.step_loss(loss, reward, grad_norm)
 
     def step(self, epoch: int | None = None) -> None:
-        """Close this step: stage the signals given since the previous `step()` for the next optimizer step."""
-        self.last_epoch += 1
+        """Close this step: torch's `step()` (its warnings, `last_epoch`, `get_lr()`, or `_get_closed_form_lr()`
+        for a deprecated `epoch`), then stage the signals given since the previous step for the next optimizer
+        step, stamped with the count of optimizer steps the controller saw."""
+        if self._closed:
+            raise RuntimeError("AdaptiveScheduler.step(): the scheduler is closed and its optimizer hook removed, "
+                               "so no signal would reach the LR; build a new one (load_state_dict() to continue)")
+        if epoch is not None:
+            self._schedule_lrs = None  # a restart: the hook takes the LR the closed form writes as the schedule
+        super().step(epoch)
         if self._metrics is not None:
-            self._staged = (self.last_epoch, HostCopy(_packed(self._metrics)))
+            self._staged = (self._updates, HostCopy(_packed(self._metrics)))
             self._metrics = None
-        self._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]
 
     def get_lr(self) -> list[float]:
-        return [self.controller.compose_lr(index, base_lr) for index, base_lr in enumerate(self.base_lrs)]
+        """Each group's LR as it is: at `step()` the signals just staged are still on their way to the host, so
+        the LR that answers them is the hook's to write, just before the next `optimizer.step()`."""
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        """The schedule restarted at `base_lrs` (`step(epoch)`, SequentialLR's milestone): an LR that follows
+        the signals has no closed form in the epoch, so the gain is kept and the hook applies it."""
+        return [float(base_lr) for base_lr in self.base_lrs]
+
+    def close(self) -> None:
+        """Remove the optimizer hook: the LR stays as it is, signals staged by the last `step()` are not
+        applied, and `step()` is refused. Closing twice is harmless."""
+        self._hook.remove()
+        self._closed = True
+
+    def __enter__(self) -> AdaptiveScheduler:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------- applied in the hook
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        observation = None
-        if self._staged is not None:
-            step, copy = self._staged
-            flat = copy.result().tolist()  # a copy started one step ago: landed by now
-            loss, reward, grad_norm = (value if present else None for value, present in zip(flat[::2], flat[1::2],
-                                                                                          strict=True))
-            observation = Observation(step=step, loss=loss, grad_norm=grad_norm, reward=reward)
-            self._staged = None
+        applied_at = (self.last_epoch, self._step_count)
+        if self.last_epoch < 0 or applied_at == self._applied_at:
+            return  # not started (SequentialLR before its milestone) or not stepped since: not its LR to set
+        self._applied_at = applied_at
+        schedule = self._schedule(optimizer)
+        observation = self._take_staged()
         if self._range_test is not None:
+            if self._snapshot is None:  # the test's first step: what its end restores
+                self._snapshot = StateSnapshot()
+                self._snapshot.capture(_OptimizerParameters(optimizer), optimizer, step=self._updates)
             if observation is not None:  # the loss of update `step`, computed on the weights after step - 1
                 self._range_test.observe(observation.step - 1, observation.loss)
             if self._range_test.finished:
                 self._finish_range_test(optimizer)
             else:
                 for index, group in enumerate(optimizer.param_groups):
-                    write_lr(group, self.base_lrs[index] * self._range_test.gain(self._updates))
+                    write_lr(group, schedule[index] * self._range_test.gain(self._updates))
         elif observation is not None:
             self.events += self.controller.observe(observation)
         if self._range_test is None:
             for index, group in enumerate(optimizer.param_groups):
-                write_lr(group, self.controller.compose_lr(index, self.base_lrs[index]))
+                write_lr(group, self.controller.compose_lr(index, schedule[index]))
                 momentum = self.controller.momentum(index)
                 if momentum is not None:
                     write_momentum(group, momentum)
         self._updates += 1
-        self._last_lr = [float(group["lr"]) for group in optimizer.param_groups]
+        self._schedule_lrs = schedule
+        self._written_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        self._last_lr = list(self._written_lrs)
+
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> list[float]:
+        """Each group's LR without the gain: the last schedule, scaled as other schedulers scaled the LR since."""
+        lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        if self._schedule_lrs is None:
+            return lrs
+        return [_followed(schedule, lr, written)
+                for schedule, lr, written in zip(self._schedule_lrs, lrs, self._written_lrs, strict=True)]
+
+    def _take_staged(self) -> Observation | None:
+        """The signals staged by the last `step()` (a copy started one step ago: landed by now), or None."""
+        if self._staged is None:
+            return None
+        step, copy = self._staged
+        self._staged = None
+        flat = copy.result().tolist()
+        loss, reward, grad_norm = (value if present else None for value, present in zip(flat[::2], flat[1::2],
+                                                                                      strict=True))
+        return Observation(step=step, loss=loss, grad_norm=grad_norm, reward=reward)
 
     def _finish_range_test(self, optimizer: torch.optim.Optimizer) -> None:
         """Restore parameters and optimizer state from before the test, drop the step in flight, and rebase the
@@ -156,18 +244,25 @@ class AdaptiveScheduler(LRScheduler):
 
     # ---------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
+        """Everything but the optimizer, as plain data: torch's fields, the controller's state, the staged
+        signals, the schedule, the events. Not in it: the construction arguments, signals given but not yet
+        stepped, and a range test under way, whose snapshot of the optimizer's parameters lives in RAM only: a
+        state saved during the test resumes without it (at gain 1), as R8Callback does."""
         staged = None
         if self._staged is not None:
             step, copy = self._staged
             staged = {"step": step, "values": copy.result().tolist()}
-        # The snapshot from before a running range test lives in RAM only: a state saved during the test resumes
-        # without it (at gain 1), as R8Callback does.
-        return {"last_epoch": self.last_epoch, "base_lrs": self.base_lrs, "_last_lr": self._last_lr,
-                "controller": self.controller.state_dict(), "staged": staged, "updates": self._updates,
-                "initial_gains": [spec.initial_gain for spec in self.controller.specs]}
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "base_lrs": self.base_lrs,
+                "_last_lr": self._last_lr, "controller": self.controller.state_dict(),
+                "staged": staged, "updates": self._updates,
+                "initial_gains": [spec.initial_gain for spec in self.controller.specs],
+                "schedule_lrs": self._schedule_lrs, "written_lrs": self._written_lrs,
+                "applied_at": self._applied_at, "events": [asdict(event) for event in self.events]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a `state_dict()`; one from before the schedule was kept resumes on `base_lrs`, its schedule then."""
         self.last_epoch, self.base_lrs = state_dict["last_epoch"], list(state_dict["base_lrs"])
+        self._step_count = state_dict.get("_step_count", self._step_count)
         self._last_lr = list(state_dict["_last_lr"])
         self._updates = state_dict.get("updates", self.last_epoch)
         self._range_test = self._snapshot = None
@@ -176,6 +271,19 @@ class AdaptiveScheduler(LRScheduler):
         self.controller.load_state_dict(state_dict["controller"])
         staged = state_dict.get("staged")
         self._staged = None if staged is None else (staged["step"], HostCopy(torch.tensor(staged["values"])))
+        self._schedule_lrs = state_dict.get("schedule_lrs", [float(base_lr) for base_lr in self.base_lrs])
+        self._written_lrs = list(state_dict.get("written_lrs", self._last_lr))
+        applied_at = state_dict.get("applied_at")
+        self._applied_at = None if applied_at is None else tuple(applied_at)
+        self.events = [Event(**event) for event in state_dict.get("events", [])]
+
+
+def _followed(schedule: float, lr: float, written: float) -> float:
+    """The schedule after another scheduler moved the group's LR from `written` (the hook's) to `lr`: scaled by
+    the same factor; from a zero LR, which carries no factor, `lr` itself."""
+    if lr == written:
+        return schedule
+    return lr if written == 0 else schedule * lr / written
 
 
 class _OptimizerParameters(torch.nn.Module):

@@ -34,13 +34,14 @@ from transformers import Trainer
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
-from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Event
+from hf_r8.control.resolve import ConfigLike
 from hf_r8.data.catalog import FILE_NAME, LossCatalog
 from hf_r8.data.catalog_updates import CatalogUpdateQueue
 from hf_r8.data.indexed_data import BATCH_KEY, INDEX_KEY, IndexCarryingCollator, IndexedDataset
 from hf_r8.data.per_example import LossAgreement, example_losses, weighted_loss
 from hf_r8.data.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
+from hf_r8.data.sampler_modes import SAMPLER_MODES
 from hf_r8.integrations.callback import R8Callback
 from hf_r8.integrations.compat import check_trainer_internals
 from hf_r8.runtime.moe import is_moe_model, split_router_groups
@@ -55,7 +56,7 @@ class R8CallbackMixin:
     config as well: which of the two was meant is then unclear, and it is refused.
     """
 
-    def __init__(self, *args: Any, r8: R8Config | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, r8: ConfigLike = None, **kwargs: Any) -> None:
         callbacks = list(kwargs.get("callbacks") or [])
         passed = [callback for callback in callbacks if isinstance(callback, R8Callback)]
         if passed and r8 is not None:
@@ -64,7 +65,7 @@ class R8CallbackMixin:
         if passed:
             self.r8_callback = passed[0]
         else:
-            self.r8_callback = R8Callback(r8 if r8 is not None else R8Config.from_preset("default"))
+            self.r8_callback = R8Callback(r8)
             callbacks.append(self.r8_callback)
         self.r8_config = self.r8_callback.config
         kwargs["callbacks"] = callbacks
@@ -73,6 +74,7 @@ class R8CallbackMixin:
         self.r8_callback.bind(self)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        self.r8_config.validate()  # read here (moe) before on_train_begin checks it: fields may have been assigned
         created_here = self.optimizer is None  # a user's optimizer (and its scheduler) is left as it is
         optimizer = super().create_optimizer(*args, **kwargs)
         model = self.model
@@ -86,8 +88,9 @@ class R8CallbackMixin:
 class R8TrainerMixin(R8CallbackMixin):
     """The overrides `with_r8` adds to a Trainer class (see the module docstring)."""
 
-    def __init__(self, *args: Any, r8: R8Config | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, r8: ConfigLike = None, **kwargs: Any) -> None:
         super().__init__(*args, r8=r8, **kwargs)
+        SAMPLER_MODES.get(self.r8_config.sampler.mode)  # an unknown mode fails here, not at train()
         self.r8_catalog: LossCatalog | None = None
         self.r8_sampler: BalancedQuartileSampler | None = None
         self._r8_updates: CatalogUpdateQueue | None = None
@@ -309,6 +312,7 @@ class R8TrainerMixin(R8CallbackMixin):
         self._r8_saved_into = folder
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        self.r8_config.validate()  # the dataloader reads it before on_train_begin: fields may have been assigned
         # True means "the last checkpoint"; when there is none, the stock Trainer raises: leave that to it.
         checkpoint = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else \
             resume_from_checkpoint

@@ -46,7 +46,8 @@ def main(output_dir: str) -> None:
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=[r8, digests, watch]).train()
     frozen_at = min(event.step for event in r8.events if event.action == "freeze")
     unchanged = all(torch.equal(watch.weights[frozen_at - 1][name], watch.weights[-1][name]) for name in watch.quiet)
-    result = {"parameter_digests": digests.digests, "frozen": [state.frozen for state in r8._freezer.policy.tensors],
+    freezer = r8._run.actions.freezer
+    result = {"parameter_digests": digests.digests, "frozen": [state.frozen for state in freezer.policy.tensors],
               "quiet_block_unchanged_while_frozen": unchanged}
     write_rank_result(output_dir, result)
 

@@ -25,7 +25,7 @@ class LocalLosses(TrainerCallback):
         self.losses: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.losses.append(self.r8._taps.step_loss.item())
+        self.losses.append(self.r8._run.taps.step_loss.item())
 
 
 def main(output_dir: str) -> None:

@@ -1,0 +1,72 @@
+"""Writes the LR (and momentum) of each optimizer step into the optimizer, and gives the schedule its own back.
+
+Just before `optimizer.step()` every parameter group gets the LR R8 chose for it (the schedule's value
+times the gain, or the range test's sweep), and the scheduler reports it as its last LR, so the
+`learning_rate` the Trainer logs is the LR used. After the step the schedule's own values are put back
+before the scheduler steps from them: its state, and a resumed run, stay exactly the stock Trainer's.
+Schedulers stepped on eval metrics (ReduceLROnPlateau, GreedyLR) step after `on_step_end` and read the
+LR to chain from: they get their values back there instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from transformers.optimization import GreedyLR
+
+from hf_r8.integrations.compat import set_logged_lr
+from hf_r8.runtime.param_groups import write_lr, write_momentum
+
+_METRIC_SCHEDULERS = (ReduceLROnPlateau, GreedyLR)
+
+
+def steps_on_metrics(lr_scheduler: Any) -> bool:
+    """Whether `lr_scheduler` (maybe inside Accelerate's wrapper) steps on eval metrics, after `on_step_end`."""
+    return isinstance(getattr(lr_scheduler, "scheduler", lr_scheduler), _METRIC_SCHEDULERS)
+
+
+class LRWriter:
+    """The LR of each step, written and undone; `applied` remembers what the last step used."""
+
+    def __init__(self) -> None:
+        self.applied: tuple[int, float, float, float | None] | None = None
+        """(step, LR used, schedule LR, gain over the schedule) of group 0 at the last written step."""
+        self._schedule_lrs: list[float] = []
+
+    @property
+    def holds_schedule(self) -> bool:
+        """Whether the schedule's own values are still to be put back."""
+        return bool(self._schedule_lrs)
+
+    def write(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any, step: int,
+              lr_of: Callable[[int, float], float], momentum_of: Callable[[int], float | None]) -> None:
+        """Give group i the LR `lr_of(i, schedule_lr)` and, where not None, the momentum `momentum_of(i)`."""
+        self._schedule_lrs = []
+        used = []
+        for index, group in enumerate(optimizer.param_groups):
+            schedule_lr = float(group["lr"])
+            self._schedule_lrs.append(schedule_lr)
+            lr = lr_of(index, schedule_lr)
+            momentum = momentum_of(index)
+            if momentum is not None:
+                write_momentum(group, momentum)
+            write_lr(group, lr)
+            used.append(lr)
+        self.applied = (step, used[0], self._schedule_lrs[0],
+                        used[0] / self._schedule_lrs[0] if self._schedule_lrs[0] else None)
+        set_logged_lr(lr_scheduler, used)
+
+    def restore_schedule(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put the schedule's own values back (once per write)."""
+        for group, schedule_lr in zip(optimizer.param_groups, self._schedule_lrs, strict=False):
+            write_lr(group, schedule_lr)
+        self._schedule_lrs = []
+
+    def used_at(self, step: int) -> tuple[float | None, float | None, float | None]:
+        """(LR used, schedule LR, gain) of `step`, if it was the last written step."""
+        if self.applied is None or self.applied[0] != step:
+            return None, None, None
+        return self.applied[1:]

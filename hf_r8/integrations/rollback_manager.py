@@ -1,0 +1,223 @@
+"""Rollback in a Trainer run: the guard before each optimizer step, the CPU-RAM snapshots, the restore.
+
+`control/rollback.py` decides (skip, roll back, stop) from numbers; this module acts on the Trainer's
+model and optimizer. In `on_pre_optimizer_step` the step's loss and gradient norm are read on the host (one
+sync; the stock Trainer's NaN filter already syncs on the loss). A non-finite value skips the step (its
+gradients dropped); a spike, or non-finite weights, restore the last healthy snapshot (weights, optimizer
+state, controller, RNG, grad scaler, frozen set), cut the LR gain, drop the step in flight and ask
+R8Trainer's sampler for low-loss batches. Snapshots are taken every `rollback.every_steps` healthy steps
+into reused CPU buffers, once the step's loss, computed on the weights about to be saved, has passed the
+check: a snapshot is never of a damaged model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from torch.distributed.tensor import DTensor
+from transformers import TrainerControl, TrainingArguments
+
+from hf_r8.control.config import RollbackConfig
+from hf_r8.control.controller import Controller, Event
+from hf_r8.control.rollback import RollbackAction, RollbackPolicy
+from hf_r8.integrations.compat import grad_scaler, uses_deepspeed, uses_fsdp
+from hf_r8.integrations.step_signals import StepSignals
+from hf_r8.runtime.distributed import sum_across_processes
+from hf_r8.runtime.freezing import ParameterFreezer
+from hf_r8.runtime.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
+
+logger = logging.getLogger(__name__)
+
+
+def supported_scope(config: RollbackConfig, trainer: Any) -> tuple[bool, bool]:
+    """(check steps, take snapshots) for this run: what the parallelism in use allows."""
+    checks = config.enabled or config.guard_nonfinite
+    if checks and uses_deepspeed(trainer):
+        # DeepSpeed steps inside backward (zero_grad cannot skip) and keeps fp32 masters a snapshot misses.
+        logger.warning("R8: the non-finite guard and rollback are off under DeepSpeed (its engine steps inside "
+                       "backward and keeps its own fp32 master weights); for the same reason the LR R8 writes "
+                       "before the optimizer step does not reach DeepSpeed's step (not supported yet).")
+        return False, False
+    sharded = any(isinstance(param, DTensor) for param in trainer.model.parameters())
+    if config.enabled and uses_fsdp(trainer) and not sharded:
+        # FSDP1 flattens parameters into its own FlatParameters; FSDP2 keeps each as a DTensor whose
+        # local shard a snapshot can hold (each process its own, see snapshot.py).
+        logger.warning("R8: rollback snapshots are off under FSDP1 (flattened parameters); use FSDP2 "
+                       "(fsdp_version: 2) for sharded snapshots. The non-finite guard stays on.")
+        return checks, False
+    return checks, config.enabled
+
+
+class RollbackManager:
+    """One run's guard, snapshots and restores (see the module docstring)."""
+
+    def __init__(self, config: RollbackConfig, trainer: Any, optimizer: torch.optim.Optimizer,
+                 record: Callable[[Event], None]) -> None:
+        self.config = config
+        self.policy = RollbackPolicy(config)
+        self.trainer, self.model, self.optimizer = trainer, trainer.model, optimizer
+        self.record = record
+        self.checks_steps, self.snapshots_allowed = supported_scope(config, trainer)
+        # Fixed before the freezer (or a resumed freezer state) turns any requires_grad off.
+        self.snapshot_parameters = trainable_parameter_names(self.model) if config.scope == "trainable" else None
+        self.snapshots: list[StateSnapshot] = []
+        self.freezer: ParameterFreezer | None = None
+        """Set once the run's parameter actions exist: its frozen set is part of each snapshot."""
+
+    def counts(self) -> dict[str, int]:
+        policy = self.policy
+        return {"skipped_steps": policy.skipped_steps, "rollbacks": policy.rollbacks,
+                "wasted_steps": policy.wasted_steps}
+
+    def turn_off(self) -> None:
+        """Nothing can be checked before an optimizer step (a Trainer with its own update loop)."""
+        self.checks_steps = self.snapshots_allowed = False
+
+    def before_step(self, step: int, signals: StepSignals, controller: Controller, args: TrainingArguments,
+                    control: TrainerControl) -> None:
+        """Check step `step` before it is applied; skip it, roll back, or snapshot the weights it starts from."""
+        action = self._check(step, signals, args.device)
+        if action is not None:
+            self._roll_back(action, step, signals, controller, args, control)
+        # Otherwise the weights are still those after step - 1, and this step's loss, computed on them,
+        # has just passed the check: a snapshot taken now is never of a damaged model.
+        elif (self.snapshots_allowed and self.policy.should_snapshot(step)
+              and self.take_snapshot(step - 1, args.device, controller)):
+            self.policy.snapshot_taken(step)
+
+    def _check(self, step: int, signals: StepSignals, device: torch.device) -> RollbackAction | None:
+        """Read this step's loss and gradient norm (all processes) before it is applied; skip or ask for a rollback."""
+        observed = signals.read_now(step)
+        loss, grad_norm = observed.loss, observed.grad_norm
+        reason = self.policy.guard(loss, grad_norm)
+        if reason is None:
+            return self.policy.observe(step, loss)
+        signals.dropped = True  # a skipped step is not evidence about the LR: the controller never sees it
+        if grad_scaler(self.trainer) is not None and loss is not None and math.isfinite(loss):
+            # An fp16 overflow in the gradients: the grad scaler skips the step and lowers its scale. Not applied,
+            # so, as for a step the guard skips, the controller never sees it and no dither follows it.
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.policy.record_skip(step)
+        self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, reason, quantity="step_applied"))
+        if loss is not None and not math.isfinite(loss) and not self._weights_finite(device):
+            return self.policy.damage(step, "non-finite weights")
+        return None
+
+    def _weights_finite(self, device: torch.device) -> bool:
+        """Whether every trainable parameter is finite on every process (read only after a non-finite loss)."""
+        params = [local_part(param) for param in self.model.parameters() if param.requires_grad]  # own shards
+        bad = torch.stack([~torch.isfinite(param).all() for param in params]).sum().float().to(device)
+        return sum_across_processes(bad).item() == 0
+
+    def _roll_back(self, action: RollbackAction, step: int, signals: StepSignals, controller: Controller,
+                   args: TrainingArguments, control: TrainerControl) -> None:
+        """Skip this step; for damage, also restore a snapshot, restart the LR lower and stabilize the data."""
+        self.optimizer.zero_grad(set_to_none=True)  # the step in flight: a spike's batch, or damaged weights
+        signals.dropped = True
+        if action.kind == "skip":
+            self.record(Event(step, -1, "rollback", "skip_step", 1.0, 0.0, action.reason, quantity="step_applied"))
+            return
+        # The n-th rollback in a row goes n snapshots back, as far as `rollback.keep` allows.
+        kept = self.snapshots
+        snapshot = kept[-min(max(action.attempt, 1), len(kept))] if kept else None
+        if snapshot is not None:
+            self.restore(snapshot, controller)
+            self.policy.wasted_steps += step - 1 - snapshot.step
+        if action.kind == "stop":
+            self._stop(action, step, snapshot, args, control)
+            return
+        origin = (f"restored the snapshot of step {snapshot.step}" if snapshot is not None
+                  else "no healthy snapshot yet, weights kept")
+        reason = (f"{action.reason}: {origin} (rollback {action.attempt} in a row), "
+                  f"LR x{action.recovery_lr_factor:.3g} back to x1 over {action.stabilize_steps} steps")
+        if action.lasting_lr_factor < 1.0:
+            reason += f", gain x{action.lasting_lr_factor:.3g} for good"
+        sampler = getattr(self.trainer, "r8_sampler", None)
+        if sampler is not None and action.stabilize_steps:
+            # The sampler counts per-process batches of the global order; a step takes this many of them.
+            sampler.stabilize(action.stabilize_steps * args.world_size * args.gradient_accumulation_steps)
+            reason += f", the next {action.stabilize_steps} steps' batches from the lowest-loss quartile"
+        for event in controller.rollback_brake(action.lasting_lr_factor, action.recovery_lr_factor,
+                                               action.stabilize_steps, step, reason):
+            self.record(event)
+        logger.warning("R8 rollback at step %d: %s", step, reason)
+
+    def _stop(self, action: RollbackAction, step: int, snapshot: StateSnapshot | None, args: TrainingArguments,
+              control: TrainerControl) -> None:
+        """Rollbacks did not help: stop training, saving the healthiest state there is."""
+        control.should_training_stop = True
+        self.policy.attempt = 0  # a run resumed from the checkpoint below starts a fresh series
+        if snapshot is not None or self._weights_finite(args.device):
+            control.should_save = True
+            where = f"the snapshot of step {snapshot.step}" if snapshot is not None else "the current weights"
+            reason = f"{action.reason}; {where} is saved as the step-{step} checkpoint"
+        else:
+            reason = f"{action.reason}; no healthy state to save (no snapshot, non-finite weights)"
+        logger.error("R8 rollback: %s", reason)
+        self.record(Event(step, -1, "rollback", "stop", 1.0, 0.0, reason, quantity="training"))
+
+    def restore(self, snapshot: StateSnapshot, controller: Controller) -> None:
+        snapshot.restore(self.model, self.optimizer)
+        extras = snapshot.extras
+        controller.load_state_dict(extras["controller"])
+        # The restored weights' loss is judged against the loss level they had, not the level reached since.
+        self.policy.detector.load_state_dict(extras["spike_detector"])
+        random.setstate(extras["python_rng"])
+        np.random.set_state(extras["numpy_rng"])
+        torch.set_rng_state(extras["torch_rng"])
+        if extras.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(extras["cuda_rng"])
+        scaler = grad_scaler(self.trainer)
+        if scaler is not None and extras.get("scaler") is not None:
+            scaler.load_state_dict(extras["scaler"])
+        if self.freezer is not None and extras.get("freezing") is not None:
+            # Tensors frozen since were frozen on the discarded trajectory: back to the snapshot's frozen set.
+            self.freezer.load_state_dict(extras["freezing"])
+
+    def take_snapshot(self, step: int, device: torch.device, controller: Controller) -> bool:
+        """Capture the weights after `step` updates; False when snapshots turned out not to fit in RAM."""
+        if not self.snapshots and not self._snapshots_fit(device):
+            self.snapshots_allowed = False
+            return False
+        reused = self.snapshots.pop(0) if len(self.snapshots) >= self.config.keep else None
+        snapshot = reused if reused is not None else StateSnapshot(self.snapshot_parameters)
+        scaler = grad_scaler(self.trainer)
+        extras = {
+            "controller": controller.state_dict(),
+            "spike_detector": self.policy.detector.state_dict(),
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "freezing": self.freezer.policy.state_dict() if self.freezer is not None else None,
+        }
+        snapshot.capture(self.model, self.optimizer, step, extras)
+        self.snapshots.append(snapshot)
+        return True
+
+    def _snapshots_fit(self, device: torch.device) -> bool:
+        """Whether `keep` snapshots of every process on this machine fit in its free RAM, agreed by all processes."""
+        config = self.config
+        # Pinned host blocks are rounded up to a power of two: count the worst case, twice the bytes.
+        per_process = (config.keep * snapshot_bytes(self.model, self.optimizer, self.snapshot_parameters)
+                       * (2 if device.type != "cpu" else 1))
+        processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        available = psutil.virtual_memory().available
+        fits = per_process * processes_here <= config.max_ram_fraction * available
+        refusals = sum_across_processes(torch.tensor([0.0 if fits else 1.0], device=device)).item()
+        if refusals:
+            logger.warning("R8 rollback is off: %d process(es) x %d snapshot(s) need %.2f GiB, more than "
+                           "rollback.max_ram_fraction=%s of the %.2f GiB of host RAM available on some machine "
+                           "(set rollback.scope='trainable' or keep=1).", processes_here, config.keep,
+                           per_process * processes_here / 2**30, config.max_ram_fraction, available / 2**30)
+        return refusals == 0

@@ -1,0 +1,110 @@
+"""One optimizer step's signals, from the Trainer to the controller, without stalling the device.
+
+A step's loss and gradient norm (`taps.py`), the reward scored for it (`rewards.py`) and the MoE router
+aux loss are packed into one small tensor of (sum, count) pairs and summed across processes:
+
+    [loss, has_loss, grad_norm, has_grad_norm, reward sum, reward count, router aux loss, has_aux_loss]
+
+At the step's end its copy to the host starts without waiting (`HostCopy`); the controller reads it at the
+next step, by which time it has landed. Where a step must be judged before it is applied (the guard,
+rollback, the LR range test), `read_now` reads it on the host at once and the same values are staged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_r8.control.controller import Observation
+from hf_r8.integrations.rewards import RewardTracker
+from hf_r8.integrations.taps import TrainerTaps
+from hf_r8.runtime.distributed import sum_across_processes
+from hf_r8.runtime.host_copy import HostCopy
+
+SIGNAL_COUNT = 8  # (sum, count) of loss, gradient norm, reward, router aux loss
+
+
+def observation(step: int, reduced: list[float]) -> Observation:
+    """The step's mean loss, gradient norm, reward and router aux loss from the (sum, count) pairs reduced
+    across processes."""
+    loss_sum, loss_count, grad_sum, grad_count, reward_sum, reward_count, aux_sum, aux_count = reduced
+    return Observation(step=step, loss=loss_sum / loss_count if loss_count > 0 else None,
+                       grad_norm=grad_sum / grad_count if grad_count > 0 else None,
+                       reward=reward_sum / reward_count if reward_count > 0 else None,
+                       router_aux_loss=aux_sum / aux_count if aux_count > 0 else None)
+
+
+class StepSignals:
+    """The signals of the step in flight and of the last finished step, on their way to the controller."""
+
+    def __init__(self, taps: TrainerTaps, rewards: RewardTracker, device: torch.device) -> None:
+        self.taps = taps
+        self.rewards = rewards
+        self.device = device
+        self.checked: list[float] | None = None
+        """This step's signals, already read on the host (by the guard or the range test)."""
+        self.dropped = False
+        """Whether this step was skipped or rolled back: the controller never sees its signals."""
+        self._pending: HostCopy | None = None
+        self._pending_step = 0
+
+    def read_now(self, step: int) -> Observation:
+        """This step's signals, read on the host now (one sync), before the step is applied."""
+        self.checked = self._reduced().tolist()
+        return observation(step, self.checked)
+
+    def end_step(self, step: int) -> Observation | None:
+        """Stage the finished step's signals for the next step; a dropped step's are returned for the record
+        only (it is not evidence about the LR)."""
+        if self.dropped:
+            dropped = observation(step, self.checked)
+            self.dropped, self.checked = False, None
+            return dropped
+        self._pending_step = step
+        values = torch.tensor(self.checked, dtype=torch.float32) if self.checked is not None else self._reduced()
+        self._pending = HostCopy(values)
+        self.checked = None
+        return None
+
+    def take_pending(self) -> Observation | None:
+        """The last finished step's signals (with the KL logged since), once; None when there are none."""
+        if self._pending is None:
+            return None
+        pending = observation(self._pending_step, self._pending.result().tolist())
+        pending.kl = self.rewards.take_kl()
+        self._pending = None
+        return pending
+
+    def discard_pending(self) -> None:
+        self._pending = None
+
+    def state_dict(self) -> dict[str, object] | None:
+        if self._pending is None:
+            return None
+        return {"step": self._pending_step, "values": self._pending.result().tolist()}
+
+    def load_state_dict(self, pending: dict[str, object] | None) -> None:
+        if pending is None:
+            return
+        self._pending_step = pending["step"]
+        # Checkpoints saved before rewards (4 values) or router aux losses (6) were signals.
+        values = pending["values"] + [0.0] * (SIGNAL_COUNT - len(pending["values"]))
+        self._pending = HostCopy(torch.tensor(values, dtype=torch.float32))
+
+    def _reduced(self) -> torch.Tensor:
+        """The packed signals summed over processes, on device (a NaN anywhere is NaN). The rewards recorded
+        since the previous step are used up here."""
+        taps, device = self.taps, self.device
+        zero, one = torch.zeros((), device=device), torch.ones((), device=device)
+        loss = taps.step_loss.to(device) if taps.step_loss is not None else None
+        grad_norm, aux_loss = None, taps.step_aux_loss()
+        if taps.grad_norm is not None:
+            grad_norm = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
+        reward, reward_count = self.rewards.take_step_reward()
+        # Only a run with rewards copies them to the device (a small host-to-device copy per step).
+        rewards = torch.tensor([reward, reward_count], device=device) if reward_count else torch.zeros(2, device=device)
+        packed = torch.cat([torch.stack([
+            zero if loss is None else loss, zero if loss is None else one,
+            zero if grad_norm is None else grad_norm, zero if grad_norm is None else one,
+        ]).float(), rewards.float(), torch.stack([
+            zero if aux_loss is None else aux_loss.to(device), zero if aux_loss is None else one]).float()])
+        return sum_across_processes(packed)
