@@ -40,11 +40,11 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.hooks import RemovableHandle
 
-from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
+from hf_r8.control.controller import Controller, Event, Observation
 from hf_r8.control.range_test import LRRangeTest, range_test_length
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.runtime.host_copy import HostCopy
-from hf_r8.runtime.param_groups import read_momentum, write_lr, write_momentum
+from hf_r8.runtime.param_groups import group_specs, write_lr, write_momentum
 from hf_r8.runtime.snapshot import StateSnapshot, optimizer_parameters
 
 
@@ -113,9 +113,8 @@ class AdaptiveScheduler(LRScheduler):
 
     def _controller(self, optimizer: torch.optim.Optimizer, initial_gains: list[float],
                     warmup_steps: int) -> Controller:
-        specs = [GroupSpec(float(group.get("initial_lr", group["lr"])), read_momentum(group), initial_gain=gain)
-                 for group, gain in zip(optimizer.param_groups, initial_gains, strict=True)]
-        return Controller(self.config, specs, total_steps=self.total_steps, warmup_steps=warmup_steps)
+        return Controller(self.config, group_specs(optimizer, initial_gains), total_steps=self.total_steps,
+                          warmup_steps=warmup_steps)
 
     # ------------------------------------------------------------------------------ signals in
     def set_metrics(self, loss: Any = None, reward: Any = None, grad_norm: Any = None) -> None:

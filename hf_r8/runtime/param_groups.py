@@ -6,9 +6,13 @@ neither has none, and nothing is written. A tensor LR (capturable / fused optimi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from hf_r8.control.controller import GroupSpec
+from hf_r8.runtime.moe import is_router_parameter
 
 
 def read_momentum(group: dict[str, Any]) -> float | None:
@@ -31,3 +35,18 @@ def write_lr(group: dict[str, Any], lr: float) -> None:
         group["lr"].fill_(lr)
     else:
         group["lr"] = lr
+
+
+def group_specs(optimizer: torch.optim.Optimizer, initial_gains: list[float] | None = None,
+                model: torch.nn.Module | None = None, router_patterns: Sequence[str] = ()) -> list[GroupSpec]:
+    """What the controller needs to know of each parameter group: its base LR (the schedule's `initial_lr`),
+    its momentum, whether it holds only MoE routers (named by `router_patterns`, when `model` names the
+    parameters), and the gain it starts from (1 unless given)."""
+    names = {id(param): name for name, param in model.named_parameters()} if model is not None else {}
+    specs = []
+    for index, group in enumerate(optimizer.param_groups):
+        param_names = [names.get(id(param), "") for param in group["params"]] if names else []
+        is_router = bool(param_names) and all(is_router_parameter(name, router_patterns) for name in param_names)
+        specs.append(GroupSpec(float(group.get("initial_lr", group["lr"])), read_momentum(group), is_router,
+                               initial_gains[index] if initial_gains else 1.0))
+    return specs
