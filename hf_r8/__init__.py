@@ -14,6 +14,9 @@ from hf_r8.control.config import R8Config, available_presets
 if TYPE_CHECKING:
     from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
     from hf_r8.control.decision import Decision
+    from hf_r8.control.rule_registry import register_rule
+    from hf_r8.control.rules import Proposal, Rule, StepStatistics
+    from hf_r8.data.sampler_modes import SamplerMode, register_sampler_mode
     from hf_r8.integrations.callback import R8Callback
     from hf_r8.integrations.loop import R8Loop
     from hf_r8.integrations.scheduler import AdaptiveScheduler
@@ -26,6 +29,12 @@ _LAZY = {
     "Event": "hf_r8.control.controller",
     "GroupSpec": "hf_r8.control.controller",
     "Observation": "hf_r8.control.controller",
+    "Proposal": "hf_r8.control.rules",
+    "Rule": "hf_r8.control.rules",
+    "SamplerMode": "hf_r8.data.sampler_modes",
+    "StepStatistics": "hf_r8.control.rules",
+    "register_rule": "hf_r8.control.rule_registry",
+    "register_sampler_mode": "hf_r8.data.sampler_modes",
     "R8Callback": "hf_r8.integrations.callback",
     "R8Loop": "hf_r8.integrations.loop",
     "R8Trainer": "hf_r8.integrations.trainer",
@@ -39,11 +48,17 @@ __all__ = [
     "Event",
     "GroupSpec",
     "Observation",
+    "Proposal",
     "R8Callback",
     "R8Config",
     "R8Loop",
     "R8Trainer",
+    "Rule",
+    "SamplerMode",
+    "StepStatistics",
     "available_presets",
+    "register_rule",
+    "register_sampler_mode",
     "with_r8",
 ]
 __version__ = "0.1.0"

@@ -42,3 +42,22 @@ def test_import_hf_r8_loads_no_framework_until_an_adapter_is_used():
     """)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+LAYERS = ("control", "runtime", "data", "ui", "integrations")  # each may import only those before it
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    import ast
+    from pathlib import Path
+
+    package = Path(hf_r8.control.__file__).parent.parent
+    upward = []
+    for layer_rank, layer in enumerate(LAYERS):
+        for path in (package / layer).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_r8."):
+                    imported = node.module.split(".")[1]
+                    if imported not in LAYERS[:layer_rank + 1]:
+                        upward.append(f"{layer}/{path.name} imports {node.module}")
+    assert not upward, upward

@@ -19,6 +19,8 @@ restores it exactly (a version-1 state, from before the rules were classes, too)
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -73,6 +75,15 @@ class Event:
     new_value: float
     reason: str
     quantity: str = "lr_gain"
+
+
+MAX_EVENTS_KEPT = 10_000
+
+
+def event_log(events: Iterable[Event] = ()) -> deque[Event]:
+    """The event store of every adapter: the last `MAX_EVENTS_KEPT` events, oldest first (a run of weeks
+    would otherwise keep every decision it ever made in memory)."""
+    return deque(events, maxlen=MAX_EVENTS_KEPT)
 
 
 @dataclass

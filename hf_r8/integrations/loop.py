@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
+from hf_r8.control.controller import Controller, Event, GroupSpec, Observation, event_log
 from hf_r8.control.range_test import LRRangeTest, range_test_length
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.control.rollback import RollbackAction, RollbackPolicy
@@ -89,7 +89,7 @@ class R8Loop:
         self._range_test = LRRangeTest(self.config.range_test, length) if length is not None else None
         self.rollback = RollbackPolicy(self.config.rollback)
         self.save, self.load = save, load
-        self.events: list[Event] = []
+        self.events = event_log()
         self.step = 0
         self.stopped = False
         self._batch: np.ndarray | None = None

@@ -11,14 +11,13 @@ from __future__ import annotations
 import atexit
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerState, TrainingArguments
 
-from hf_r8.control.controller import Event, Observation
+from hf_r8.control.controller import Event, Observation, event_log
 from hf_r8.control.decision import Decision
 from hf_r8.integrations.compat import mute_training_bar
 from hf_r8.ui.dashboard import Dashboard, DashboardView
@@ -26,15 +25,14 @@ from hf_r8.ui.run_log import RUN_DIR, RunLog
 
 logger = logging.getLogger(__name__)
 
-_MAX_EVENTS_KEPT = 10_000
 _QUARTILE_KEYS = ("q1_loss", "q2_loss", "q3_loss", "q4_loss")
 
 
 class RunOutputs:
-    """The events of every run so far (the last `_MAX_EVENTS_KEPT`) and the outputs of the current one."""
+    """The events of every run so far (the last `MAX_EVENTS_KEPT`) and the outputs of the current one."""
 
     def __init__(self, run_files: bool, dashboard: bool, report: bool) -> None:
-        self.events: deque[Event] = deque(maxlen=_MAX_EVENTS_KEPT)
+        self.events = event_log()
         self.view: DashboardView | None = None
         self._wants = {"run_files": run_files, "dashboard": dashboard, "report": report}
         self._dashboard: Dashboard | None = None

@@ -40,7 +40,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.hooks import RemovableHandle
 
-from hf_r8.control.controller import Controller, Event, Observation
+from hf_r8.control.controller import Controller, Event, Observation, event_log
 from hf_r8.control.range_test import LRRangeTest, range_test_length
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.runtime.host_copy import HostCopy
@@ -81,7 +81,7 @@ class AdaptiveScheduler(LRScheduler):
 
     Attributes:
         controller: the `Controller` (its `lr_gain(group)`, `metrics()`).
-        events: the decisions made so far, oldest first.
+        events: the decisions made so far (the last 10,000), oldest first.
 
     Raises:
         TypeError: `optimizer` is not a `torch.optim.Optimizer`.
@@ -95,7 +95,7 @@ class AdaptiveScheduler(LRScheduler):
         self.config = resolve_config(config)
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         self.controller = self._controller(optimizer, [1.0] * len(optimizer.param_groups), warmup_steps)
-        self.events: list[Event] = []
+        self.events = event_log()
         self._metrics: tuple[Any, Any, Any] | None = None
         self._staged: tuple[int, HostCopy] | None = None
         self._updates = 0
@@ -274,7 +274,7 @@ class AdaptiveScheduler(LRScheduler):
         self._written_lrs = list(state_dict.get("written_lrs", self._last_lr))
         applied_at = state_dict.get("applied_at")
         self._applied_at = None if applied_at is None else tuple(applied_at)
-        self.events = [Event(**event) for event in state_dict.get("events", [])]
+        self.events = event_log(Event(**event) for event in state_dict.get("events", []))
 
 
 def _followed(schedule: float, lr: float, written: float) -> float:
