@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_r8.control.config import RollbackConfig
-from hf_r8.control.signals import setback
+from hf_r8.control.signals import ema_step, setback
 
 _EMA_BETA = 0.9
 
@@ -79,7 +79,7 @@ class SpikeDetector:
 
     def accept(self, loss: float) -> None:
         self.recent.append(loss)
-        self.ema = loss if self.ema is None else _EMA_BETA * self.ema + (1.0 - _EMA_BETA) * loss
+        self.ema = ema_step(self.ema, loss, _EMA_BETA)
         if self.first_loss is None:
             self.first_loss = loss
 

@@ -84,8 +84,14 @@ def relative_improvement(previous: float, current: float) -> float:
     return (previous - current) / abs(previous)
 
 
+def ema_step(previous: float | None, x: float, beta: float) -> float:
+    """One step of an exponential moving average: x the first time, then beta * previous + (1 - beta) * x.
+    The one EMA formula of hf_r8 (losses, gradient norms, rewards, the rollback level, the report's curve)."""
+    return x if previous is None else beta * previous + (1.0 - beta) * x
+
+
 class Ema:
-    """Exponential moving average: value = beta * value + (1 - beta) * x; the first x initializes it."""
+    """Exponential moving average (`ema_step`) with the count of values it has seen."""
 
     def __init__(self, beta: float) -> None:
         self.beta = beta
@@ -93,7 +99,7 @@ class Ema:
         self.count = 0
 
     def update(self, x: float) -> float:
-        self.value = x if self.value is None else self.beta * self.value + (1.0 - self.beta) * x
+        self.value = ema_step(self.value, x, self.beta)
         self.count += 1
         return self.value
 

@@ -29,6 +29,7 @@ import torch
 
 from hf_r8.control.config import FreezingConfig
 from hf_r8.control.controller import Event
+from hf_r8.control.signals import ema_step
 
 
 @dataclass
@@ -67,7 +68,7 @@ class FreezePolicy:
             return events
         for state, norm in zip(self.tensors, norms, strict=True):
             if norm is not None and not state.frozen:
-                state.ema = norm if state.ema is None else beta * state.ema + (1 - beta) * norm
+                state.ema = ema_step(state.ema, norm, beta)
         active = [state.ema for state in self.tensors if not state.frozen and state.ema is not None]
         if not active:
             return events

@@ -31,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from hf_r8.control.signals import Ema
 from hf_r8.ui.run_log import EVENTS_FILE, METRICS_FILE, RANGE_TEST_FILE, RUN_DIR, read_jsonl, run_files_dir
 
 REPORT_DIR = "r8_report"
@@ -86,11 +87,8 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
 
 
 def _smoothed(values: list[float], beta: float = 0.9) -> list[float]:
-    smoothed, ema = [], None
-    for value in values:
-        ema = value if ema is None else beta * ema + (1 - beta) * value
-        smoothed.append(ema)
-    return smoothed
+    ema = Ema(beta)
+    return [ema.update(value) for value in values]
 
 
 def write_report(output_dir: str | Path) -> list[Path]:
