@@ -46,6 +46,7 @@ from hf_r8.data.catalog import LossCatalog
 from hf_r8.data.sampler import BalancedQuartileSampler
 from hf_r8.integrations.scheduler import one_value
 from hf_r8.runtime.host_copy import HostCopy
+from hf_r8.runtime.signal_packing import pack_signals, unpack_signals
 from hf_r8.ui.dashboard import Dashboard, DashboardView
 
 
@@ -139,8 +140,8 @@ class R8Loop:
             if losses.numel() != len(self._batch):
                 raise ValueError(f"per_example_losses has {losses.numel()} values for a batch of {len(self._batch)}")
             losses = HostCopy(losses)
-        loss = torch.as_tensor(one_value("loss", loss)).detach().float().reshape(())  # per-example: their mean
-        self._staged = (self.step, self._batch, HostCopy(loss), losses)
+        loss = one_value("loss", loss)  # per-example losses: their mean
+        self._staged = (self.step, self._batch, HostCopy(pack_signals(_device_of(loss), loss=loss)), losses)
         self._batch = None
 
     def snapshot(self, state: Any) -> None:
@@ -153,9 +154,9 @@ class R8Loop:
     def _consume(self) -> None:
         if self._staged is None:
             return
-        step, indices, loss_copy, losses_copy = self._staged
+        step, indices, signals_copy, losses_copy = self._staged
         self._staged = None
-        loss = float(loss_copy.result().item())
+        loss = unpack_signals(step, signals_copy.result().tolist()).loss
         if losses_copy is not None:
             self.catalog.update_exact(indices, losses_copy.result().numpy(), step)
         elif math.isfinite(loss):
@@ -252,3 +253,6 @@ class R8Loop:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
+
+def _device_of(value: Any) -> torch.device:
+    return value.device if torch.is_tensor(value) else torch.device("cpu")

@@ -45,6 +45,7 @@ from hf_r8.control.range_test import LRRangeTest, range_test_length
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.runtime.host_copy import HostCopy
 from hf_r8.runtime.param_groups import group_specs, write_lr, write_momentum
+from hf_r8.runtime.signal_packing import pack_signals, unpack_signals
 from hf_r8.runtime.snapshot import StateSnapshot, optimizer_parameters
 
 
@@ -151,7 +152,11 @@ class AdaptiveScheduler(LRScheduler):
             self._schedule_lrs = None  # a restart: the hook takes the LR the closed form writes as the schedule
         super().step(epoch)
         if self._metrics is not None:
-            self._staged = (self._updates, HostCopy(_packed(self._metrics)))
+            loss, reward, grad_norm = self._metrics
+            tensors = [value for value in self._metrics if torch.is_tensor(value)]
+            device = tensors[0].device if tensors else torch.device("cpu")
+            self._staged = (self._updates, HostCopy(pack_signals(device, loss=loss, grad_norm=grad_norm,
+                                                                 reward=reward)))
             self._metrics = None
 
     def get_lr(self) -> list[float]:
@@ -222,10 +227,7 @@ class AdaptiveScheduler(LRScheduler):
             return None
         step, copy = self._staged
         self._staged = None
-        flat = copy.result().tolist()
-        loss, reward, grad_norm = (value if present else None for value, present in zip(flat[::2], flat[1::2],
-                                                                                      strict=True))
-        return Observation(step=step, loss=loss, grad_norm=grad_norm, reward=reward)
+        return unpack_signals(step, copy.result().tolist())
 
     def _finish_range_test(self, optimizer: torch.optim.Optimizer) -> None:
         """Restore parameters and optimizer state from before the test, drop the step in flight, and rebase the
@@ -269,6 +271,10 @@ class AdaptiveScheduler(LRScheduler):
         self.controller = self._controller(self.optimizer, gains, self.warmup_steps)
         self.controller.load_state_dict(state_dict["controller"])
         staged = state_dict.get("staged")
+        if staged is not None and len(staged["values"]) == 6:  # saved before one packing: loss, reward, grad norm
+            loss, has_loss, reward, has_reward, grad_norm, has_grad_norm = staged["values"]
+            staged = {"step": staged["step"], "values": [loss, has_loss, grad_norm, has_grad_norm, reward, has_reward,
+                                                         0.0, 0.0]}
         self._staged = None if staged is None else (staged["step"], HostCopy(torch.tensor(staged["values"])))
         self._schedule_lrs = state_dict.get("schedule_lrs", [float(base_lr) for base_lr in self.base_lrs])
         self._written_lrs = list(state_dict.get("written_lrs", self._last_lr))
@@ -293,21 +299,6 @@ class _OptimizerParameters(torch.nn.Module):
         for index, param in enumerate(optimizer_parameters(optimizer)):
             self.register_parameter(f"p{index}", param if isinstance(param, torch.nn.Parameter) else
                                     torch.nn.Parameter(param, requires_grad=param.requires_grad))
-
-
-def _packed(signals: tuple[Any, Any, Any]) -> torch.Tensor:
-    """[loss, has loss, reward, has reward, grad norm, has grad norm] as one float tensor, on the device of
-    the tensor signals (a NaN loss stays a NaN loss; a missing one is flagged)."""
-    device_values = [value for value in signals if torch.is_tensor(value)]
-    device = device_values[0].device if device_values else torch.device("cpu")
-    parts = []
-    for value in signals:
-        if torch.is_tensor(value):
-            parts += [value.detach().reshape(()).to(device, torch.float32), torch.ones((), device=device)]
-        else:
-            parts += [torch.tensor(0.0 if value is None else float(value), device=device),
-                      torch.tensor(0.0 if value is None else 1.0, device=device)]
-    return torch.stack(parts)
 
 
 def one_value(name: str, value: Any) -> Any:

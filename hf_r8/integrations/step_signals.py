@@ -1,13 +1,11 @@
 """One optimizer step's signals, from the Trainer to the controller, without stalling the device.
 
 A step's loss and gradient norm (`taps.py`), the reward scored for it (`rewards.py`) and the MoE router
-aux loss are packed into one small tensor of (sum, count) pairs and summed across processes:
-
-    [loss, has_loss, grad_norm, has_grad_norm, reward sum, reward count, router aux loss, has_aux_loss]
-
-At the step's end its copy to the host starts without waiting (`HostCopy`); the controller reads it at the
-next step, by which time it has landed. Where a step must be judged before it is applied (the guard,
-rollback, the LR range test), `read_now` reads it on the host at once and the same values are staged.
+aux loss are packed into one small tensor of (sum, count) pairs (`runtime/signal_packing.py`) and summed
+across processes. At the step's end its copy to the host starts without waiting (`HostCopy`); the
+controller reads it at the next step, by which time it has landed. Where a step must be judged before
+it is applied (the guard, rollback, the LR range test), `read_now` reads it on the host at once and the
+same values are staged.
 """
 
 from __future__ import annotations
@@ -19,18 +17,7 @@ from hf_r8.integrations.rewards import RewardTracker
 from hf_r8.integrations.taps import TrainerTaps
 from hf_r8.runtime.distributed import sum_across_processes
 from hf_r8.runtime.host_copy import HostCopy
-
-SIGNAL_COUNT = 8  # (sum, count) of loss, gradient norm, reward, router aux loss
-
-
-def observation(step: int, reduced: list[float]) -> Observation:
-    """The step's mean loss, gradient norm, reward and router aux loss from the (sum, count) pairs reduced
-    across processes."""
-    loss_sum, loss_count, grad_sum, grad_count, reward_sum, reward_count, aux_sum, aux_count = reduced
-    return Observation(step=step, loss=loss_sum / loss_count if loss_count > 0 else None,
-                       grad_norm=grad_sum / grad_count if grad_count > 0 else None,
-                       reward=reward_sum / reward_count if reward_count > 0 else None,
-                       router_aux_loss=aux_sum / aux_count if aux_count > 0 else None)
+from hf_r8.runtime.signal_packing import SIGNAL_COUNT, pack_signals, unpack_signals
 
 
 class StepSignals:
@@ -50,13 +37,13 @@ class StepSignals:
     def read_now(self, step: int) -> Observation:
         """This step's signals, read on the host now (one sync), before the step is applied."""
         self.checked = self._reduced().tolist()
-        return observation(step, self.checked)
+        return unpack_signals(step, self.checked)
 
     def end_step(self, step: int) -> Observation | None:
         """Stage the finished step's signals for the next step; a dropped step's are returned for the record
         only (it is not evidence about the LR)."""
         if self.dropped:
-            dropped = observation(step, self.checked)
+            dropped = unpack_signals(step, self.checked)
             self.dropped, self.checked = False, None
             return dropped
         self._pending_step = step
@@ -69,7 +56,7 @@ class StepSignals:
         """The last finished step's signals (with the KL logged since), once; None when there are none."""
         if self._pending is None:
             return None
-        pending = observation(self._pending_step, self._pending.result().tolist())
+        pending = unpack_signals(self._pending_step, self._pending.result().tolist())
         pending.kl = self.rewards.take_kl()
         self._pending = None
         return pending
@@ -93,18 +80,11 @@ class StepSignals:
     def _reduced(self) -> torch.Tensor:
         """The packed signals summed over processes, on device (a NaN anywhere is NaN). The rewards recorded
         since the previous step are used up here."""
-        taps, device = self.taps, self.device
-        zero, one = torch.zeros((), device=device), torch.ones((), device=device)
-        loss = taps.step_loss.to(device) if taps.step_loss is not None else None
-        grad_norm, aux_loss = None, taps.step_aux_loss()
+        taps = self.taps
+        grad_norm = None
         if taps.grad_norm is not None:
-            grad_norm = torch.as_tensor(taps.grad_norm).to(device=device, dtype=torch.float32).reshape(())
+            grad_norm = torch.as_tensor(taps.grad_norm).to(device=self.device, dtype=torch.float32)
         reward, reward_count = self.rewards.take_step_reward()
-        # Only a run with rewards copies them to the device (a small host-to-device copy per step).
-        rewards = torch.tensor([reward, reward_count], device=device) if reward_count else torch.zeros(2, device=device)
-        packed = torch.cat([torch.stack([
-            zero if loss is None else loss, zero if loss is None else one,
-            zero if grad_norm is None else grad_norm, zero if grad_norm is None else one,
-        ]).float(), rewards.float(), torch.stack([
-            zero if aux_loss is None else aux_loss.to(device), zero if aux_loss is None else one]).float()])
+        packed = pack_signals(self.device, loss=taps.step_loss, grad_norm=grad_norm,
+                              reward=reward if reward_count else None, router_aux_loss=taps.step_aux_loss())
         return sum_across_processes(packed)
