@@ -341,3 +341,17 @@ def test_close_removes_the_optimizer_hook_and_refuses_later_steps():
     with pytest.raises(RuntimeError, match=r"step\(\): the scheduler is closed"):
         scheduler.step_loss(1.0)
     scheduler.close()
+
+
+def test_a_state_saved_with_the_old_six_value_packing_resumes_with_its_signals():
+    config = _quiet(R8Config.from_preset("aggressive"))
+    optimizer, scheduler = _sgd_with_scheduler(config)
+    optimizer.step()
+    scheduler.step_loss(2.5, reward=0.75, grad_norm=1.25)
+    state = scheduler.state_dict()
+    loss, has_loss, grad_norm, has_grad_norm, reward, has_reward = state["staged"]["values"][:6]
+    state["staged"]["values"] = [loss, has_loss, reward, has_reward, grad_norm, has_grad_norm]  # hf_r8 <= 0.1 order
+    _, resumed = _sgd_with_scheduler(config)
+    resumed.load_state_dict(state)
+    observation = resumed._take_staged()
+    assert (observation.loss, observation.reward, observation.grad_norm) == (2.5, 0.75, 1.25)
