@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VENV)/bin/pip install --quiet -e ".[trl,peft,dev,bench]"
+	$(VENV)/bin/pip install --quiet -e ".[trl,peft,dev,bench,deepspeed]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -146,7 +146,8 @@ class RollbackConfig(ValidatedConfig):
     A second spike in a row, or non-finite weights, restore the last healthy snapshot, drop the step
     in flight, restart the LR lower and feed low-loss batches for a while (R8Trainer). Rollbacks in a
     row back off (a lasting LR cut); `max_consecutive` of them stop training with the healthy state
-    saved as a checkpoint. Off under DeepSpeed; snapshots off under FSDP.
+    saved as a checkpoint. Under DeepSpeed the engine skips a non-finite step itself and a spike's step is
+    already applied (a second one rolls back); snapshots are off under FSDP1.
     """
 
     SECTION: ClassVar[str] = "rollback"

@@ -6,6 +6,10 @@ times the gain, or the range test's sweep), and the scheduler reports it as its 
 before the scheduler steps from them: its state, and a resumed run, stay exactly the stock Trainer's.
 Schedulers stepped on eval metrics (ReduceLROnPlateau, GreedyLR) step after `on_step_end` and read the
 LR to chain from: they get their values back there instead.
+
+Under DeepSpeed the engine takes the real step, then steps its scheduler, inside backward: the next step's
+LR is written at `on_step_end`, over the value the scheduler has just set, and stays there until that step
+(`TrainerRun`); nothing is given back, as the scheduler computes each value from its step count.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class LRWriter:
         self.applied: tuple[int, float, float, float | None] | None = None
         """(step, LR used, schedule LR, gain over the schedule) of group 0 at the last written step."""
         self._schedule_lrs: list[float] = []
+        self._used: list[float] = []
 
     @property
     def holds_schedule(self) -> bool:
@@ -57,7 +62,22 @@ class LRWriter:
             used.append(lr)
         self.applied = (step, used[0], self._schedule_lrs[0],
                         used[0] / self._schedule_lrs[0] if self._schedule_lrs[0] else None)
+        self._used = used
         set_logged_lr(lr_scheduler, used)
+
+    def report_used(self, lr_scheduler: Any) -> None:
+        """Make the scheduler report the LRs of the last write again (DeepSpeed's scheduler has stepped since)."""
+        set_logged_lr(lr_scheduler, list(self._used))
+
+    @property
+    def schedule_lrs(self) -> list[float]:
+        """The schedule's own values under the last write, while they are still to be put back."""
+        return list(self._schedule_lrs)
+
+    def hold_schedule(self, optimizer: torch.optim.Optimizer, schedule_lrs: list[float]) -> None:
+        """Put saved schedule values into the groups (a resumed DeepSpeed optimizer holds the LR R8 wrote)."""
+        self._schedule_lrs = list(schedule_lrs)
+        self.restore_schedule(optimizer)
 
     def restore_schedule(self, optimizer: torch.optim.Optimizer) -> None:
         """Put the schedule's own values back (once per write)."""

@@ -45,7 +45,8 @@ class RangeTestRunner:
         if length is None:
             return None
         if uses_deepspeed(rollback.trainer):
-            logger.warning("R8: no LR range test under DeepSpeed (the LR R8 writes does not reach its engine's step).")
+            logger.warning("R8: no LR range test under DeepSpeed (its engine takes each step before R8 sees the "
+                           "step's loss, so the sweep cannot end on the step it has seen enough).")
             return None
         if rollback.snapshots_allowed:
             if not take_snapshot():

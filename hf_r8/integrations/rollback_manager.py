@@ -8,6 +8,14 @@ state, controller, RNG, grad scaler, frozen set), cut the LR gain, drop the step
 R8Trainer's sampler for low-loss batches. Snapshots are taken every `rollback.every_steps` healthy steps
 into reused CPU buffers, once the step's loss, computed on the weights about to be saved, has passed the
 check: a snapshot is never of a damaged model.
+
+Under DeepSpeed the engine has already applied the step when `on_pre_optimizer_step` comes (it steps inside
+backward), so nothing can be dropped before it: a step with a non-finite gradient norm is skipped by the
+engine itself (ZeRO's overflow check, at every stage, fp32 included), and R8 records that skip; if the engine
+applied it anyway, the weights are checked and a snapshot restored. A spike's step is already applied, so it
+is only recorded; a second spike in a row restores the last snapshot. Snapshots hold each process's own
+ZeRO partitions (fp32 masters, optimizer state, and at stage 3 the parameter partitions, `deepspeed_tensors`)
+and the weights after the checked step, whose loss and gradient norm passed the check.
 """
 
 from __future__ import annotations
@@ -28,7 +36,15 @@ from transformers import TrainerControl, TrainingArguments
 from hf_r8.control.config import RollbackConfig
 from hf_r8.control.controller import Controller, Event
 from hf_r8.control.rollback import RollbackAction, RollbackPolicy
-from hf_r8.integrations.compat import grad_scaler, uses_deepspeed, uses_fsdp
+from hf_r8.integrations.compat import (
+    deepspeed_step_skipped,
+    deepspeed_tensors,
+    grad_scaler,
+    regather_zero3_parameters,
+    uses_deepspeed,
+    uses_fsdp,
+    zero3_partition,
+)
 from hf_r8.integrations.step_signals import StepSignals
 from hf_r8.runtime.distributed import sum_across_processes
 from hf_r8.runtime.freezing import ParameterFreezer
@@ -40,12 +56,6 @@ logger = logging.getLogger(__name__)
 def supported_scope(config: RollbackConfig, trainer: Any) -> tuple[bool, bool]:
     """(check steps, take snapshots) for this run: what the parallelism in use allows."""
     checks = config.enabled or config.guard_nonfinite
-    if checks and uses_deepspeed(trainer):
-        # DeepSpeed steps inside backward (zero_grad cannot skip) and keeps fp32 masters a snapshot misses.
-        logger.warning("R8: the non-finite guard and rollback are off under DeepSpeed (its engine steps inside "
-                       "backward and keeps its own fp32 master weights); for the same reason the LR R8 writes "
-                       "before the optimizer step does not reach DeepSpeed's step (not supported yet).")
-        return False, False
     sharded = any(isinstance(param, DTensor) for param in trainer.model.parameters())
     if config.enabled and uses_fsdp(trainer) and not sharded:
         # FSDP1 flattens parameters into its own FlatParameters; FSDP2 keeps each as a DTensor whose
@@ -66,6 +76,9 @@ class RollbackManager:
         self.trainer, self.model, self.optimizer = trainer, trainer.model, optimizer
         self.record = record
         self.checks_steps, self.snapshots_allowed = supported_scope(config, trainer)
+        self.applied_before_check = uses_deepspeed(trainer)
+        """DeepSpeed: the engine applied the step before R8 sees its signals (see the module docstring)."""
+        self.engine_tensors = deepspeed_tensors if self.applied_before_check else None
         # Fixed before the freezer (or a resumed freezer state) turns any requires_grad off.
         self.snapshot_parameters = trainable_parameter_names(self.model) if config.scope == "trainable" else None
         self.snapshots: list[StateSnapshot] = []
@@ -88,10 +101,15 @@ class RollbackManager:
         if action is not None:
             self._roll_back(action, step, signals, controller, args, control)
         # Otherwise the weights are still those after step - 1, and this step's loss, computed on them,
-        # has just passed the check: a snapshot taken now is never of a damaged model.
+        # has just passed the check: a snapshot taken now is never of a damaged model. Under DeepSpeed they
+        # are those after this step, whose loss and gradient norm have just passed it.
         elif (self.snapshots_allowed and self.policy.should_snapshot(step)
-              and self.take_snapshot(step - 1, args.device, controller)):
+              and self.take_snapshot(self.weights_step(step), args.device, controller)):
             self.policy.snapshot_taken(step)
+
+    def weights_step(self, step: int) -> int:
+        """The updates the weights hold when step `step` is checked."""
+        return step if self.applied_before_check else step - 1
 
     def _check(self, step: int, signals: StepSignals, device: torch.device) -> RollbackAction | None:
         """Read this step's loss and gradient norm (all processes) before it is applied; skip or ask for a rollback."""
@@ -105,6 +123,8 @@ class RollbackManager:
             # An fp16 overflow in the gradients: the grad scaler skips the step and lowers its scale. Not applied,
             # so, as for a step the guard skips, the controller never sees it and no dither follows it.
             return None
+        if self.applied_before_check:
+            return self._check_engine_step(step, reason, device)
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.record_skip(step)
         self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, reason, quantity="step_applied"))
@@ -112,11 +132,31 @@ class RollbackManager:
             return self.policy.damage(step, "non-finite weights")
         return None
 
+    def _check_engine_step(self, step: int, reason: str, device: torch.device) -> RollbackAction | None:
+        """A non-finite step under DeepSpeed, already taken by the engine: its own skip, or damage to undo."""
+        if deepspeed_step_skipped(self.trainer):
+            self.policy.record_skip(step)
+            self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0,
+                              reason.replace("optimizer step skipped", "the DeepSpeed engine skipped the step"),
+                              quantity="step_applied"))
+            return None
+        self.policy.last_anomaly_step = step
+        if not self._weights_finite(device):
+            return self.policy.damage(step, f"{reason.split(':')[0]} applied by the DeepSpeed engine: "
+                                            "non-finite weights")
+        return None
+
     def _weights_finite(self, device: torch.device) -> bool:
         """Whether every trainable parameter is finite on every process (read only after a non-finite loss)."""
-        params = [local_part(param) for param in self.model.parameters() if param.requires_grad]  # own shards
+        params = [self._own_part(param) for param in self.model.parameters() if param.requires_grad]
         bad = torch.stack([~torch.isfinite(param).all() for param in params]).sum().float().to(device)
         return sum_across_processes(bad).item() == 0
+
+    @staticmethod
+    def _own_part(param: torch.Tensor) -> torch.Tensor:
+        """The part of `param` this process holds: its FSDP2 shard or ZeRO-3 partition, else all of it."""
+        partition = zero3_partition(param)
+        return partition if partition is not None else local_part(param)
 
     def _roll_back(self, action: RollbackAction, step: int, signals: StepSignals, controller: Controller,
                    args: TrainingArguments, control: TrainerControl) -> None:
@@ -124,6 +164,11 @@ class RollbackManager:
         self.optimizer.zero_grad(set_to_none=True)  # the step in flight: a spike's batch, or damaged weights
         signals.dropped = True
         if action.kind == "skip":
+            if self.applied_before_check:
+                self.policy.skipped_steps -= 1  # counted as skipped by the policy: the engine had applied it
+                reason = action.reason.replace("optimizer step skipped", "already applied by the DeepSpeed engine")
+                self.record(Event(step, -1, "rollback", "spike", 1.0, 1.0, reason, quantity="step_applied"))
+                return
             self.record(Event(step, -1, "rollback", "skip_step", 1.0, 0.0, action.reason, quantity="step_applied"))
             return
         # The n-th rollback in a row goes n snapshots back, as far as `rollback.keep` allows.
@@ -131,7 +176,7 @@ class RollbackManager:
         snapshot = kept[-min(max(action.attempt, 1), len(kept))] if kept else None
         if snapshot is not None:
             self.restore(snapshot, controller)
-            self.policy.wasted_steps += step - 1 - snapshot.step
+            self.policy.wasted_steps += self.weights_step(step) - snapshot.step
         if action.kind == "stop":
             self._stop(action, step, snapshot, args, control)
             return
@@ -167,6 +212,8 @@ class RollbackManager:
 
     def restore(self, snapshot: StateSnapshot, controller: Controller) -> None:
         snapshot.restore(self.model, self.optimizer)
+        if self.applied_before_check:
+            regather_zero3_parameters(self.trainer)
         extras = snapshot.extras
         controller.load_state_dict(extras["controller"])
         # The restored weights' loss is judged against the loss level they had, not the level reached since.
@@ -189,7 +236,7 @@ class RollbackManager:
             self.snapshots_allowed = False
             return False
         reused = self.snapshots.pop(0) if len(self.snapshots) >= self.config.keep else None
-        snapshot = reused if reused is not None else StateSnapshot(self.snapshot_parameters)
+        snapshot = reused if reused is not None else StateSnapshot(self.snapshot_parameters, self.engine_tensors)
         scaler = grad_scaler(self.trainer)
         extras = {
             "controller": controller.state_dict(),
@@ -209,7 +256,8 @@ class RollbackManager:
         """Whether `keep` snapshots of every process on this machine fit in its free RAM, agreed by all processes."""
         config = self.config
         # Pinned host blocks are rounded up to a power of two: count the worst case, twice the bytes.
-        per_process = (config.keep * snapshot_bytes(self.model, self.optimizer, self.snapshot_parameters)
+        per_process = (config.keep * snapshot_bytes(self.model, self.optimizer, self.snapshot_parameters,
+                                                   self.engine_tensors)
                        * (2 if device.type != "cpu" else 1))
         processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         available = psutil.virtual_memory().available

@@ -6,6 +6,13 @@ the optimizer (`lr_writer.py`), the guard and rollback (`rollback_manager.py`), 
 (`range_test_runner.py`), dither and freezing (`parameter_actions.py`) and, shared with the callback across
 runs, the outputs (`run_outputs.py`) and the rewards (`rewards.py`). Nothing of a run outlives the next
 `train()`, so no state is ever reset by hand.
+
+Under DeepSpeed the engine takes the real optimizer step, and steps its scheduler, inside backward, before
+`on_pre_optimizer_step`: the LR of each step is written at the previous step's `on_step_end` (the first one's
+when training begins), over the value the scheduler has just set. The controller has then seen the signals of
+every step before it, as it has just before `optimizer.step()` without DeepSpeed, so the LRs are the same, with
+no delay. The step is checked after the engine took it (`rollback_manager.py`), and the scheduler is made to
+report the LR used before the Trainer logs it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, Event, Observation
+from hf_r8.integrations.compat import deepspeed_peak_lrs, deepspeed_step_skipped, uses_deepspeed
 from hf_r8.integrations.lr_writer import LRWriter, steps_on_metrics
 from hf_r8.integrations.parameter_actions import ParameterActions
 from hf_r8.integrations.range_test_runner import RangeTestRunner
@@ -48,6 +56,17 @@ class TrainerRun:
         self.controller: Controller | None = None
         self.range_test: RangeTestRunner | None = None
         self.update_loop = False
+        self.engine_steps_in_backward = uses_deepspeed(trainer)
+        """DeepSpeed: each step's LR is written at the previous `on_step_end` (see the module docstring)."""
+        if self.engine_steps_in_backward:
+            self.record_engine_base_lrs()
+
+    def record_engine_base_lrs(self) -> None:
+        """The controller's base LR of each group is the schedule's `initial_lr`: DeepSpeed's own schedulers
+        record none and start at their minimum (0), so their peak stands in for it."""
+        peaks = deepspeed_peak_lrs(self.trainer)
+        for group, peak in zip(self.optimizer.param_groups, peaks or [], strict=False):
+            group.setdefault("initial_lr", peak)
 
     def start(self, args: TrainingArguments, state: TrainerState, saved: dict[str, Any] | None) -> None:
         """Build the controller, restore a checkpoint's state or start the range test, tap the Trainer, open the
@@ -59,9 +78,18 @@ class TrainerRun:
             self.range_test = RangeTestRunner.start(
                 self.config.range_test, state.max_steps, self.rollback, args.device,
                 take_snapshot=lambda: self.rollback.take_snapshot(0, args.device, self.controller))
+        if self.engine_steps_in_backward:
+            self.write_first_engine_lr(state.global_step, (saved or {}).get("schedule_lrs"))
         self.taps.install()
         self.outputs.open(args, state, self.trainer.callback_handler.callbacks, (saved or {}).get("run_files_rows"),
                           self.range_test.sweep_line() if self.range_test is not None else None)
+
+    def write_first_engine_lr(self, step: int, saved_schedule_lrs: list[float] | None) -> None:
+        """Under DeepSpeed: the LR of this run's first step. A resumed optimizer holds the LR R8 wrote when the
+        checkpoint was saved: the schedule's values saved with it go back first."""
+        if saved_schedule_lrs:
+            self.lr.hold_schedule(self.optimizer, saved_schedule_lrs)
+        self.write_lr(self.optimizer, self.trainer.lr_scheduler, step)
 
     def build_controller(self, initial_gains: list[float] | None = None, warmup_steps: int | None = None) -> None:
         specs = group_specs(self.optimizer, initial_gains, self.trainer.model, self.config.moe.router_patterns)
@@ -79,7 +107,12 @@ class TrainerRun:
 
     def before_optimizer_step(self, step_index: int, args: TrainingArguments, control: TrainerControl,
                               optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
-        """Observe the last step, check or sweep this one, and write its LR."""
+        """Observe the last step, check or sweep this one, and write its LR (under DeepSpeed: check the step the
+        engine has just taken; its LR was written at the last `on_step_end`)."""
+        if self.engine_steps_in_backward:
+            if self.rollback.checks_steps:
+                self.rollback.before_step(step_index + 1, self.signals, self.controller, args, control)
+            return
         self.observe_pending()
         if self.range_test is not None:
             if self.range_test.step(step_index, self.signals, optimizer):
@@ -92,6 +125,9 @@ class TrainerRun:
         self.write_lr(optimizer, lr_scheduler, step_index)
 
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
+        if self.engine_steps_in_backward:  # the Trainer reads the LR to log now, after the engine's scheduler stepped
+            self.lr.report_used(lr_scheduler)
+            return
         if not steps_on_metrics(lr_scheduler):
             self.lr.restore_schedule(optimizer)
         if (self.actions is not None and self.range_test is None and not self.signals.dropped
@@ -99,14 +135,18 @@ class TrainerRun:
             self.actions.after_optimizer_step(step, self.controller.sigma)
 
     def step_end(self, step: int, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
-        if not self.update_loop and (self.lr.applied is None or self.lr.applied[0] != step):
+        if self.engine_steps_in_backward:
+            if deepspeed_step_skipped(self.trainer):  # its scheduler did not step: the group holds R8's LR
+                self.lr.restore_schedule(optimizer)
+        elif not self.update_loop and (self.lr.applied is None or self.lr.applied[0] != step):
             self.enter_update_loop(step)
         if steps_on_metrics(lr_scheduler):
             self.lr.restore_schedule(optimizer)
         dropped = self.signals.end_step(step)
         if dropped is not None:  # a skipped or rolled-back step: the controller never sees its loss
             self.record_step(dropped)
-        if self.update_loop:  # the next update's LR, from this update's signals (one small host read per update)
+        # The next update's (or DeepSpeed step's) LR, from this one's signals (one small host read per step).
+        if self.update_loop or self.engine_steps_in_backward:
             self.observe_pending()
             self.write_lr(optimizer, lr_scheduler, step)
         counts = self.rollback.counts()
@@ -238,6 +278,7 @@ class TrainerRun:
             "rollback": self.rollback.policy.state_dict(),
             "freezing": freezer.policy.state_dict() if freezer is not None else None,
             "applied": list(self.lr.applied) if self.lr.applied is not None else None,
+            "schedule_lrs": self.lr.schedule_lrs,
             "run_files_rows": self.outputs.rows_written,
         }
 

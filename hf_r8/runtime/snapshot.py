@@ -13,18 +13,25 @@ LR, which the schedule keeps driving.
 Sharded models (FSDP2's `fully_shard`: parameters and optimizer state are `DTensor`s): each process
 captures and restores its own shard (`to_local()`), so a snapshot costs every process its shard's
 bytes and restoring needs no communication.
+
+Engines that keep tensors of their own (DeepSpeed ZeRO: fp32 master partitions held by the optimizer, and at
+stage 3 each parameter's partition in place of the parameter) name them through `engine_tensors`: each
+process captures and restores its own partitions with the model's tensors.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
 OptimizerKey = tuple[int, str]  # (position of the parameter in the optimizer's groups, state key)
+# (partitions that stand in for the model's parameters of the same name, further tensors by name)
+EngineTensors = Callable[[torch.nn.Module, torch.optim.Optimizer],
+                         tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
 _LIVE_KEYS = ("params", "lr")  # group entries a restore leaves as they are
 
 
@@ -50,10 +57,23 @@ def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]
     return [param for group in optimizer.param_groups for param in group["params"]]
 
 
+def held_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, parameter_names: Collection[str] | None,
+                 engine_tensors: EngineTensors | None) -> dict[str, torch.Tensor]:
+    """The tensors a snapshot holds besides the optimizer state: `model_tensors`, with an engine's partitions in
+    place of the parameters they stand for, and the engine's further tensors."""
+    tensors = model_tensors(model, parameter_names)
+    if engine_tensors is not None:
+        partitions, further = engine_tensors(model, optimizer)
+        tensors.update({name: partition for name, partition in partitions.items() if name in tensors})
+        tensors.update(further)
+    return tensors
+
+
 def snapshot_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   parameter_names: Collection[str] | None = None) -> int:
+                   parameter_names: Collection[str] | None = None, engine_tensors: EngineTensors | None = None) -> int:
     """Host bytes one snapshot of these parameters takes with the optimizer state as it is now."""
-    total = sum(local_part(t).numel() * t.element_size() for t in model_tensors(model, parameter_names).values())
+    held = held_tensors(model, optimizer, parameter_names, engine_tensors).values()
+    total = sum(local_part(t).numel() * t.element_size() for t in held)
     for param in optimizer_parameters(optimizer):
         for value in optimizer.state.get(param, {}).values():
             if torch.is_tensor(value):
@@ -79,10 +99,14 @@ class StateSnapshot:
             capture and restore (R8's freezer, its probe steps) is restored all the same. With
             `rollback.scope='trainable'` R8Callback passes those trainable when training starts
             (frozen ones cannot change; with PEFT, the adapters).
+        engine_tensors: an engine's own tensors (see the module docstring; None: the model's and the
+            optimizer state are all there is).
     """
 
-    def __init__(self, parameter_names: Collection[str] | None = None) -> None:
+    def __init__(self, parameter_names: Collection[str] | None = None,
+                 engine_tensors: EngineTensors | None = None) -> None:
         self.parameter_names = frozenset(parameter_names) if parameter_names is not None else None
+        self.engine_tensors = engine_tensors
         self.step = -1
         self.extras: dict[str, Any] = {}
         self._model: dict[str, torch.Tensor] = {}
@@ -99,7 +123,7 @@ class StateSnapshot:
 
     def capture(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                 extras: dict[str, Any] | None = None) -> None:
-        live = model_tensors(model, self.parameter_names)
+        live = held_tensors(model, optimizer, self.parameter_names, self.engine_tensors)
         for name, tensor in live.items():
             _copy_into(self._model, name, tensor)
         for name in set(self._model) - set(live):
@@ -129,7 +153,7 @@ class StateSnapshot:
         """Write the captured values back into `model` and `optimizer`, bit for bit."""
         if self.step < 0:
             raise RuntimeError("restore() before any capture()")
-        live = model_tensors(model, self.parameter_names)
+        live = held_tensors(model, optimizer, self.parameter_names, self.engine_tensors)
         with torch.no_grad():
             for name, buffer in self._model.items():
                 local_part(live[name]).copy_(buffer, non_blocking=True)
