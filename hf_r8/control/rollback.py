@@ -31,7 +31,8 @@ _EMA_BETA = 0.9
 
 @dataclass
 class RollbackAction:
-    """What to do about a spike or damage seen at `step`: "skip" the step, "rollback" or "stop"."""
+    """What to do about a spike or damage seen at `step`: "skip" the step, "rollback" or "stop"; "record" a
+    spike whose step was applied before its loss was seen (nothing left to skip)."""
 
     kind: str
     reason: str
@@ -93,10 +94,18 @@ class SpikeDetector:
 
 
 class RollbackPolicy:
-    """The decisions of the non-finite guard and of rollback, with the counts that reach the logs."""
+    """The decisions of the non-finite guard and of rollback, with the counts that reach the logs.
 
-    def __init__(self, config: RollbackConfig) -> None:
+    Args:
+        config: the `rollback` section.
+        applied_before_check: the host applies a step before its loss is seen (R8Loop: the user steps, then
+            reports; DeepSpeed: the engine steps inside backward). A first spike cannot be skipped there, only
+            recorded; a second in a row still rolls back.
+    """
+
+    def __init__(self, config: RollbackConfig, applied_before_check: bool = False) -> None:
         self.config = config
+        self.applied_before_check = applied_before_check
         self.detector = SpikeDetector(config)
         self.last_anomaly_step = 0
         self.last_damage_step: int | None = None
@@ -142,6 +151,9 @@ class RollbackPolicy:
         if self.spike_skipped_at == step - 1:
             return self.damage(step, f"{reason}, the second spike in a row")
         self.spike_skipped_at = step
+        if self.applied_before_check:
+            return RollbackAction("record", f"{reason}: its step was already applied (a second spike in a row "
+                                  "rolls back)", step)
         self.skipped_steps += 1
         return RollbackAction("skip", f"{reason}: optimizer step skipped (a second spike in a row rolls back)", step)
 

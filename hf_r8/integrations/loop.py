@@ -88,7 +88,7 @@ class R8Loop:
         self.controller = Controller(self.config, [GroupSpec(self.base_lr)], total_steps=self.total_steps)
         length = range_test_length(self.config.range_test, self.total_steps) if save and load else None
         self._range_test = LRRangeTest(self.config.range_test, length) if length is not None else None
-        self.rollback = RollbackPolicy(self.config.rollback)
+        self.rollback = RollbackPolicy(self.config.rollback, applied_before_check=True)  # report() follows the step
         self.save, self.load = save, load
         self.events = event_log()
         self.step = 0
@@ -173,9 +173,8 @@ class R8Loop:
             action = self.rollback.observe(step, loss)
         else:
             action = None
-        if action is not None and action.kind == "skip":
-            self._record(Event(step, -1, "rollback", "spike", 1.0, 1.0, f"{action.reason.split(':')[0]}: its step "
-                               "was already applied (a second spike in a row rolls back)", quantity="step_applied"))
+        if action is not None and action.kind == "record":
+            self._record(Event(step, -1, "rollback", "spike", 1.0, 1.0, action.reason, quantity="step_applied"))
         elif action is not None:
             self._roll_back(action)
             return

@@ -72,12 +72,12 @@ class RollbackManager:
     def __init__(self, config: RollbackConfig, trainer: Any, optimizer: torch.optim.Optimizer,
                  record: Callable[[Event], None]) -> None:
         self.config = config
-        self.policy = RollbackPolicy(config)
+        self.applied_before_check = uses_deepspeed(trainer)
+        """DeepSpeed: the engine applied the step before R8 sees its signals (see the module docstring)."""
+        self.policy = RollbackPolicy(config, applied_before_check=self.applied_before_check)
         self.trainer, self.model, self.optimizer = trainer, trainer.model, optimizer
         self.record = record
         self.checks_steps, self.snapshots_allowed = supported_scope(config, trainer)
-        self.applied_before_check = uses_deepspeed(trainer)
-        """DeepSpeed: the engine applied the step before R8 sees its signals (see the module docstring)."""
         self.engine_tensors = deepspeed_tensors if self.applied_before_check else None
         # Fixed before the freezer (or a resumed freezer state) turns any requires_grad off.
         self.snapshot_parameters = trainable_parameter_names(self.model) if config.scope == "trainable" else None
@@ -163,12 +163,10 @@ class RollbackManager:
         """Skip this step; for damage, also restore a snapshot, restart the LR lower and stabilize the data."""
         self.optimizer.zero_grad(set_to_none=True)  # the step in flight: a spike's batch, or damaged weights
         signals.dropped = True
+        if action.kind == "record":  # the DeepSpeed engine applied the spike's step already
+            self.record(Event(step, -1, "rollback", "spike", 1.0, 1.0, action.reason, quantity="step_applied"))
+            return
         if action.kind == "skip":
-            if self.applied_before_check:
-                self.policy.skipped_steps -= 1  # counted as skipped by the policy: the engine had applied it
-                reason = action.reason.replace("optimizer step skipped", "already applied by the DeepSpeed engine")
-                self.record(Event(step, -1, "rollback", "spike", 1.0, 1.0, reason, quantity="step_applied"))
-                return
             self.record(Event(step, -1, "rollback", "skip_step", 1.0, 0.0, action.reason, quantity="step_applied"))
             return
         # The n-th rollback in a row goes n snapshots back, as far as `rollback.keep` allows.
