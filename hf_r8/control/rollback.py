@@ -119,12 +119,13 @@ class RollbackPolicy:
         self.spike_skipped_at: int | None = None
 
     def guard(self, loss: float | None, grad_norm: float | None) -> str | None:
-        """Why the step about to be applied must be skipped, or None."""
+        """What is non-finite in the step about to be applied ("non-finite loss nan"), which must not be
+        applied; None when nothing is (or the guard is off)."""
         if not self.config.guard_nonfinite:
             return None
         bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
                if value is not None and not math.isfinite(value)]
-        return f"non-finite {' and '.join(bad)}: optimizer step skipped" if bad else None
+        return f"non-finite {' and '.join(bad)}" if bad else None
 
     def record_skip(self, step: int) -> None:
         self.skipped_steps += 1

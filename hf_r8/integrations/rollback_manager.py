@@ -127,7 +127,8 @@ class RollbackManager:
             return self._check_engine_step(step, reason, device)
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.record_skip(step)
-        self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, reason, quantity="step_applied"))
+        self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, f"{reason}: optimizer step skipped",
+                          quantity="step_applied"))
         if loss is not None and not math.isfinite(loss) and not self._weights_finite(device):
             return self.policy.damage(step, "non-finite weights")
         return None
@@ -136,14 +137,12 @@ class RollbackManager:
         """A non-finite step under DeepSpeed, already taken by the engine: its own skip, or damage to undo."""
         if deepspeed_step_skipped(self.trainer):
             self.policy.record_skip(step)
-            self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0,
-                              reason.replace("optimizer step skipped", "the DeepSpeed engine skipped the step"),
-                              quantity="step_applied"))
+            self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, f"{reason}: the DeepSpeed engine skipped "
+                              "the step", quantity="step_applied"))
             return None
         self.policy.last_anomaly_step = step
         if not self._weights_finite(device):
-            return self.policy.damage(step, f"{reason.split(':')[0]} applied by the DeepSpeed engine: "
-                                            "non-finite weights")
+            return self.policy.damage(step, f"{reason} applied by the DeepSpeed engine: non-finite weights")
         return None
 
     def _weights_finite(self, device: torch.device) -> bool:
