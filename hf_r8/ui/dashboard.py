@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from rich.console import Console, Group
@@ -175,11 +175,15 @@ class Dashboard:
                 self._live.stop()
             self._live = None
 
-    def start(self, view: DashboardView) -> None:
+    def _attempt(self, draw: Callable[[DashboardView], None], view: DashboardView) -> None:
+        """`draw(view)`; an OS error turns the dashboard off (see the class docstring)."""
         try:
-            self._start(view)
+            draw(view)
         except OSError as error:
             self._turn_off(error)
+
+    def start(self, view: DashboardView) -> None:
+        self._attempt(self._start, view)
 
     def _start(self, view: DashboardView) -> None:
         if self.interactive:
@@ -196,10 +200,7 @@ class Dashboard:
         if self.failed or (not force and now - self._last_draw < interval):
             return
         self._last_draw = now
-        try:
-            self._draw(view)
-        except OSError as error:
-            self._turn_off(error)
+        self._attempt(self._draw, view)
 
     def _draw(self, view: DashboardView) -> None:
         if self._live is not None:
@@ -210,12 +211,8 @@ class Dashboard:
             self.console.print(plain_line(view), markup=False, highlight=False, soft_wrap=True)
 
     def stop(self, view: DashboardView) -> None:
-        if self.failed:
-            return
-        try:
-            self._stop(view)
-        except OSError as error:
-            self._turn_off(error)
+        if not self.failed:
+            self._attempt(self._stop, view)
 
     def _stop(self, view: DashboardView) -> None:
         if self._live is not None:
