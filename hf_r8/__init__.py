@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 from hf_r8.control.config import R8Config, available_presets
 
 if TYPE_CHECKING:
-    from hf_r8.control.controller import Controller, Event, GroupSpec, Observation
+    from hf_r8.control.controller import Controller, GroupSpec, Observation
     from hf_r8.control.decision import Decision
+    from hf_r8.control.events import Event
     from hf_r8.control.rule_registry import register_rule
     from hf_r8.control.rules import Proposal, Rule, StepStatistics
     from hf_r8.data.sampler_modes import SamplerMode, register_sampler_mode
@@ -26,7 +27,7 @@ _LAZY = {
     "AdaptiveScheduler": "hf_r8.integrations.scheduler",
     "Controller": "hf_r8.control.controller",
     "Decision": "hf_r8.control.decision",
-    "Event": "hf_r8.control.controller",
+    "Event": "hf_r8.control.events",
     "GroupSpec": "hf_r8.control.controller",
     "Observation": "hf_r8.control.controller",
     "Proposal": "hf_r8.control.rules",

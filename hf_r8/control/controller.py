@@ -19,13 +19,12 @@ restores it exactly (a version-1 state, from before the rules were classes, too)
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from hf_r8.control.config import R8Config
 from hf_r8.control.decision import Decision
+from hf_r8.control.events import Event
 from hf_r8.control.laws import next_momentum, next_sigma
 from hf_r8.control.rule_registry import build_rules, version_1_rule_states
 from hf_r8.control.rules import Proposal, Rule, StepStatistics, blend
@@ -61,29 +60,6 @@ class Observation:
     """KL divergence to the reference model (RL fine-tuning), when the trainer logs it."""
     router_aux_loss: float | None = None
     """MoE router load-balancing loss, when the model returns it."""
-
-
-@dataclass
-class Event:
-    """One decision, with the value before and after and why."""
-
-    step: int
-    group: int
-    rule: str
-    action: str
-    old_value: float
-    new_value: float
-    reason: str
-    quantity: str = "lr_gain"
-
-
-MAX_EVENTS_KEPT = 10_000
-
-
-def event_log(events: Iterable[Event] = ()) -> deque[Event]:
-    """The event store of every adapter: the last `MAX_EVENTS_KEPT` events, oldest first (a run of weeks
-    would otherwise keep every decision it ever made in memory)."""
-    return deque(events, maxlen=MAX_EVENTS_KEPT)
 
 
 @dataclass

@@ -31,7 +31,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from hf_r8.control.config import R8Config
-from hf_r8.control.controller import Controller, Event
+from hf_r8.control.controller import Controller
+from hf_r8.control.events import Event
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.integrations.compat import find_trainer, give_stateful_entry, rebuilt_from_checkpoint
 from hf_r8.integrations.rewards import RewardTracker

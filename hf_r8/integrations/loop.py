@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_r8.control.controller import Controller, Event, GroupSpec, Observation, event_log
+from hf_r8.control.controller import Controller, GroupSpec, Observation
+from hf_r8.control.events import Event, event_log
 from hf_r8.control.range_test import LRRangeTest, range_test_length
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.control.rollback import RollbackAction, RollbackPolicy

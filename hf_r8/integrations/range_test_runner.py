@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from hf_r8.control.config import RangeTestConfig
-from hf_r8.control.controller import Event
+from hf_r8.control.events import Event
 from hf_r8.control.range_test import LRRangeTest, range_test_length
 from hf_r8.integrations.compat import uses_deepspeed
 from hf_r8.integrations.rollback_manager import RollbackManager

@@ -34,7 +34,8 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainingArguments
 
 from hf_r8.control.config import RollbackConfig
-from hf_r8.control.controller import Controller, Event
+from hf_r8.control.controller import Controller
+from hf_r8.control.events import Event
 from hf_r8.control.rollback import RollbackAction, RollbackPolicy
 from hf_r8.integrations.compat import (
     deepspeed_step_skipped,

@@ -17,8 +17,9 @@ from typing import Any
 
 from transformers import TrainerState, TrainingArguments
 
-from hf_r8.control.controller import Event, Observation, event_log
+from hf_r8.control.controller import Observation
 from hf_r8.control.decision import Decision
+from hf_r8.control.events import Event, event_log
 from hf_r8.integrations.compat import mute_training_bar
 from hf_r8.ui.dashboard import Dashboard, DashboardView
 from hf_r8.ui.run_log import RUN_DIR, RunLog

@@ -40,7 +40,8 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.hooks import RemovableHandle
 
-from hf_r8.control.controller import Controller, Event, Observation, event_log
+from hf_r8.control.controller import Controller, Observation
+from hf_r8.control.events import Event, event_log
 from hf_r8.control.range_test import LRRangeTest, range_test_length
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.runtime.host_copy import HostCopy

@@ -34,7 +34,7 @@ from transformers import Trainer
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
-from hf_r8.control.controller import Event
+from hf_r8.control.events import Event
 from hf_r8.control.resolve import ConfigLike
 from hf_r8.data.catalog import FILE_NAME, LossCatalog
 from hf_r8.data.catalog_updates import CatalogUpdateQueue

@@ -25,7 +25,8 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_r8.control.config import R8Config
-from hf_r8.control.controller import Controller, Event, Observation
+from hf_r8.control.controller import Controller, Observation
+from hf_r8.control.events import Event
 from hf_r8.integrations.compat import deepspeed_peak_lrs, deepspeed_step_skipped, uses_deepspeed
 from hf_r8.integrations.lr_writer import LRWriter, steps_on_metrics
 from hf_r8.integrations.parameter_actions import ParameterActions

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from hf_r8.control.config import FreezingConfig
-from hf_r8.control.controller import Event
+from hf_r8.control.events import Event
 from hf_r8.control.signals import ema_step
 
 
