@@ -142,7 +142,7 @@ class R8Loop:
                 raise ValueError(f"per_example_losses has {losses.numel()} values for a batch of {len(self._batch)}")
             losses = HostCopy(losses)
         loss = one_value("loss", loss)  # per-example losses: their mean
-        self._staged = (self.step, self._batch, HostCopy(pack_signals(_device_of(loss), loss=loss)), losses)
+        self._staged = (self.step, self._batch, HostCopy(pack_signals(None, loss=loss)), losses)
         self._batch = None
 
     def snapshot(self, state: Any) -> None:
@@ -252,7 +252,3 @@ class R8Loop:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-
-def _device_of(value: Any) -> torch.device:
-    return value.device if torch.is_tensor(value) else torch.device("cpu")

@@ -154,10 +154,7 @@ class AdaptiveScheduler(LRScheduler):
         super().step(epoch)
         if self._metrics is not None:
             loss, reward, grad_norm = self._metrics
-            tensors = [value for value in self._metrics if torch.is_tensor(value)]
-            device = tensors[0].device if tensors else torch.device("cpu")
-            self._staged = (self._updates, HostCopy(pack_signals(device, loss=loss, grad_norm=grad_norm,
-                                                                 reward=reward)))
+            self._staged = (self._updates, HostCopy(pack_signals(None, loss=loss, grad_norm=grad_norm, reward=reward)))
             self._metrics = None
 
     def get_lr(self) -> list[float]:

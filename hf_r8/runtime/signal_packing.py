@@ -17,9 +17,13 @@ from hf_r8.control.controller import Observation
 SIGNAL_COUNT = 8
 
 
-def pack_signals(device: torch.device, loss: Any = None, grad_norm: Any = None, reward: Any = None,
+def pack_signals(device: torch.device | None, loss: Any = None, grad_norm: Any = None, reward: Any = None,
                  router_aux_loss: Any = None) -> torch.Tensor:
-    """The signals given (device tensors stay on the device: no sync) as (value, 1) pairs, missing ones (0, 0)."""
+    """The signals given (device tensors stay on the device: no sync) as (value, 1) pairs, missing ones (0, 0),
+    on `device` (None: the device of the first tensor signal, else the CPU)."""
+    if device is None:
+        tensors = [value for value in (loss, grad_norm, reward, router_aux_loss) if torch.is_tensor(value)]
+        device = tensors[0].device if tensors else torch.device("cpu")
     parts = []
     for value in (loss, grad_norm, reward, router_aux_loss):
         if value is None:
