@@ -191,10 +191,14 @@ class R8TrainerMixin(R8CallbackMixin):
     def _r8_example_losses(self, outputs: Mapping[str, Any], labels: torch.Tensor | None, indices: torch.Tensor,
                            num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | None:
         """This micro-batch's per-example losses, where they are one per example and agree with the model's loss."""
+        agreement = self._r8_loss_agreement
+        if agreement.verdict is False:
+            return None  # refuted on the first batches: not recomputed again
         recomputed = example_losses(outputs, labels, self._r8_shifts_labels(), num_items_in_batch)
         if recomputed is None or recomputed.losses.numel() != indices.numel():
             return None  # packed sequences (padding-free), paired rows (DPO): not one loss per example
-        agreement = self._r8_loss_agreement
+        if agreement.verdict is True:
+            return recomputed.losses  # proven: no comparison (and no sync) on later batches
         model = self.accelerator.unwrap_model(self.model)
         if agreement.accepts(recomputed, outputs.get("loss"), _router_aux_term(model, outputs)):
             return recomputed.losses
