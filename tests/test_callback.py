@@ -327,6 +327,52 @@ def test_resuming_a_stock_checkpoint_with_r8_added_saves_the_next_checkpoint(mod
     assert resumed.state.global_step == 20 and r8.controller.step == 19  # it sees a step's signals at the next
 
 
+def test_a_checkpoint_restores_its_state_only_into_the_callback_of_the_same_state_key(model, lm_dataset, tmp_path,
+                                                                                     caplog):
+    common = dict(max_steps=16, save_strategy="steps", save_steps=8)
+    train(model, lm_dataset, tmp_path / "a", [R8Callback("aggressive", name="pretrain")], **common)
+    saved = json.loads((tmp_path / "a" / "checkpoint-8" / "trainer_state.json").read_text())
+    entry = saved["stateful_callbacks"]["R8Callback"]
+    assert entry["args"]["name"] == "pretrain"
+    assert entry["attributes"]["r8_state"]["state_key"] == "R8Callback[pretrain]"
+
+    for name, restored in (("finetune", False), ("pretrain", True)):
+        caplog.clear()
+        r8 = R8Callback("aggressive", name=name)
+        resumed = Trainer(model=model, args=training_args(tmp_path / name, **common), train_dataset=lm_dataset,
+                          callbacks=[r8])
+        with caplog.at_level("WARNING"):
+            resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
+        # Restored: the 8 losses before the checkpoint (the 8th saved as pending) and the 7 seen since; else 7.
+        assert r8.controller.loss.ema.count == (15 if restored else 7)
+        assert ("holds the state of R8Callback[pretrain]" in caplog.text) is not restored
+    with pytest.raises(ValueError, match="name='': must be a non-empty string"):
+        R8Callback(name="")
+
+
+def test_a_state_saved_before_keys_and_events_resumes_and_a_newer_version_is_refused(model, lm_dataset, tmp_path):
+    common = dict(max_steps=16, save_strategy="steps", save_steps=8)
+    train(model, lm_dataset, tmp_path / "a", [R8Callback("aggressive")], **common)
+    state_file = tmp_path / "a" / "checkpoint-8" / "trainer_state.json"
+    saved = json.loads(state_file.read_text())
+    r8_state = saved["stateful_callbacks"]["R8Callback"]["attributes"]["r8_state"]
+    del r8_state["state_key"], r8_state["events"]  # as hf_r8 wrote version 2 before it keyed its states
+    state_file.write_text(json.dumps(saved))
+
+    r8 = R8Callback("aggressive", name="anything")
+    resumed = Trainer(model=model, args=training_args(tmp_path / "b", **common), train_dataset=lm_dataset,
+                      callbacks=[r8])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
+    assert r8.controller.loss.ema.count == 15  # the checkpoint's 8 losses, then 7
+
+    r8_state["version"] = 3
+    state_file.write_text(json.dumps(saved))
+    newer = Trainer(model=model, args=training_args(tmp_path / "c", **common), train_dataset=lm_dataset,
+                    callbacks=[R8Callback("aggressive")])
+    with pytest.raises(ValueError, match="R8Callback state is version 3, newer than this hf_r8 reads"):
+        newer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
+
+
 def test_restored_callback_states_keep_the_users_r8callback_live_with_its_config(model, lm_dataset, tmp_path,
                                                                                   caplog):
     common = dict(max_steps=16, save_strategy="steps", save_steps=8, restore_callback_states_from_checkpoint=True)
@@ -339,7 +385,7 @@ def test_restored_callback_states_keep_the_users_r8callback_live_with_its_config
     running = [callback for callback in resumed.callback_handler.callbacks if isinstance(callback, R8Callback)]
     assert running == [mine]
     assert mine.controller is not None and mine.controller.step == 15
-    assert "without saved R8Callback state" not in caplog.text  # the checkpoint's state was restored into it
+    assert "without saved state" not in caplog.text  # the checkpoint's state was restored into it
     assert mine.config == R8Config.from_preset("conservative")
     assert "R8Callback you passed stays the live one" in caplog.text
 

@@ -111,7 +111,7 @@ def test_a_reported_nan_rolls_back_through_the_users_callables():
     assert loop.rollback.rollbacks == 1 and not loop.stopped
     assert lrs[30] < 0.75 * lrs[29]  # the step after the NaN restarts lower
     assert quartiles_after_rollback == [0, 0, 0, 0]  # ... on the lowest-loss examples
-    assert any(event.rule == "rollback" and "restored the state of step" in event.reason for event in loop.events)
+    assert any(event.rule == "rollback" and "restored the snapshot of step" in event.reason for event in loop.events)
 
 
 def test_without_a_state_to_return_to_a_nan_stops_the_loop():
@@ -188,3 +188,63 @@ def test_with_rollback_and_the_guard_off_a_nan_reaches_the_controller_and_its_st
 def test_bad_arguments_name_the_field(arguments, message):
     with pytest.raises(ValueError, match=message):
         R8Loop(**arguments, config=_config())
+
+
+def _difficulty_run(loop: R8Loop, stop_after: int | None = None, spikes: tuple[int, ...] = ()) -> list:
+    """Report each example's fixed difficulty (50x at the `spikes` steps); the (indices, LR) of each batch."""
+    difficulty = np.linspace(0.1, 4.0, loop.catalog.size)
+    batches = []
+    for _ in loop.epochs():
+        for indices, lr in loop.batches():
+            batches.append((indices.tolist(), lr))
+            losses = torch.tensor(difficulty[indices]) * (0.995 ** loop.step)
+            if loop.step + 1 in spikes:
+                losses = losses * 50.0
+            loop.report(losses.mean(), per_example_losses=losses)
+            if len(batches) == stop_after:
+                return batches
+    return batches
+
+
+def test_a_loop_resumed_from_its_state_dict_goes_on_exactly_as_one_never_stopped():
+    config = _config()
+    config.warmup_steps = 0
+    config.rollback.every_steps, config.rollback.healthy_steps = 8, 4
+    weights = {"w": 0}
+
+    def loop() -> R8Loop:  # 7 epochs of 24 batches: room for a range test of 15 steps
+        return R8Loop(96, batch_size=4, config=config, num_epochs=7, save=lambda: dict(weights), load=weights.update)
+
+    with loop() as straight:
+        reference = _difficulty_run(straight, spikes=(60,))
+    assert [event.rule for event in straight.events if event.action in ("rebase", "spike")] == \
+        ["range_test", "rollback"], "the run has a range test, then a spike (judged against the level before it)"
+
+    with loop() as first:
+        head = _difficulty_run(first, stop_after=41)  # inside the second epoch, after the range test
+        saved = first.state_dict()
+    with loop() as resumed:
+        resumed.load_state_dict(saved)
+        tail = _difficulty_run(resumed, spikes=(60,))
+    assert head + tail == reference
+    assert list(resumed.events) == list(straight.events)
+    assert resumed.catalog.equals(straight.catalog) and resumed.step == straight.step
+
+    # The state save() returned is not in the state dict: a resumed loop snapshots as soon as it may, and a
+    # rollback goes back to a snapshot of its own.
+    with loop() as resumed:
+        resumed.load_state_dict(saved)
+        _difficulty_run(resumed, spikes=(60, 61))
+    cut = next(event for event in resumed.events if event.action == "cut")
+    restored_step = int(cut.reason.split("restored the snapshot of step ")[1].split()[0])
+    assert 41 < restored_step < 60 and not resumed.stopped
+
+
+def test_a_state_dict_of_another_dataset_or_batch_size_is_refused():
+    with R8Loop(96, batch_size=8, config=_config()) as first:
+        _difficulty_run(first, stop_after=3)
+        saved = first.state_dict()
+    with R8Loop(64, batch_size=8, config=_config()) as other, pytest.raises(ValueError, match="96 examples"):
+        other.load_state_dict(saved)
+    with R8Loop(96, batch_size=4, config=_config()) as other, pytest.raises(ValueError, match="batch_size=8"):
+        other.load_state_dict(saved)

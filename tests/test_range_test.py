@@ -202,7 +202,7 @@ class SnapshotProbe(TrainerCallback):
         snapshots = self.r8._run.rollback.snapshots
         self.snapshot_ids.update(id(snapshot) for snapshot in snapshots)
         if snapshots:
-            self.stored_gains[state.global_step] = snapshots[0].extras["controller"]["groups"][0]["lr_gain"]
+            self.stored_gains[state.global_step] = snapshots[0].extras["engine"]["controller"]["groups"][0]["lr_gain"]
 
 
 def _train_lm(tokenizer, dataset, output_dir, callbacks, learning_rate, lr_scheduler_type="cosine"):

@@ -244,7 +244,7 @@ def clean_eval_loss(tokenizer, lm_dataset, tmp_path_factory):
 def test_the_run_survives_the_fault(tokenizer, lm_dataset, tmp_path, clean_eval_loss, fault, callbacks, skipped,
                                     rolled_back):
     trainer, r8 = _run(tokenizer, lm_dataset, tmp_path, fault, callbacks)
-    assert r8._run.rollback.policy.skipped_steps == skipped and r8._run.rollback.policy.rollbacks == rolled_back
+    assert r8._run.engine.rollback.skipped_steps == skipped and r8._run.engine.rollback.rollbacks == rolled_back
     assert all(torch.isfinite(param).all() for param in trainer.model.parameters())
     assert trainer.state.global_step == 70
     eval_loss = trainer.evaluate()["eval_loss"]
@@ -296,7 +296,7 @@ def test_rollback_turns_itself_off_when_snapshots_do_not_fit_and_the_guard_still
                                                                                      tmp_path, caplog):
     trainer, r8 = _run(tokenizer, lm_dataset, tmp_path, "nan_loss", max_ram_fraction=1e-12)
     assert "R8 rollback is off" in caplog.text and "GiB" in caplog.text
-    assert r8._run.rollback.snapshots == [] and r8._run.rollback.policy.skipped_steps == 1
+    assert r8._run.rollback.snapshots == [] and r8._run.engine.rollback.skipped_steps == 1
     assert all(torch.isfinite(param).all() for param in trainer.model.parameters())
 
 
@@ -308,7 +308,7 @@ def test_counters_survive_a_checkpoint(tokenizer, lm_dataset, tmp_path):
     trainer = Trainer(model=FaultyModel(_tiny_gpt2(tokenizer, untied=True), None), args=args,
                       train_dataset=lm_dataset, callbacks=[r8])
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-40"))
-    assert r8._run.rollback.policy.skipped_steps == 1 and r8._run.rollback.policy.last_anomaly_step == FAULT_STEP
+    assert r8._run.engine.rollback.skipped_steps == 1 and r8._run.engine.rollback.last_anomaly_step == FAULT_STEP
 
 
 @pytest.mark.integration
@@ -325,7 +325,7 @@ def test_peft_lora_snapshots_hold_the_adapters_only(tokenizer, lm_dataset, tmp_p
     trainer = Trainer(model=ScriptedLossModel(model, spikes_twice), args=training_args(tmp_path, max_steps=50,
                       per_device_train_batch_size=8, learning_rate=3e-3), train_dataset=lm_dataset, callbacks=[r8])
     trainer.train()
-    assert r8._run.rollback.policy.rollbacks == 1
+    assert r8._run.engine.rollback.rollbacks == 1
     parameters = [name for name in r8._run.rollback.snapshots[-1]._model if not name.startswith("buffer:")]
     assert len(parameters) == 2  # lora_A and lora_B of the one c_attn
     assert parameters and all("lora_" in name for name in parameters)

@@ -39,7 +39,7 @@ def _lrs_after_each_step(optimizer: torch.optim.Optimizer, scheduler: AdaptiveSc
 
 @pytest.mark.integration
 def test_same_lr_trajectory_as_the_callback_on_the_same_signals(model, lm_dataset, tmp_path, monkeypatch):
-    from hf_r8.integrations.trainer_run import TrainerRun
+    from hf_r8.control.engine import Engine
 
     config = _quiet(R8Config.from_preset("aggressive"))
     callback = R8Callback(config)
@@ -48,15 +48,15 @@ def test_same_lr_trajectory_as_the_callback_on_the_same_signals(model, lm_datase
                              learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=1, report_to=[],
                              save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset, callbacks=[callback])
-    original_build = TrainerRun.build_controller
+    original_observe = Engine.observe
 
-    def build_and_record(run, *build_args, **build_kwargs):
-        original_build(run, *build_args, **build_kwargs)
-        observe = run.controller.observe
-        run.controller.observe = lambda observation: (seen.append(observation), observe(observation))[1]
+    def observe_and_record(engine, observation):
+        seen.append(observation)
+        original_observe(engine, observation)
 
-    monkeypatch.setattr(TrainerRun, "build_controller", build_and_record)
+    monkeypatch.setattr(Engine, "observe", observe_and_record)
     trainer.train()
+    monkeypatch.undo()
     logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
     assert len({round(lr, 12) for lr in logged}) > 2  # the controller did move the LR
 

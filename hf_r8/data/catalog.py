@@ -123,21 +123,31 @@ class LossCatalog:
         return stats
 
     # ------------------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A copy of every array, and (alpha, non-finite updates) as `meta`: what `r8_catalog.npz` holds."""
+        return {"ema_loss": self.ema_loss.copy(), "last_loss": self.last_loss.copy(), "usage": self.usage.copy(),
+                "last_step": self.last_step.copy(), "seen": self.seen.copy(),
+                "meta": np.array([self.alpha, self.nonfinite_updates], dtype=np.float64)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """The saved arrays, into this catalog of the same size (its `alpha` stays this one's)."""
+        if len(state["ema_loss"]) != self.size:
+            raise ValueError(f"the saved catalog holds {len(state['ema_loss'])} examples, this one {self.size}")
+        for name in ("ema_loss", "last_loss", "usage", "last_step", "seen"):
+            getattr(self, name)[:] = state[name]
+        self.nonfinite_updates = int(state["meta"][1])
+
     def save(self, folder: str | Path) -> Path:
         """Write `r8_catalog.npz` (no pickle) into `folder`."""
         path = Path(folder) / FILE_NAME
-        np.savez(path, ema_loss=self.ema_loss, last_loss=self.last_loss, usage=self.usage,
-                 last_step=self.last_step, seen=self.seen,
-                 meta=np.array([self.alpha, self.nonfinite_updates], dtype=np.float64))
+        np.savez(path, **self.state_dict())
         return path
 
     @classmethod
     def load(cls, folder: str | Path) -> LossCatalog:
         with np.load(Path(folder) / FILE_NAME, allow_pickle=False) as data:
             catalog = cls(len(data["ema_loss"]), alpha=float(data["meta"][0]))
-            for name in ("ema_loss", "last_loss", "usage", "last_step", "seen"):
-                getattr(catalog, name)[:] = data[name]
-            catalog.nonfinite_updates = int(data["meta"][1])
+            catalog.load_state_dict(dict(data))
         return catalog
 
     def equals(self, other: LossCatalog) -> bool:

@@ -17,6 +17,7 @@ and Accelerate's per-process split of batches stays disjoint and complete.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -72,6 +73,7 @@ class BalancedQuartileSampler(Sampler[int]):
         self.on_plan = on_plan
         """Called with (epoch, what kind of plan) when a new epoch plan is made (the trainer logs it)."""
         self._stabilized_until = 0  # the end of the stretch of the plan under way already rewritten by stabilize
+        self._resume_position = 0  # where the next iteration starts in the epoch's plan (see resume_at)
         self.current_epoch_plan: tuple[int, np.ndarray] | None = None
         """(epoch, plan) of the epoch under way: saved with checkpoints (with `loss_weights`), so a resumed
         epoch replays its plan."""
@@ -87,6 +89,11 @@ class BalancedQuartileSampler(Sampler[int]):
         self.stabilize_batches = batches
         self._stabilized_until = 0  # a new request starts at the next boundary, even inside a rewritten stretch
 
+    def resume_at(self, position: int) -> None:
+        """The next iteration replays the epoch's plan from `position`: the examples before it were taken before
+        the run was saved (a stabilization under way goes on where it was)."""
+        self._resume_position = position
+
     def __iter__(self) -> Iterator[int]:
         if self.before_plan is not None:
             self.before_plan()
@@ -96,11 +103,29 @@ class BalancedQuartileSampler(Sampler[int]):
             if self.on_plan is not None:
                 self.on_plan(self.epoch, self.describe_plan())
         plan = self.current_epoch_plan[1]
-        self._stabilized_until = 0
-        for position in range(len(plan)):
+        start, self._resume_position = self._resume_position, 0
+        if start == 0:
+            self._stabilized_until = 0
+        for position in range(start, len(plan)):
             if self.stabilize_batches and position % self.batch_size == 0 and position >= self._stabilized_until:
                 self._stabilized_until = self._stabilize_from(plan, position)
             yield int(plan[position])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch, its plan (as rewritten by stabilizations so far), its loss weights and any stabilization
+        still to come: with `resume_at`, a resumed run takes the same batches."""
+        plan_epoch, plan = self.current_epoch_plan if self.current_epoch_plan is not None else (-1, None)
+        return {"epoch": self.epoch, "plan_epoch": plan_epoch, "plan": None if plan is None else plan.copy(),
+                "loss_weights": self.loss_weights.copy(), "stabilize_batches": self.stabilize_batches,
+                "stabilized_until": self._stabilized_until}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        plan = state["plan"]
+        self.current_epoch_plan = None if plan is None else (int(state["plan_epoch"]), np.array(plan, dtype=np.int64))
+        self.loss_weights[:] = state["loss_weights"]
+        self.stabilize_batches = int(state["stabilize_batches"])
+        self._stabilized_until = int(state["stabilized_until"])
 
     def describe_plan(self) -> str:
         """What the current epoch's plan is, in words."""

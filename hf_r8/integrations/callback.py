@@ -32,7 +32,7 @@ from transformers.trainer_callback import ExportableState
 
 from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller
-from hf_r8.control.events import Event
+from hf_r8.control.events import Event, event_log
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.integrations.compat import find_trainer, give_stateful_entry, rebuilt_from_checkpoint
 from hf_r8.integrations.rewards import RewardTracker
@@ -61,6 +61,8 @@ class R8Callback(TrainerCallback, ExportableState):
 
     Args:
         config: an `R8Config`, its dict form, a preset name, a YAML path, or None for the `default` preset.
+        name: this instance's name in checkpoints (`state_key`): a checkpoint's R8 state is restored only into
+            the callback of the same class and name.
 
     Example:
         ```python
@@ -72,12 +74,22 @@ class R8Callback(TrainerCallback, ExportableState):
         ```
     """
 
-    def __init__(self, config: ConfigLike = None) -> None:
+    def __init__(self, config: ConfigLike = None, *, name: str = "r8") -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name={name!r}: must be a non-empty string")
         self.config = resolve_config(config)
+        self.name = name
         self._outputs = RunOutputs(self.config.run_files, self.config.dashboard, self.config.report)
+        self._events = event_log()
         self._rewards = RewardTracker()
         self._trainer: Any = None
         self._run: TrainerRun | None = None
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: its class and `name` (as Lightning's
+        `Callback.state_key`)."""
+        return f"{type(self).__qualname__}[{self.name}]"
 
     @property
     def controller(self) -> Controller | None:
@@ -87,7 +99,7 @@ class R8Callback(TrainerCallback, ExportableState):
     @property
     def events(self) -> Any:
         """The decisions, skips and rollbacks of every run so far (the last 10,000), with their reasons."""
-        return self._outputs.events
+        return self._events
 
     @property
     def rollback_counts(self) -> dict[str, int]:
@@ -118,7 +130,11 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def record(self, event: Event) -> None:
         """Keep `event`, log it, and write it to the run files and the dashboard (R8Trainer adds its own)."""
-        self._outputs.record(event, self.controller.metrics() if self.controller is not None else {})
+        if self._run is not None:
+            self._run.engine.record(event)
+        else:
+            self._events.append(event)
+            self._outputs.record(event, {})
 
     def close(self) -> None:
         """Stop the dashboard and close the run files now (done when training ends, also by an exception)."""
@@ -140,12 +156,12 @@ class R8Callback(TrainerCallback, ExportableState):
         _refuse_other_instances(trainer)
         if optimizer is None or not getattr(optimizer, "param_groups", None):
             raise ValueError(f"optimizer={optimizer!r}: R8Callback needs a torch optimizer with param_groups")
-        give_stateful_entry(state, type(self).__name__, self.state())  # resuming a stock checkpoint
+        give_stateful_entry(state, type(self).__name__, self._state_entry(None))  # resuming a stock checkpoint
         if self._run is not None:  # a run that raised never reached on_train_end
             self._run.end(state.global_step)
         saved = self._saved_state(state) if state.global_step > 0 else None
         self._rewards.start_run(trainer)
-        self._run = TrainerRun(self.config, trainer, optimizer, args, state, self._outputs, self._rewards)
+        self._run = TrainerRun(self.config, trainer, optimizer, args, state, self._outputs, self._rewards, self._events)
         self._run.start(args, state, saved)
 
     def _instance_to_run(self, trainer: Any) -> R8Callback:
@@ -195,19 +211,27 @@ class R8Callback(TrainerCallback, ExportableState):
     # ---------------------------------------------------------------------------- checkpointing
     def state(self) -> dict[str, Any]:
         """Saved into trainer_state.json with every checkpoint (the stateful-callback interface)."""
-        r8_state = None
-        if self._run is not None and self._run.controller is not None:
-            r8_state = {"version": STATE_VERSION, **self._run.state_dict()}
-        return {"args": {"config": self.config.to_dict()}, "attributes": {"r8_state": r8_state}}
+        return self._state_entry(self._run.state_dict() if self._run is not None else None)
+
+    def _state_entry(self, run_state: dict[str, Any] | None) -> dict[str, Any]:
+        """The constructor's arguments and, once a run has started, its state, versioned and keyed."""
+        r8_state = None if run_state is None else {"version": STATE_VERSION, "state_key": self.state_key, **run_state}
+        return {"args": {"config": self.config.to_dict(), "name": self.name}, "attributes": {"r8_state": r8_state}}
 
     def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-        if isinstance(saved, list):
-            saved = saved[0] if saved else None
-        r8_state = (saved or {}).get("attributes", {}).get("r8_state")
+        """This callback's state in the checkpoint resumed from: the one saved under its `state_key` (a state
+        saved before states had keys counts as this callback's)."""
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__) or []
+        r8_states = [entry.get("attributes", {}).get("r8_state") for entry in
+                     (saved if isinstance(saved, list) else [saved])]
+        r8_states = [r8_state for r8_state in r8_states if r8_state is not None]
+        r8_state = next((r8_state for r8_state in r8_states
+                         if r8_state.get("state_key", self.state_key) == self.state_key), None)
         if r8_state is None:
-            logger.warning("Resuming at step %d without saved R8Callback state: the controller starts fresh.",
-                           state.global_step)
+            others = sorted({r8_state["state_key"] for r8_state in r8_states})
+            held = f" (it holds the state of {', '.join(others)})" if others else ""
+            logger.warning("Resuming at step %d without saved state for %s%s: the controller starts fresh.",
+                           state.global_step, self.state_key, held)
             return None
         version = r8_state.get("version", 1)
         if version > STATE_VERSION:

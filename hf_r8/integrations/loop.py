@@ -8,19 +8,20 @@
                 losses.mean().backward(); optimizer.step(); optimizer.zero_grad()
                 loop.report(losses.mean(), per_example_losses=losses)
 
-The same parts as `R8Trainer`, thinly wired: the loss catalog and the quartile-balanced sampler choose
-the indices (the first epoch visits every index once), the controller chooses the LR, and the rollback
-policy judges each reported loss. A reported loss is staged without waiting (tensors are copied to the
-host asynchronously) and consumed when the next batch is asked for, so the LR of step t+1 reacts to step
-t and nothing forces a device sync. Rollback goes through the user's callables: `save()` returns a state
-(weights, optimizer...) taken every `rollback.every_steps` healthy steps (or handed over with
-`snapshot(state)`), and `load(state)` puts it back when a NaN or repeated spikes say the weights are
-damaged; then the LR restarts lower and the next batches come from the lowest-loss quartile. Since the
-step of a reported loss has already been applied, a single spike cannot be skipped: it is recorded.
-With `rollback.enabled` off, as under `R8Callback`, nothing is rolled back and training goes on: a
-non-finite loss is recorded and kept from the controller while `rollback.guard_nonfinite` is on (to
-skip its step as well, leave out `optimizer.step()` when the loss is not finite: R8Loop sees the loss
-only after the step), and reaches the controller, whose brake lowers the LR, when the guard is off too.
+The same parts as `R8Trainer`, thinly wired: the loss catalog and the quartile-balanced sampler choose the
+indices (the first epoch visits every index once), and the engine (`control/engine.py`, the one every adapter
+runs) chooses the LR with its controller and judges each reported loss with its rollback policy. A reported
+loss is staged without waiting (tensors are copied to the host asynchronously) and consumed when the next
+batch is asked for, so the LR of step t+1 reacts to step t and nothing forces a device sync. Rollback goes
+through the user's callables: `save()` returns a state (weights, optimizer...) taken every
+`rollback.every_steps` healthy steps (or handed over with `snapshot(state)`), and `load(state)` puts it back
+when a NaN or repeated spikes say the weights are damaged; then the LR restarts lower and the next batches
+come from the lowest-loss quartile. Since the step of a reported loss has already been applied, a single spike
+cannot be skipped: it is recorded. With `rollback.enabled` off, as under `R8Callback`, nothing is rolled back
+and training goes on: a non-finite loss is recorded and kept from the controller while
+`rollback.guard_nonfinite` is on (to skip its step as well, leave out `optimizer.step()` when the loss is not
+finite: R8Loop sees the loss only after the step), and reaches the controller, whose brake lowers the LR, when
+the guard is off too.
 
 With save/load given, the default's LR range test runs first, as under the Trainer: the state `save()`
 returns before the first batch is the one to go back to (and rollback's first snapshot), the batches of
@@ -39,8 +40,8 @@ import numpy as np
 import torch
 
 from hf_r8.control.controller import Controller, GroupSpec, Observation
-from hf_r8.control.events import Event, event_log
-from hf_r8.control.range_test import LRRangeTest, range_test_length
+from hf_r8.control.engine import Engine
+from hf_r8.control.events import Event
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.control.rollback import RollbackAction, RollbackPolicy
 from hf_r8.data.catalog import LossCatalog
@@ -49,6 +50,9 @@ from hf_r8.integrations.scheduler import one_value
 from hf_r8.runtime.host_copy import HostCopy
 from hf_r8.runtime.signal_packing import pack_signals, unpack_signals
 from hf_r8.ui.dashboard import Dashboard, DashboardView
+
+STATE_VERSION = 1
+"""The version of `R8Loop.state_dict()`; a newer one is refused with a message naming it."""
 
 
 class R8Loop:
@@ -86,26 +90,44 @@ class R8Loop:
                                                total_epochs=num_epochs)
         self.batch_size, self.base_lr, self.num_epochs = batch_size, float(base_lr), num_epochs
         self.total_steps = num_epochs * math.ceil(num_samples / batch_size)
-        self.controller = Controller(self.config, [GroupSpec(self.base_lr)], total_steps=self.total_steps)
-        length = range_test_length(self.config.range_test, self.total_steps) if save and load else None
-        self._range_test = LRRangeTest(self.config.range_test, length) if length is not None else None
-        self.rollback = RollbackPolicy(self.config.rollback, applied_before_check=True)  # report() follows the step
+        # report() follows the step: its loss is seen after the step was applied.
+        self.engine = Engine(self.config, [GroupSpec(self.base_lr)], self.total_steps, applied_before_check=True,
+                             plan=self.sampler, listener=self._show)
+        self.events = self.engine.events
+        """The decisions, rollbacks and the range test's choice so far (the last 10,000), oldest first."""
+        length = self.engine.range_test_length() if save and load else None
+        if length is not None:
+            self.engine.start_range_test(length)
         self.save, self.load = save, load
-        self.events = event_log()
         self.step = 0
         self.stopped = False
+        self._first_epoch = 0
+        self._batches_taken = 0  # in the epoch under way
+        self._resume_batches = 0  # after load_state_dict: the batches of its epoch taken before the state was saved
         self._batch: np.ndarray | None = None
         self._staged: tuple[int, np.ndarray, HostCopy, HostCopy | None] | None = None
-        self._snapshot: tuple[int, Any, dict[str, Any], dict[str, Any]] | None = None
+        self._snapshot: tuple[int, Any, dict[str, Any]] | None = None
+        """(step, the state save() returned, what the engine needs with it) to roll back to."""
         self._view = DashboardView(max_steps=self.total_steps)
         show = self.config.dashboard if dashboard is None else dashboard
         self._dashboard = Dashboard() if show else None
         if self._dashboard is not None:
             self._dashboard.start(self._view)
 
+    @property
+    def controller(self) -> Controller:
+        """The engine's controller (rebuilt when the range test ends)."""
+        return self.engine.controller
+
+    @property
+    def rollback(self) -> RollbackPolicy:
+        """The engine's rollback policy, with its counts (`rollbacks`, `skipped_steps`, `wasted_steps`)."""
+        return self.engine.rollback
+
     # --------------------------------------------------------------------------------- iteration
     def epochs(self) -> Iterator[int]:
-        for epoch in range(self.num_epochs):
+        """The epochs to run (from the one under way when the state was saved, after `load_state_dict`)."""
+        for epoch in range(self._first_epoch, self.num_epochs):
             if self.stopped:
                 return
             self.sampler.set_epoch(epoch)
@@ -113,6 +135,8 @@ class R8Loop:
 
     def batches(self) -> Iterator[tuple[np.ndarray, float]]:
         """This epoch's batches: (indices, LR to use). Ends early when rollback says stop."""
+        self._batches_taken, self._resume_batches = self._resume_batches, 0
+        self.sampler.resume_at(self._batches_taken * self.batch_size)
         order = iter(self.sampler)  # planned at the first batch: after the previous epoch's last report
         while True:
             self._consume()  # before drawing: a rollback's low-loss batches start with this one
@@ -122,12 +146,10 @@ class R8Loop:
             if len(indices) == 0:
                 return
             self._batch = indices
-            if self._range_test is None:
-                yield indices, self.controller.compose_lr(0, self.base_lr)
-                continue
-            if self._snapshot is None:  # before the test's first batch: the state to come back to
-                self.snapshot(self.save())
-            yield indices, self.base_lr * self._range_test.gain(self.step)
+            self._batches_taken += 1
+            if self.engine.range_test is not None and self._snapshot is None:
+                self.snapshot(self.save())  # before the test's first batch: the state to come back to
+            yield indices, self.engine.lr(0, self.base_lr, self.step)
 
     def report(self, loss: Any, per_example_losses: Any = None) -> None:
         """The batch's loss (a number, a tensor, or one value per example: their mean) and, if known, each
@@ -148,8 +170,7 @@ class R8Loop:
     def snapshot(self, state: Any) -> None:
         """Hold `state` as the state to roll back to (instead of, or besides, `save`)."""
         self._consume()
-        self._snapshot = (self.step, state, self.controller.state_dict(), self.rollback.detector.state_dict())
-        self.rollback.snapshot_taken(self.step)
+        self._snapshot = (self.step, state, self.engine.snapshot_taken(self.step))
 
     # ------------------------------------------------------------------------------- the wiring
     def _consume(self) -> None:
@@ -162,32 +183,31 @@ class R8Loop:
             self.catalog.update_exact(indices, losses_copy.result().numpy(), step)
         elif math.isfinite(loss):
             self.catalog.update_surprise(indices, loss, step)
-        if self._range_test is not None:
-            self._range_test.observe(step - 1, loss)  # the loss of the weights after step - 1 updates
-            if self._range_test.finished:
+        engine = self.engine
+        if engine.range_test is not None:
+            if engine.range_test_loss(step - 1, loss):  # the loss of the weights after step - 1 updates
                 self._finish_range_test()
             return
         rollback = self.config.rollback
         if not math.isfinite(loss) and rollback.enabled:  # the step that made it is applied: the weights are damaged
-            action = self.rollback.damage(step, f"non-finite loss {loss}")
+            action = engine.rollback.damage(step, f"non-finite loss {loss}")
         elif rollback.enabled or rollback.guard_nonfinite:  # with both off, as under R8Callback, nothing is checked
-            action = self.rollback.observe(step, loss)
+            action = engine.rollback.observe(step, loss)
         else:
             action = None
         if action is not None and action.kind == "record":
-            self._record(Event(step, -1, "rollback", "spike", 1.0, 1.0, action.reason, quantity="step_applied"))
+            engine.spike_handled(action)
         elif action is not None:
             self._roll_back(action)
             return
         if not math.isfinite(loss) and rollback.guard_nonfinite:
-            self._record(Event(step, -1, "guard", "nonfinite_loss", 1.0, 1.0, f"non-finite loss {loss}: kept from the "
-                               "controller; its step was already applied (rollback is off: no state to go back to)",
-                               quantity="step_applied"))
+            engine.record(Event(step, -1, "guard", "nonfinite_loss", 1.0, 1.0, f"non-finite loss {loss}: kept from the "
+                                "controller; its step was already applied (rollback is off: no state to go back to)",
+                                quantity="step_applied"))
             self._update_view(loss)
             return
-        for event in self.controller.observe(Observation(step=step, loss=loss)):
-            self._record(event)
-        if self.save is not None and math.isfinite(loss) and self.rollback.should_snapshot(step):
+        engine.observe(Observation(step=step, loss=loss))
+        if self.save is not None and math.isfinite(loss) and engine.rollback.should_snapshot(step):
             self.snapshot(self.save())
         self._update_view(loss)
 
@@ -195,49 +215,66 @@ class R8Loop:
         if action.kind == "stop" or self._snapshot is None or self.load is None:
             self.stopped = True
             why = "no state to roll back to (pass save/load or call snapshot())" if action.kind != "stop" else ""
-            self._record(Event(action.step, -1, "rollback", "stop", 1.0, 0.0,
-                               f"{action.reason}; {why or 'training stops'}", quantity="training"))
+            self.engine.stop(action.step, f"{action.reason}; {why or 'training stops'}")
             return
-        step, state, controller_state, detector_state = self._snapshot
+        step, state, engine_state = self._snapshot
         self.load(state)
-        self.controller.load_state_dict(controller_state)
-        self.rollback.detector.load_state_dict(detector_state)
-        self.rollback.wasted_steps += action.step - step
-        reason = (f"{action.reason}: restored the state of step {step}, LR x{action.recovery_lr_factor:.3g} back to x1 "
-                  f"over {action.stabilize_steps} steps, their batches from the lowest-loss quartile")
-        for event in self.controller.rollback_brake(action.lasting_lr_factor, action.recovery_lr_factor,
-                                                    action.stabilize_steps, action.step, reason):
-            self._record(event)
-        self.sampler.stabilize(action.stabilize_steps)
+        self.engine.restore(engine_state)
+        self.engine.roll_back(action, step, action.step)
 
     def _finish_range_test(self) -> None:
-        """Put the state from before the test back (`load`) and rebase the controller on the chosen gain."""
-        test, (_, state, _, detector_state) = self._range_test, self._snapshot
+        """Put the state from before the test back (`load`) and rebase the engine on the chosen gain."""
+        _, state, _ = self._snapshot
         self.load(state)
-        gain = test.chosen_gain()
-        self._range_test = None
-        self.controller = Controller(self.config, [GroupSpec(self.base_lr, initial_gain=gain)],
-                                     total_steps=self.total_steps, warmup_steps=self.step)
+        self.engine.finish_range_test(self.step, "state restored with load()")
         # Rollback's snapshot now stands for the weights training goes on from, at this step, with this controller.
-        self._snapshot = (self.step, state, self.controller.state_dict(), detector_state)
-        self.rollback.snapshot_taken(self.step)
-        self._record(Event(self.step, -1, "range_test", "rebase", 1.0, gain,
-                           test.summary(self.step, "state restored with load()")))
+        self._snapshot = (self.step, state, self.engine.snapshot_taken(self.step))
 
-    def _record(self, event: Event) -> None:
-        self.events.append(event)
+    def _show(self, event: Event) -> None:
         if event.group <= 0:
             self._view.decisions.append(f"step {event.step} {event.rule}/{event.action}: {event.reason}")
 
     def _update_view(self, loss: float) -> None:
         view = self._view
-        view.step, view.loss, view.loss_ema = self.step, loss, self.controller.loss.ema.value
-        view.lr, view.base_lr, view.gain = self.controller.compose_lr(0, self.base_lr), self.base_lr, \
-            self.controller.lr_gain(0)
+        controller = self.controller
+        view.step, view.loss, view.loss_ema = self.step, loss, controller.loss.ema.value
+        view.lr, view.base_lr, view.gain = controller.compose_lr(0, self.base_lr), self.base_lr, controller.lr_gain(0)
         view.rollbacks, view.skipped_steps = self.rollback.rollbacks, self.rollback.skipped_steps
         view.losses.append(loss)
         if self._dashboard is not None:
             self._dashboard.update(view)
+
+    # ---------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """What the loop needs to go on exactly where it is, once the last report is applied: the engine's state
+        (controller, rollback policy, events), the catalog, the sampler's plan and the position in it. Save it
+        with your weights and optimizer (`torch.save` takes it: numbers and numpy arrays). Not in it: the state
+        `save()` returned, which your own checkpoint holds; a resumed loop rolls back to the snapshots it takes
+        from then on."""
+        self._consume()
+        return {"version": STATE_VERSION, "num_samples": self.catalog.size, "batch_size": self.batch_size,
+                "step": self.step, "stopped": self.stopped, "batches_taken": self._batches_taken,
+                "engine": self.engine.state_dict(), "catalog": self.catalog.state_dict(),
+                "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from `state_dict()`'s output: `epochs()` starts at the epoch under way and `batches()` at the
+        batch after the last one reported (a loop of the same dataset size and batch size)."""
+        if state.get("version", STATE_VERSION) > STATE_VERSION:
+            raise ValueError(f"the R8Loop state is version {state['version']}, newer than this hf_r8 reads "
+                             f"({STATE_VERSION}): upgrade hf_r8 to resume it")
+        if state["num_samples"] != self.catalog.size:
+            raise ValueError(f"the state was saved by a loop over {state['num_samples']} examples; this one has "
+                             f"num_samples={self.catalog.size}")
+        if state["batch_size"] != self.batch_size:
+            raise ValueError(f"the state was saved with batch_size={state['batch_size']}; this loop has "
+                             f"batch_size={self.batch_size}")
+        self.engine.load_state_dict(state["engine"])
+        self.catalog.load_state_dict(state["catalog"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.stopped = state["step"], state["stopped"]
+        self._first_epoch, self._resume_batches = self.sampler.epoch, state["batches_taken"]
+        self._batch = self._staged = self._snapshot = None
 
     # ------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:

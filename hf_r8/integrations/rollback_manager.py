@@ -1,8 +1,9 @@
 """Rollback in a Trainer run: the guard before each optimizer step, the CPU-RAM snapshots, the restore.
 
-`control/rollback.py` decides (skip, roll back, stop) from numbers; this module acts on the Trainer's
-model and optimizer. In `on_pre_optimizer_step` the step's loss and gradient norm are read on the host (one
-sync; the stock Trainer's NaN filter already syncs on the loss). A non-finite value skips the step (its
+The engine's rollback policy (`control/rollback.py`) decides (skip, roll back, stop) from numbers, and the
+engine carries out what is not tensors (the controller's brake, low-loss batches, events); this module acts
+on the Trainer's model and optimizer. In `on_pre_optimizer_step` the step's loss and gradient norm are read
+on the host (one sync; the stock Trainer's NaN filter already syncs on the loss). A non-finite value skips the step (its
 gradients dropped); a spike, or non-finite weights, restore the last healthy snapshot (weights, optimizer
 state, controller, RNG, grad scaler, frozen set), cut the LR gain, drop the step in flight and ask
 R8Trainer's sampler for low-loss batches. Snapshots are taken every `rollback.every_steps` healthy steps
@@ -24,7 +25,6 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,15 +34,13 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainingArguments
 
 from hf_r8.control.config import RollbackConfig
-from hf_r8.control.controller import Controller
-from hf_r8.control.events import Event
-from hf_r8.control.rollback import RollbackAction, RollbackPolicy
+from hf_r8.control.engine import Engine
+from hf_r8.control.rollback import RollbackAction
 from hf_r8.integrations.compat import (
     deepspeed_step_skipped,
     deepspeed_tensors,
     grad_scaler,
     regather_zero3_parameters,
-    uses_deepspeed,
     uses_fsdp,
     zero3_partition,
 )
@@ -70,14 +68,12 @@ def supported_scope(config: RollbackConfig, trainer: Any) -> tuple[bool, bool]:
 class RollbackManager:
     """One run's guard, snapshots and restores (see the module docstring)."""
 
-    def __init__(self, config: RollbackConfig, trainer: Any, optimizer: torch.optim.Optimizer,
-                 record: Callable[[Event], None]) -> None:
-        self.config = config
-        self.applied_before_check = uses_deepspeed(trainer)
+    def __init__(self, config: RollbackConfig, trainer: Any, optimizer: torch.optim.Optimizer, engine: Engine) -> None:
+        self.config, self.engine = config, engine
+        self.policy = engine.rollback
+        self.applied_before_check = self.policy.applied_before_check
         """DeepSpeed: the engine applied the step before R8 sees its signals (see the module docstring)."""
-        self.policy = RollbackPolicy(config, applied_before_check=self.applied_before_check)
         self.trainer, self.model, self.optimizer = trainer, trainer.model, optimizer
-        self.record = record
         self.checks_steps, self.snapshots_allowed = supported_scope(config, trainer)
         self.engine_tensors = deepspeed_tensors if self.applied_before_check else None
         # Fixed before the freezer (or a resumed freezer state) turns any requires_grad off.
@@ -95,17 +91,16 @@ class RollbackManager:
         """Nothing can be checked before an optimizer step (a Trainer with its own update loop)."""
         self.checks_steps = self.snapshots_allowed = False
 
-    def before_step(self, step: int, signals: StepSignals, controller: Controller, args: TrainingArguments,
-                    control: TrainerControl) -> None:
+    def before_step(self, step: int, signals: StepSignals, args: TrainingArguments, control: TrainerControl) -> None:
         """Check step `step` before it is applied; skip it, roll back, or snapshot the weights it starts from."""
         action = self._check(step, signals, args.device)
         if action is not None:
-            self._roll_back(action, step, signals, controller, args, control)
+            self._roll_back(action, step, signals, args, control)
         # Otherwise the weights are still those after step - 1, and this step's loss, computed on them,
         # has just passed the check: a snapshot taken now is never of a damaged model. Under DeepSpeed they
         # are those after this step, whose loss and gradient norm have just passed it.
         elif (self.snapshots_allowed and self.policy.should_snapshot(step)
-              and self.take_snapshot(self.weights_step(step), args.device, controller)):
+              and self.take_snapshot(self.weights_step(step), args.device)):
             self.policy.snapshot_taken(step)
 
     def weights_step(self, step: int) -> int:
@@ -127,9 +122,7 @@ class RollbackManager:
         if self.applied_before_check:
             return self._check_engine_step(step, reason, device)
         self.optimizer.zero_grad(set_to_none=True)
-        self.policy.record_skip(step)
-        self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, f"{reason}: optimizer step skipped",
-                          quantity="step_applied"))
+        self.engine.skip_step(step, f"{reason}: optimizer step skipped")
         if loss is not None and not math.isfinite(loss) and not self._weights_finite(device):
             return self.policy.damage(step, "non-finite weights")
         return None
@@ -137,9 +130,7 @@ class RollbackManager:
     def _check_engine_step(self, step: int, reason: str, device: torch.device) -> RollbackAction | None:
         """A non-finite step under DeepSpeed, already taken by the engine: its own skip, or damage to undo."""
         if deepspeed_step_skipped(self.trainer):
-            self.policy.record_skip(step)
-            self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, f"{reason}: the DeepSpeed engine skipped "
-                              "the step", quantity="step_applied"))
+            self.engine.skip_step(step, f"{reason}: the DeepSpeed engine skipped the step")
             return None
         self.policy.last_anomaly_step = step
         if not self._weights_finite(device):
@@ -158,47 +149,30 @@ class RollbackManager:
         partition = zero3_partition(param)
         return partition if partition is not None else local_part(param)
 
-    def _roll_back(self, action: RollbackAction, step: int, signals: StepSignals, controller: Controller,
-                   args: TrainingArguments, control: TrainerControl) -> None:
+    def _roll_back(self, action: RollbackAction, step: int, signals: StepSignals, args: TrainingArguments,
+                   control: TrainerControl) -> None:
         """Skip this step; for damage, also restore a snapshot, restart the LR lower and stabilize the data."""
         self.optimizer.zero_grad(set_to_none=True)  # the step in flight: a spike's batch, or damaged weights
         signals.dropped = True
-        if action.kind == "record":  # the DeepSpeed engine applied the spike's step already
-            self.record(Event(step, -1, "rollback", "spike", 1.0, 1.0, action.reason, quantity="step_applied"))
-            return
-        if action.kind == "skip":
-            self.record(Event(step, -1, "rollback", "skip_step", 1.0, 0.0, action.reason, quantity="step_applied"))
+        if action.kind in ("record", "skip"):  # a first spike: skipped, or (DeepSpeed) already applied
+            self.engine.spike_handled(action)
             return
         # The n-th rollback in a row goes n snapshots back, as far as `rollback.keep` allows.
         kept = self.snapshots
         snapshot = kept[-min(max(action.attempt, 1), len(kept))] if kept else None
         if snapshot is not None:
-            self.restore(snapshot, controller)
-            self.policy.wasted_steps += self.weights_step(step) - snapshot.step
+            self.restore(snapshot)
         if action.kind == "stop":
             self._stop(action, step, snapshot, args, control)
             return
-        origin = (f"restored the snapshot of step {snapshot.step}" if snapshot is not None
-                  else "no healthy snapshot yet, weights kept")
-        reason = (f"{action.reason}: {origin} (rollback {action.attempt} in a row), "
-                  f"LR x{action.recovery_lr_factor:.3g} back to x1 over {action.stabilize_steps} steps")
-        if action.lasting_lr_factor < 1.0:
-            reason += f", gain x{action.lasting_lr_factor:.3g} for good"
-        sampler = getattr(self.trainer, "r8_sampler", None)
-        if sampler is not None and action.stabilize_steps:
-            # The sampler counts per-process batches of the global order; a step takes this many of them.
-            sampler.stabilize(action.stabilize_steps * args.world_size * args.gradient_accumulation_steps)
-            reason += f", the next {action.stabilize_steps} steps' batches from the lowest-loss quartile"
-        for event in controller.rollback_brake(action.lasting_lr_factor, action.recovery_lr_factor,
-                                               action.stabilize_steps, step, reason):
-            self.record(event)
+        reason = self.engine.roll_back(action, snapshot.step if snapshot is not None else None,
+                                       self.weights_step(step))
         logger.warning("R8 rollback at step %d: %s", step, reason)
 
     def _stop(self, action: RollbackAction, step: int, snapshot: StateSnapshot | None, args: TrainingArguments,
               control: TrainerControl) -> None:
         """Rollbacks did not help: stop training, saving the healthiest state there is."""
         control.should_training_stop = True
-        self.policy.attempt = 0  # a run resumed from the checkpoint below starts a fresh series
         if snapshot is not None or self._weights_finite(args.device):
             control.should_save = True
             where = f"the snapshot of step {snapshot.step}" if snapshot is not None else "the current weights"
@@ -206,16 +180,15 @@ class RollbackManager:
         else:
             reason = f"{action.reason}; no healthy state to save (no snapshot, non-finite weights)"
         logger.error("R8 rollback: %s", reason)
-        self.record(Event(step, -1, "rollback", "stop", 1.0, 0.0, reason, quantity="training"))
+        lost = self.weights_step(step) - snapshot.step if snapshot is not None else 0
+        self.engine.stop(step, reason, lost_steps=lost)
 
-    def restore(self, snapshot: StateSnapshot, controller: Controller) -> None:
+    def restore(self, snapshot: StateSnapshot) -> None:
         snapshot.restore(self.model, self.optimizer)
         if self.applied_before_check:
             regather_zero3_parameters(self.trainer)
         extras = snapshot.extras
-        controller.load_state_dict(extras["controller"])
-        # The restored weights' loss is judged against the loss level they had, not the level reached since.
-        self.policy.detector.load_state_dict(extras["spike_detector"])
+        self.engine.restore(extras["engine"])
         random.setstate(extras["python_rng"])
         np.random.set_state(extras["numpy_rng"])
         torch.set_rng_state(extras["torch_rng"])
@@ -228,7 +201,7 @@ class RollbackManager:
             # Tensors frozen since were frozen on the discarded trajectory: back to the snapshot's frozen set.
             self.freezer.load_state_dict(extras["freezing"])
 
-    def take_snapshot(self, step: int, device: torch.device, controller: Controller) -> bool:
+    def take_snapshot(self, step: int, device: torch.device) -> bool:
         """Capture the weights after `step` updates; False when snapshots turned out not to fit in RAM."""
         if not self.snapshots and not self._snapshots_fit(device):
             self.snapshots_allowed = False
@@ -237,8 +210,7 @@ class RollbackManager:
         snapshot = reused if reused is not None else StateSnapshot(self.snapshot_parameters, self.engine_tensors)
         scaler = grad_scaler(self.trainer)
         extras = {
-            "controller": controller.state_dict(),
-            "spike_detector": self.policy.detector.state_dict(),
+            "engine": self.engine.snapshot_state(),
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
             "torch_rng": torch.get_rng_state(),

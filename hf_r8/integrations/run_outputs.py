@@ -1,6 +1,6 @@
 """What a Trainer run with R8 shows and leaves behind: the events, the dashboard, the run files, the report.
 
-`RunOutputs` keeps the last events (bounded), logs each one, and, on the main process, feeds the live
+`RunOutputs` logs each event the engine records and, on the main process, feeds the live
 dashboard (`ui/dashboard.py`, muting the tqdm bar it replaces) and the run files (`ui/run_log.py`); at the
 end of a run it writes the report (`ui/report.py`). All of it is observability: none of it changes what
 is trained, and an OS error in any of it turns that output off with a warning.
@@ -19,7 +19,7 @@ from transformers import TrainerState, TrainingArguments
 
 from hf_r8.control.controller import Observation
 from hf_r8.control.decision import Decision
-from hf_r8.control.events import Event, event_log
+from hf_r8.control.events import Event
 from hf_r8.integrations.compat import mute_training_bar
 from hf_r8.ui.dashboard import Dashboard, DashboardView
 from hf_r8.ui.run_log import RUN_DIR, RunLog
@@ -30,10 +30,9 @@ _QUARTILE_KEYS = ("q1_loss", "q2_loss", "q3_loss", "q4_loss")
 
 
 class RunOutputs:
-    """The events of every run so far (the last `MAX_EVENTS_KEPT`) and the outputs of the current one."""
+    """The outputs of a Trainer run: the log lines, the dashboard, the run files and the report."""
 
     def __init__(self, run_files: bool, dashboard: bool, report: bool) -> None:
-        self.events = event_log()
         self.view: DashboardView | None = None
         self._wants = {"run_files": run_files, "dashboard": dashboard, "report": report}
         self._dashboard: Dashboard | None = None
@@ -75,8 +74,7 @@ class RunOutputs:
             atexit.register(self._dashboard.stop, self.view)
 
     def record(self, event: Event, signals: dict[str, float]) -> None:
-        """Keep `event`, log it, and write it to r8_events.jsonl (with the controller's `signals`) and the view."""
-        self.events.append(event)
+        """Log `event`, and write it to r8_events.jsonl (with the controller's `signals`) and the view."""
         if self._run_log is not None:
             self._run_log.event({"step": event.step, "kind": f"{event.rule}/{event.action}", "group": event.group,
                                  "old": event.old_value, "new": event.new_value, "reason": event.reason,

@@ -9,9 +9,9 @@ that are not a `transformers.Trainer` (plain PyTorch, Lightning, custom).
             optimizer.zero_grad()
             scheduler.step_loss(loss)      # or observe(loss=..., reward=..., model=model)
 
-It is the same controller `R8Callback` runs (per parameter group, momentum written only where the
-optimizer has it), timed the same way: a step's signals are staged when the scheduler steps (a tensor
-loss is copied to the host without waiting) and consumed just before the next `optimizer.step()`, by
+It is the same engine `R8Callback` runs (`control/engine.py`: the controller per parameter group, momentum
+written only where the optimizer has it), timed the same way: a step's signals are staged when the scheduler
+steps (a tensor loss is copied to the host without waiting) and consumed just before the next `optimizer.step()`, by
 an optimizer step pre-hook, which writes that step's LR and momentum. So the LR of step t+1 reacts to
 the loss of step t, as under the Trainer, and no call forces a device sync. The LR is
 `schedule x gain`, the schedule being the group's LR without the gain: the LR the hook first finds
@@ -33,7 +33,6 @@ weights).
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -41,8 +40,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.hooks import RemovableHandle
 
 from hf_r8.control.controller import Controller, Observation
-from hf_r8.control.events import Event, event_log
-from hf_r8.control.range_test import LRRangeTest, range_test_length
+from hf_r8.control.engine import Engine
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.runtime.host_copy import HostCopy
 from hf_r8.runtime.param_groups import group_specs, write_lr, write_momentum
@@ -82,7 +80,8 @@ class AdaptiveScheduler(LRScheduler):
         last_epoch: torch's resume index (-1: a new run; anything else needs the groups' `initial_lr`).
 
     Attributes:
-        controller: the `Controller` (its `lr_gain(group)`, `metrics()`).
+        engine: the run's `Engine` (controller, range test, events).
+        controller: the engine's `Controller` (its `lr_gain(group)`, `metrics()`).
         events: the decisions made so far (the last 10,000), oldest first.
 
     Raises:
@@ -96,8 +95,8 @@ class AdaptiveScheduler(LRScheduler):
             raise TypeError(f"optimizer={type(optimizer).__name__}: must be a torch.optim.Optimizer")
         self.config = resolve_config(config)
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
-        self.controller = self._controller(optimizer, [1.0] * len(optimizer.param_groups), warmup_steps)
-        self.events = event_log()
+        self.engine = Engine(self.config, group_specs(optimizer), total_steps, warmup_steps)
+        self.events = self.engine.events
         self._metrics: tuple[Any, Any, Any] | None = None
         self._staged: tuple[int, HostCopy] | None = None
         self._updates = 0
@@ -107,16 +106,18 @@ class AdaptiveScheduler(LRScheduler):
         self._applied_at: tuple[int, int] | None = None
         """(last_epoch, _step_count) when the hook last wrote: a step of this scheduler since changes one."""
         self._closed = False
-        length = range_test_length(self.config.range_test, total_steps) if last_epoch == -1 else None
-        self._range_test = LRRangeTest(self.config.range_test, length) if length is not None else None
+        length = self.engine.range_test_length() if last_epoch == -1 else None
+        if length is not None:
+            self.engine.start_range_test(length)
         self._snapshot: StateSnapshot | None = None
+        """The optimizer's parameters and state before the range test, taken at its first step."""
         super().__init__(optimizer, last_epoch)
         self._hook: RemovableHandle = optimizer.register_step_pre_hook(self._before_optimizer_step)
 
-    def _controller(self, optimizer: torch.optim.Optimizer, initial_gains: list[float],
-                    warmup_steps: int) -> Controller:
-        return Controller(self.config, group_specs(optimizer, initial_gains), total_steps=self.total_steps,
-                          warmup_steps=warmup_steps)
+    @property
+    def controller(self) -> Controller:
+        """The engine's controller: rebuilt when a range test ends, so read it from here, not once."""
+        return self.engine.controller
 
     # ------------------------------------------------------------------------------ signals in
     def set_metrics(self, loss: Any = None, reward: Any = None, grad_norm: Any = None) -> None:
@@ -187,25 +188,22 @@ class AdaptiveScheduler(LRScheduler):
         self._applied_at = applied_at
         schedule = self._schedule(optimizer)
         observation = self._take_staged()
-        if self._range_test is not None:
+        engine = self.engine
+        if engine.range_test is not None:
             if self._snapshot is None:  # the test's first step: what its end restores
                 self._snapshot = StateSnapshot()
                 self._snapshot.capture(_OptimizerParameters(optimizer), optimizer, step=self._updates)
             if observation is not None:  # the loss of update `step`, computed on the weights after step - 1
-                self._range_test.observe(observation.step - 1, observation.loss)
-            if self._range_test.finished:
+                engine.range_test_loss(observation.step - 1, observation.loss)
+            if engine.range_test.finished:
                 self._finish_range_test(optimizer)
-            else:
-                for index, group in enumerate(optimizer.param_groups):
-                    write_lr(group, schedule[index] * self._range_test.gain(self._updates))
         elif observation is not None:
-            self.events += self.controller.observe(observation)
-        if self._range_test is None:
-            for index, group in enumerate(optimizer.param_groups):
-                write_lr(group, self.controller.compose_lr(index, schedule[index]))
-                momentum = self.controller.momentum(index)
-                if momentum is not None:
-                    write_momentum(group, momentum)
+            engine.observe(observation)
+        for index, group in enumerate(optimizer.param_groups):
+            write_lr(group, engine.lr(index, schedule[index], self._updates))
+            momentum = engine.momentum(index)
+            if momentum is not None:
+                write_momentum(group, momentum)
         self._updates += 1
         self._schedule_lrs = schedule
         self._written_lrs = [float(group["lr"]) for group in optimizer.param_groups]
@@ -229,17 +227,12 @@ class AdaptiveScheduler(LRScheduler):
 
     def _finish_range_test(self, optimizer: torch.optim.Optimizer) -> None:
         """Restore parameters and optimizer state from before the test, drop the step in flight, and rebase the
-        controller on the chosen gain."""
-        test = self._range_test
+        engine on the chosen gain."""
         self._snapshot.restore(_OptimizerParameters(optimizer), optimizer)
         for param in optimizer_parameters(optimizer):
             param.grad = None
-        gain = test.chosen_gain()
-        self._range_test = self._snapshot = None
-        self.controller = self._controller(optimizer, [gain] * len(optimizer.param_groups),
-                                           max(self.warmup_steps, self._updates + 1))
-        self.events.append(Event(self._updates + 1, -1, "range_test", "rebase", 1.0, gain,
-                                 test.summary(self._updates + 1, "parameters and optimizer state restored")))
+        self._snapshot = None
+        self.engine.finish_range_test(self._updates + 1, "parameters and optimizer state restored")
 
     # ---------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -252,11 +245,8 @@ class AdaptiveScheduler(LRScheduler):
             step, copy = self._staged
             staged = {"step": step, "values": copy.result().tolist()}
         return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "base_lrs": self.base_lrs,
-                "_last_lr": self._last_lr, "controller": self.controller.state_dict(),
-                "staged": staged, "updates": self._updates,
-                "initial_gains": [spec.initial_gain for spec in self.controller.specs],
-                "schedule_lrs": self._schedule_lrs, "written_lrs": self._written_lrs,
-                "applied_at": self._applied_at, "events": [asdict(event) for event in self.events]}
+                "_last_lr": self._last_lr, **self.engine.state_dict(), "staged": staged, "updates": self._updates,
+                "schedule_lrs": self._schedule_lrs, "written_lrs": self._written_lrs, "applied_at": self._applied_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a `state_dict()`; one from before the schedule was kept resumes on `base_lrs`, its schedule then."""
@@ -264,10 +254,8 @@ class AdaptiveScheduler(LRScheduler):
         self._step_count = state_dict.get("_step_count", self._step_count)
         self._last_lr = list(state_dict["_last_lr"])
         self._updates = state_dict.get("updates", self.last_epoch)
-        self._range_test = self._snapshot = None
-        gains = state_dict.get("initial_gains", [1.0] * len(self.optimizer.param_groups))
-        self.controller = self._controller(self.optimizer, gains, self.warmup_steps)
-        self.controller.load_state_dict(state_dict["controller"])
+        self._snapshot = None
+        self.engine.load_state_dict(state_dict)
         staged = state_dict.get("staged")
         if staged is not None and len(staged["values"]) == 6:  # saved before one packing: loss, reward, grad norm
             loss, has_loss, reward, has_reward, grad_norm, has_grad_norm = staged["values"]
@@ -278,7 +266,6 @@ class AdaptiveScheduler(LRScheduler):
         self._written_lrs = list(state_dict.get("written_lrs", self._last_lr))
         applied_at = state_dict.get("applied_at")
         self._applied_at = None if applied_at is None else tuple(applied_at)
-        self.events = event_log(Event(**event) for event in state_dict.get("events", []))
 
 
 def _followed(schedule: float, lr: float, written: float) -> float:

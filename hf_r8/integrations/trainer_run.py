@@ -1,24 +1,26 @@
 """One `Trainer.train()` with R8: its parts, built together when training begins, and what each step does.
 
 `R8Callback` builds a `TrainerRun` in `on_train_begin` and hands every later event to it; the run owns the
-controller and the parts that each do one job: the step's signals (`step_signals.py`), the LR written into
-the optimizer (`lr_writer.py`), the guard and rollback (`rollback_manager.py`), the LR range test
-(`range_test_runner.py`), dither and freezing (`parameter_actions.py`) and, shared with the callback across
-runs, the outputs (`run_outputs.py`) and the rewards (`rewards.py`). Nothing of a run outlives the next
-`train()`, so no state is ever reset by hand.
+engine (`control/engine.py`: the controller, rollback policy, range test, sampler's part in a rollback, events)
+and the parts that translate the Trainer's events into its calls, each doing one job: the step's signals
+(`step_signals.py`), the LR written into the optimizer (`lr_writer.py`), the guard and rollback on the model
+(`rollback_manager.py`), the LR range test on the model (`range_test_runner.py`), dither and freezing
+(`parameter_actions.py`) and, shared with the callback across runs, the outputs (`run_outputs.py`) and the
+rewards (`rewards.py`). Nothing of a run outlives the next `train()`, so no state is ever reset by hand.
 
-Under DeepSpeed the engine takes the real optimizer step, and steps its scheduler, inside backward, before
-`on_pre_optimizer_step`: the LR of each step is written at the previous step's `on_step_end` (the first one's
-when training begins), over the value the scheduler has just set. The controller has then seen the signals of
-every step before it, as it has just before `optimizer.step()` without DeepSpeed, so the LRs are the same, with
-no delay. The step is checked after the engine took it (`rollback_manager.py`), and the scheduler is made to
-report the LR used before the Trainer logs it.
+Under DeepSpeed, DeepSpeed's engine takes the real optimizer step, and steps its scheduler, inside backward,
+before `on_pre_optimizer_step`: the LR of each step is written at the previous step's `on_step_end` (the first
+one's when training begins), over the value the scheduler has just set. The controller has then seen the signals
+of every step before it, as it has just before `optimizer.step()` without DeepSpeed, so the LRs are the same,
+with no delay. The step is checked after the engine took it (`rollback_manager.py`), and the scheduler is made
+to report the LR used before the Trainer logs it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, Observation
+from hf_r8.control.engine import Engine
 from hf_r8.control.events import Event
 from hf_r8.integrations.compat import deepspeed_peak_lrs, deepspeed_step_skipped, uses_deepspeed
 from hf_r8.integrations.lr_writer import LRWriter, steps_on_metrics
@@ -42,25 +45,37 @@ logger = logging.getLogger(__name__)
 
 
 class TrainerRun:
-    """The parts and the controller of one `train()` (see the module docstring)."""
+    """The engine and the parts of one `train()` (see the module docstring).
+
+    Args:
+        events: the callback's event log, kept across its runs.
+    """
 
     def __init__(self, config: R8Config, trainer: Any, optimizer: torch.optim.Optimizer, args: TrainingArguments,
-                 state: TrainerState, outputs: RunOutputs, rewards: RewardTracker) -> None:
+                 state: TrainerState, outputs: RunOutputs, rewards: RewardTracker, events: deque[Event]) -> None:
         self.config, self.trainer, self.optimizer, self.outputs = config, trainer, optimizer, outputs
-        self.total_steps, self.warmup_steps = state.max_steps, args.get_warmup_steps(state.max_steps)
+        self.deepspeed_steps_in_backward = uses_deepspeed(trainer)
+        """DeepSpeed: each step's LR is written at the previous `on_step_end` (see the module docstring)."""
+        if self.deepspeed_steps_in_backward:
+            self.record_engine_base_lrs()
+        self.engine = Engine(
+            config, group_specs(optimizer, None, trainer.model, config.moe.router_patterns), state.max_steps,
+            args.get_warmup_steps(state.max_steps), applied_before_check=self.deepspeed_steps_in_backward,
+            plan=getattr(trainer, "r8_sampler", None),
+            batches_per_step=args.world_size * args.gradient_accumulation_steps,
+            events=events, listener=self.show)
         self.taps = TrainerTaps(trainer, self.add_log_metrics, on_error=self.end_by_exception)
-        self.rollback = RollbackManager(config.rollback, trainer, optimizer, self.record)
+        self.rollback = RollbackManager(config.rollback, trainer, optimizer, self.engine)
         self.actions = ParameterActions.for_run(config, trainer, optimizer)
         self.rollback.freezer = self.actions.freezer if self.actions is not None else None
         self.signals = StepSignals(self.taps, rewards, args.device)
         self.lr = LRWriter()
-        self.controller: Controller | None = None
         self.range_test: RangeTestRunner | None = None
         self.update_loop = False
-        self.engine_steps_in_backward = uses_deepspeed(trainer)
-        """DeepSpeed: each step's LR is written at the previous `on_step_end` (see the module docstring)."""
-        if self.engine_steps_in_backward:
-            self.record_engine_base_lrs()
+
+    @property
+    def controller(self) -> Controller:
+        return self.engine.controller
 
     def record_engine_base_lrs(self) -> None:
         """The controller's base LR of each group is the schedule's `initial_lr`: DeepSpeed's own schedulers
@@ -70,16 +85,12 @@ class TrainerRun:
             group.setdefault("initial_lr", peak)
 
     def start(self, args: TrainingArguments, state: TrainerState, saved: dict[str, Any] | None) -> None:
-        """Build the controller, restore a checkpoint's state or start the range test, tap the Trainer, open the
-        outputs."""
-        self.build_controller(initial_gains=(saved or {}).get("initial_gains"))
+        """Restore a checkpoint's state or start the range test, tap the Trainer, open the outputs."""
         if saved is not None:
             self.load_state_dict(saved)
         elif state.global_step == 0:
-            self.range_test = RangeTestRunner.start(
-                self.config.range_test, state.max_steps, self.rollback, args.device,
-                take_snapshot=lambda: self.rollback.take_snapshot(0, args.device, self.controller))
-        if self.engine_steps_in_backward:
+            self.range_test = RangeTestRunner.start(self.engine, self.rollback, args.device)
+        if self.deepspeed_steps_in_backward:
             self.write_first_engine_lr(state.global_step, (saved or {}).get("schedule_lrs"))
         self.taps.install()
         self.outputs.open(args, state, self.trainer.callback_handler.callbacks, (saved or {}).get("run_files_rows"),
@@ -92,13 +103,9 @@ class TrainerRun:
             self.lr.hold_schedule(self.optimizer, saved_schedule_lrs)
         self.write_lr(self.optimizer, self.trainer.lr_scheduler, step)
 
-    def build_controller(self, initial_gains: list[float] | None = None, warmup_steps: int | None = None) -> None:
-        specs = group_specs(self.optimizer, initial_gains, self.trainer.model, self.config.moe.router_patterns)
-        self.controller = Controller(self.config, specs, self.total_steps,
-                                     self.warmup_steps if warmup_steps is None else warmup_steps)
-
-    def record(self, event: Event) -> None:
-        self.outputs.record(event, self.controller.metrics() if self.controller is not None else {})
+    def show(self, event: Event) -> None:
+        """An event the engine recorded, to the log, the run files and the dashboard."""
+        self.outputs.record(event, self.controller.metrics())
 
     # ------------------------------------------------------------------------------- each step
     def step_begin(self, step: int) -> None:
@@ -110,23 +117,23 @@ class TrainerRun:
                               optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
         """Observe the last step, check or sweep this one, and write its LR (under DeepSpeed: check the step the
         engine has just taken; its LR was written at the last `on_step_end`)."""
-        if self.engine_steps_in_backward:
+        if self.deepspeed_steps_in_backward:
             if self.rollback.checks_steps:
-                self.rollback.before_step(step_index + 1, self.signals, self.controller, args, control)
+                self.rollback.before_step(step_index + 1, self.signals, args, control)
             return
         self.observe_pending()
         if self.range_test is not None:
             if self.range_test.step(step_index, self.signals, optimizer):
                 self.finish_range_test(step_index + 1)
         elif self.rollback.checks_steps:
-            self.rollback.before_step(step_index + 1, self.signals, self.controller, args, control)
+            self.rollback.before_step(step_index + 1, self.signals, args, control)
         if self.actions is not None and self.range_test is None:  # also on a skipped step: ends its probe
             for event in self.actions.after_backward(step_index + 1):
-                self.record(event)
+                self.engine.record(event)
         self.write_lr(optimizer, lr_scheduler, step_index)
 
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
-        if self.engine_steps_in_backward:  # the Trainer reads the LR to log now, after the engine's scheduler stepped
+        if self.deepspeed_steps_in_backward:  # the Trainer logs the LR now: DeepSpeed's scheduler stepped
             self.lr.report_used(lr_scheduler)
             return
         if not steps_on_metrics(lr_scheduler):
@@ -136,7 +143,7 @@ class TrainerRun:
             self.actions.after_optimizer_step(step, self.controller.sigma)
 
     def step_end(self, step: int, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
-        if self.engine_steps_in_backward:
+        if self.deepspeed_steps_in_backward:
             if deepspeed_step_skipped(self.trainer):  # its scheduler did not step: the group holds R8's LR
                 self.lr.restore_schedule(optimizer)
         elif not self.update_loop and (self.lr.applied is None or self.lr.applied[0] != step):
@@ -147,7 +154,7 @@ class TrainerRun:
         if dropped is not None:  # a skipped or rolled-back step: the controller never sees its loss
             self.record_step(dropped)
         # The next update's (or DeepSpeed step's) LR, from this one's signals (one small host read per step).
-        if self.update_loop or self.engine_steps_in_backward:
+        if self.update_loop or self.deepspeed_steps_in_backward:
             self.observe_pending()
             self.write_lr(optimizer, lr_scheduler, step)
         counts = self.rollback.counts()
@@ -169,10 +176,8 @@ class TrainerRun:
         if observation is None:
             return
         self.record_step(observation)
-        if self.range_test is not None:  # the test reads each step's loss itself
-            return
-        for event in self.controller.observe(observation):
-            self.record(event)
+        if self.range_test is None:  # the test reads each step's loss itself
+            self.engine.observe(observation)
 
     def record_step(self, observation: Observation) -> None:
         controller = self.controller
@@ -182,14 +187,14 @@ class TrainerRun:
         self.outputs.record_step(observation, self.lr.used_at(observation.step), extras)
 
     def write_lr(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any, step_index: int) -> None:
-        """The LR (and momentum) of this optimizer step; during a range test, base_lr x its gain."""
-        controller = self.controller
-        if self.range_test is not None:
-            gain = self.range_test.gain(step_index)
-            self.lr.write(optimizer, lr_scheduler, step_index + 1,
-                          lambda index, _: controller.specs[index].base_lr * gain, lambda index: None)
-        else:
-            self.lr.write(optimizer, lr_scheduler, step_index + 1, controller.compose_lr, controller.momentum)
+        """The LR (and momentum) of this optimizer step; during a range test, the sweep's gain times the peak LR
+        (`base_lr`: the schedule may still be warming up)."""
+        engine = self.engine
+        specs = engine.specs
+        self.lr.write(optimizer, lr_scheduler, step_index + 1,
+                      lambda index, schedule_lr: engine.lr(
+                          index, specs[index].base_lr if engine.range_test is not None else schedule_lr, step_index),
+                      engine.momentum)
 
     def add_log_metrics(self, logs: dict[str, float]) -> None:
         """The controller's, rollback's, the freezer's and the events' `r8/*` metrics, into a training log."""
@@ -197,7 +202,7 @@ class TrainerRun:
         gains = [group.lr_gain for group in self.controller.groups]
         if len(set(gains)) > 1:
             metrics.update({f"lr_gain/group_{i}": gain for i, gain in enumerate(gains)})
-        metrics.update(self.rollback.policy.metrics())
+        metrics.update(self.engine.rollback.metrics())
         if self.actions is not None:
             metrics.update(self.actions.metrics())
         metrics.update(self.outputs.log_counts())
@@ -218,32 +223,19 @@ class TrainerRun:
         self.range_test = None
 
     def finish_range_test(self, step: int) -> None:
-        """Restore the weights from before the test and rebase the controller on the chosen gain."""
-        test = self.range_test
-        test.restore(self.rollback)
-        gain = test.chosen_gain()
+        """Restore the weights from before the test and rebase the engine on the chosen gain."""
+        record, line = self.range_test.finish(step)
         self.range_test = None
         self.signals.discard_pending()
-        self.build_controller(initial_gains=[gain] * len(self.optimizer.param_groups),
-                              warmup_steps=max(self.warmup_steps, step))
-        snapshots = self.rollback.snapshots
-        if test.shares_snapshot and snapshots and test.snapshot is snapshots[-1]:
-            # Rollback's snapshot holds the weights training goes on from, now at this step, with this controller.
-            test.snapshot.step = step
-            test.snapshot.extras["controller"] = self.controller.state_dict()
-            self.rollback.policy.snapshot_taken(step)
-        self.record(test.finished_event(step, gain))
-        base_lrs = [spec.base_lr for spec in self.controller.specs]
-        self.outputs.range_test_done(test.record(step, gain, base_lrs), test.chosen_line(step, gain, base_lrs[0]))
+        self.outputs.range_test_done(record, line)
 
     def end(self, step: int) -> None:
         """Leave the model and the Trainer as they would be without R8: the range test's weights undone,
         frozen tensors trainable again, the taps removed."""
         if self.range_test is not None:
-            self.range_test.restore(self.rollback)
-            self.signals.discard_pending()
-            self.record(self.range_test.abandon_event(step))
+            self.range_test.abandon(step)
             self.range_test = None
+            self.signals.discard_pending()
         if self.actions is not None:
             self.actions.release()
         self.taps.remove()
@@ -270,13 +262,11 @@ class TrainerRun:
 
     # ---------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
+        """The engine's state and what the run's parts need to go on exactly (see `load_state_dict`)."""
         freezer = self.actions.freezer if self.actions is not None else None
         return {
-            "controller": self.controller.state_dict(),
+            **self.engine.state_dict(),
             "pending": self.signals.state_dict(),
-            "initial_gains": [spec.initial_gain for spec in self.controller.specs],
-            "range_test_running": self.range_test is not None,
-            "rollback": self.rollback.policy.state_dict(),
             "freezing": freezer.policy.state_dict() if freezer is not None else None,
             "applied": list(self.lr.applied) if self.lr.applied is not None else None,
             "schedule_lrs": self.lr.schedule_lrs,
@@ -288,9 +278,7 @@ class TrainerRun:
             # The pre-test weights were only in RAM: the test is abandoned and training goes on at gain 1.
             logger.warning("The checkpoint was taken during the LR range test; resuming without it.")
             return
-        self.controller.load_state_dict(saved["controller"])
-        if saved.get("rollback") is not None:
-            self.rollback.policy.load_state_dict(saved["rollback"])
+        self.engine.load_state_dict(saved)
         if saved.get("freezing") is not None and self.rollback.freezer is not None:
             self.rollback.freezer.load_state_dict(saved["freezing"])
         self.signals.load_state_dict(saved.get("pending"))

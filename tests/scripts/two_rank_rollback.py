@@ -58,7 +58,7 @@ def main(output_dir: str) -> None:
     trainer.train()
     rank = dist.get_rank()
     weights = torch.cat([param.detach().reshape(-1) for param in model.parameters()])
-    policy = trainer.r8_callback._run.rollback.policy
+    policy = trainer.r8_callback._run.engine.rollback
     result = {"rollbacks": policy.rollbacks, "skipped_steps": policy.skipped_steps,
               "weights_digest": hashlib.sha256(weights.numpy().tobytes()).hexdigest(),
               "weights_finite": bool(torch.isfinite(weights).all()),

@@ -1,0 +1,135 @@
+"""The engine every adapter runs: its state in one `state_dict`, one rollback semantics, the range test's rebase.
+
+Pure Python, driven by hand-made losses (the adapters' runs on real models are in test_callback.py,
+test_scheduler.py, test_loop.py and the golden trajectories)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from hf_r8.control.config import R8Config
+from hf_r8.control.controller import GroupSpec, Observation
+from hf_r8.control.engine import Engine
+
+
+class RecordingPlan:
+    """A data plan that remembers how many low-loss batches it was asked for."""
+
+    def __init__(self) -> None:
+        self.requests: list[int] = []
+
+    def stabilize(self, batches: int) -> None:
+        self.requests.append(batches)
+
+
+def _engine(preset: str = "aggressive", **kwargs) -> Engine:
+    config = R8Config.from_preset(preset)
+    config.rollback.enabled = True
+    return Engine(config, [GroupSpec(1e-3, momentum=0.9), GroupSpec(1e-4)], total_steps=200, **kwargs)
+
+
+def _loss(step: int) -> float:
+    return 2.0 + 3.0 * math.exp(-step / 20) + 0.05 * math.sin(step * 1.7)
+
+
+def _drive(engine: Engine, steps: range) -> list[tuple[float, float, float | None]]:
+    """Check and observe each step as an adapter does; the LRs and momentum written before each."""
+    written = []
+    for step in steps:
+        written.append((engine.lr(0, 1e-3, step - 1), engine.lr(1, 1e-4, step - 1), engine.momentum(0)))
+        action = engine.rollback.observe(step, _loss(step))
+        assert action is None
+        engine.observe(Observation(step=step, loss=_loss(step), grad_norm=1.0 + 0.1 * math.cos(step)))
+    return written
+
+
+def test_a_state_dict_through_json_continues_the_same_run():
+    straight = _engine()
+    _drive(straight, range(1, 61))
+    saved = json.loads(json.dumps(straight.state_dict()))
+    assert saved["events"], "the aggressive preset decided something in 60 steps"
+
+    resumed = _engine()
+    resumed.load_state_dict(saved)
+    assert list(resumed.events) == list(straight.events)
+    assert _drive(resumed, range(61, 121)) == _drive(straight, range(61, 121))
+    assert resumed.state_dict() == straight.state_dict()
+
+
+def test_a_first_spike_is_skipped_before_its_step_and_only_recorded_after_it():
+    for applied_before_check, first_kind, first_action in ((False, "skip", "skip_step"), (True, "record", "spike")):
+        engine = _engine(applied_before_check=applied_before_check)
+        _drive(engine, range(1, 41))
+        action = engine.rollback.observe(41, 50.0)
+        assert action.kind == first_kind
+        engine.spike_handled(action)
+        assert engine.events[-1].action == first_action
+        assert engine.rollback.skipped_steps == (0 if applied_before_check else 1)
+        assert engine.rollback.observe(42, 50.0).kind == "rollback"  # a second spike in a row: damage
+
+
+def test_a_rollback_restores_the_engine_brakes_the_lr_and_asks_the_plan_for_low_loss_batches():
+    plan = RecordingPlan()
+    engine = _engine(applied_before_check=True, plan=plan, batches_per_step=4)
+    _drive(engine, range(1, 31))
+    snapshot = engine.snapshot_taken(30)
+    gain_at_snapshot = engine.controller.lr_gain(0)
+    _drive(engine, range(31, 41))
+
+    engine.rollback.observe(41, 50.0)
+    action = engine.rollback.observe(42, 50.0)
+    engine.restore(snapshot)
+    reason = engine.roll_back(action, restored_step=30, weights_step=42)
+
+    stabilize = engine.config.rollback.stabilize_steps
+    assert plan.requests == [stabilize * 4]
+    assert engine.rollback.wasted_steps == 12 and engine.rollback.rollbacks == 1
+    assert "restored the snapshot of step 30" in reason and "lowest-loss quartile" in reason
+    cuts = [event for event in engine.events if event.action == "cut"]
+    assert [event.group for event in cuts] == [0, 1] and cuts[0].old_value == gain_at_snapshot
+    # The LR restarts at lr_cut x and climbs back over the stabilization.
+    engine.observe(Observation(step=43, loss=_loss(43)))
+    lr_factor = engine.controller.recovery_factor()
+    assert engine.config.rollback.lr_cut <= lr_factor < 1.0
+
+
+def test_the_range_test_sweeps_then_rebases_the_controller_on_its_choice():
+    engine = _engine("default")
+    length = engine.range_test_length()
+    assert length is not None  # 200 steps leave room for one
+    engine.start_range_test(length)
+    test = engine.range_test
+    assert engine.lr(0, 1e-3, 0) == 1e-3 * test.gain(0) and engine.momentum(0) is None
+
+    step_index = 0  # the loss falls as the gain grows, then blows up past x100
+    while not engine.range_test_loss(step_index, 3.0 - 0.1 * math.log(test.gain(step_index))
+                                     if test.gain(step_index) < 100 else 50.0):
+        step_index += 1
+    gain = engine.finish_range_test(step_index + 1, "weights restored")
+
+    assert engine.range_test is None and engine.controller.warmup_steps >= step_index + 1
+    assert [spec.initial_gain for spec in engine.specs] == [gain, gain]
+    assert engine.events[-1].rule == "range_test" and engine.events[-1].new_value == gain
+    assert engine.lr(0, 1e-3, step_index + 1) == engine.controller.compose_lr(0, 1e-3)
+
+
+def test_a_state_saved_inside_the_range_test_resumes_at_gain_one_without_it():
+    engine = _engine("default")
+    engine.start_range_test(engine.range_test_length())
+    engine.range_test_loss(0, 3.0)
+    saved = json.loads(json.dumps(engine.state_dict()))
+    assert saved["range_test_running"] is True
+
+    resumed = _engine("default")
+    resumed.start_range_test(5)  # a fresh run would have started its own
+    resumed.load_state_dict(saved)
+    assert resumed.range_test is None and resumed.controller.lr_gain(0) == 1.0
+
+
+def test_events_reach_the_listener_once_each():
+    heard = []
+    engine = _engine(listener=heard.append)
+    _drive(engine, range(1, 61))
+    engine.skip_step(61, "non-finite loss nan: optimizer step skipped")
+    assert heard == list(engine.events) and heard[-1].rule == "guard"
