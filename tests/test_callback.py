@@ -287,6 +287,22 @@ def test_training_again_after_a_crash_taps_the_trainer_once(model, lm_dataset, t
     assert not {"training_step", "log", "_get_grad_norm"} & set(trainer.__dict__)
 
 
+def test_a_trainer_with_its_own_update_loop_gets_no_range_test_sweep(model, lm_dataset, tmp_path, caplog):
+    # Such a Trainer (TRL's PPOTrainer) fires on_step_end per update but no on_pre_optimizer_step: the default's
+    # range test, started at train begin, must end there, and the LR come from the controller from then on.
+    r8, recorder = R8Callback(), UsedLearningRates()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=160, learning_rate=1e-3, logging_steps=500),
+                      train_dataset=lm_dataset, callbacks=[r8, recorder])
+    for event in ("on_pre_optimizer_step", "on_optimizer_step"):
+        setattr(trainer.callback_handler, event, lambda args, state, control, **kwargs: control)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert "runs its own loop" in caplog.text and "LR range test are off" in caplog.text
+    used = [lrs[0] for lrs in recorder.used]
+    assert len(used) == 160 and max(used[1:]) <= 3 * 1e-3  # never base LR x a sweep gain (up to x10,000)
+    assert r8.state()["attributes"]["r8_state"]["range_test_running"] is False
+
+
 def test_bad_config_fails_at_construction():
     with pytest.raises(ValueError, match="decision.increase_factor=0.5: must be > 1"):
         R8Callback({"decision": {"increase_factor": 0.5}})

@@ -4,6 +4,8 @@ what R8Callback does: the guard keeps a NaN from the controller, or, with the gu
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -190,20 +192,36 @@ def test_bad_arguments_name_the_field(arguments, message):
         R8Loop(**arguments, config=_config())
 
 
-def _difficulty_run(loop: R8Loop, stop_after: int | None = None, spikes: tuple[int, ...] = ()) -> list:
+def _difficulty_run_one_epoch(loop: R8Loop, stop_after: int | None = None, spikes: tuple[int, ...] = ()) -> list:
     """Report each example's fixed difficulty (50x at the `spikes` steps); the (indices, LR) of each batch."""
     difficulty = np.linspace(0.1, 4.0, loop.catalog.size)
     batches = []
-    for _ in loop.epochs():
-        for indices, lr in loop.batches():
-            batches.append((indices.tolist(), lr))
-            losses = torch.tensor(difficulty[indices]) * (0.995 ** loop.step)
-            if loop.step + 1 in spikes:
-                losses = losses * 50.0
-            loop.report(losses.mean(), per_example_losses=losses)
-            if len(batches) == stop_after:
-                return batches
+    for indices, lr in loop.batches():
+        batches.append((indices.tolist(), lr))
+        losses = torch.tensor(difficulty[indices]) * (0.995 ** loop.step)
+        if loop.step + 1 in spikes:
+            losses = losses * 50.0
+        loop.report(losses.mean(), per_example_losses=losses)
+        if len(batches) == stop_after:
+            break
     return batches
+
+
+def _difficulty_run(loop: R8Loop, stop_after: int | None = None, spikes: tuple[int, ...] = ()) -> list:
+    batches = []
+    for _ in loop.epochs():
+        left = None if stop_after is None else stop_after - len(batches)
+        batches += _difficulty_run_one_epoch(loop, left, spikes)
+        if len(batches) == stop_after:
+            break
+    return batches
+
+
+def _through_torch_save(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)  # weights_only=True, torch's default
 
 
 def test_a_loop_resumed_from_its_state_dict_goes_on_exactly_as_one_never_stopped():
@@ -222,7 +240,7 @@ def test_a_loop_resumed_from_its_state_dict_goes_on_exactly_as_one_never_stopped
 
     with loop() as first:
         head = _difficulty_run(first, stop_after=41)  # inside the second epoch, after the range test
-        saved = first.state_dict()
+        saved = _through_torch_save(first.state_dict())
     with loop() as resumed:
         resumed.load_state_dict(saved)
         tail = _difficulty_run(resumed, spikes=(60,))
@@ -238,6 +256,23 @@ def test_a_loop_resumed_from_its_state_dict_goes_on_exactly_as_one_never_stopped
     cut = next(event for event in resumed.events if event.action == "cut")
     restored_step = int(cut.reason.split("restored the snapshot of step ")[1].split()[0])
     assert 41 < restored_step < 60 and not resumed.stopped
+
+
+def test_a_loop_saved_at_the_top_of_an_epoch_resumes_at_its_first_batch():
+    with R8Loop(16, batch_size=4, config=_config(), num_epochs=3) as straight:
+        reference = _difficulty_run(straight)
+    with R8Loop(16, batch_size=4, config=_config(), num_epochs=3) as first:
+        head = []
+        epochs = first.epochs()
+        for epoch in epochs:
+            if epoch == 1:  # epochs() has moved on, batches() not yet
+                saved = _through_torch_save(first.state_dict())
+                break
+            head += _difficulty_run_one_epoch(first)
+    with R8Loop(16, batch_size=4, config=_config(), num_epochs=3) as resumed:
+        resumed.load_state_dict(saved)
+        tail = _difficulty_run(resumed)
+    assert len(tail) == 8 and head + tail == reference
 
 
 def test_a_state_dict_of_another_dataset_or_batch_size_is_refused():

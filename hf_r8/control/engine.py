@@ -18,9 +18,11 @@ One step, in the engine's calls (each adapter makes them at its host's moments, 
     engine.roll_back(action, ...) / skip_step    what follows: the controller's brake, low-loss batches, events
     engine.observe(observation)                 the controller learns from the finished step
 
-`state_dict()` holds all of it as plain, JSON-safe data. Not in it: the snapshots of the weights (the adapter's,
-in RAM) and a range test under way, which a resumed run does without (its weights to return to were in RAM).
-Pure Python: no torch, no transformers.
+`state_dict()` holds the decisions' state as plain, JSON-safe data: the controller, the rollback policy, whether
+a range test was under way (a resumed run does without it: its weights to return to were in RAM), the events.
+Not in it: the snapshots of the weights (the adapter's, in RAM) and the data plan's arrays (one row per example:
+R8Trainer writes them into each checkpoint as `.npz`, R8Loop into its own `state_dict()`). Pure Python: no
+torch, no transformers.
 """
 
 from __future__ import annotations
@@ -152,6 +154,10 @@ class Engine:
 
     def start_range_test(self, steps: int) -> None:
         self.range_test = LRRangeTest(self.config.range_test, steps)
+
+    def cancel_range_test(self) -> None:
+        """The host cannot run the test (a Trainer with its own update loop): the controller goes on at gain 1."""
+        self.range_test = None
 
     def range_test_loss(self, step_index: int, loss: float | None) -> bool:
         """The loss of the weights after `step_index` updates of the test; True once the test has seen enough."""

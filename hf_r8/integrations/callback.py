@@ -98,7 +98,8 @@ class R8Callback(TrainerCallback, ExportableState):
 
     @property
     def events(self) -> Any:
-        """The decisions, skips and rollbacks of every run so far (the last 10,000), with their reasons."""
+        """The decisions, skips and rollbacks of this callback's runs (the last 10,000), with their reasons; after a
+        resume, those of the checkpoint's run up to it, then the new ones."""
         return self._events
 
     @property

@@ -101,9 +101,8 @@ class R8Loop:
         self.save, self.load = save, load
         self.step = 0
         self.stopped = False
-        self._first_epoch = 0
-        self._batches_taken = 0  # in the epoch under way
-        self._resume_batches = 0  # after load_state_dict: the batches of its epoch taken before the state was saved
+        self._epoch = 0  # the epoch under way
+        self._batches_taken = 0  # of its plan, so far
         self._batch: np.ndarray | None = None
         self._staged: tuple[int, np.ndarray, HostCopy, HostCopy | None] | None = None
         self._snapshot: tuple[int, Any, dict[str, Any]] | None = None
@@ -126,16 +125,19 @@ class R8Loop:
 
     # --------------------------------------------------------------------------------- iteration
     def epochs(self) -> Iterator[int]:
-        """The epochs to run (from the one under way when the state was saved, after `load_state_dict`)."""
-        for epoch in range(self._first_epoch, self.num_epochs):
+        """The epochs to run, from the one under way (after `load_state_dict`, the one the state was saved in)."""
+        for epoch in range(self._epoch, self.num_epochs):
             if self.stopped:
                 return
+            if epoch != self._epoch:  # a new epoch: its plan starts at its first batch
+                self._epoch, self._batches_taken = epoch, 0
             self.sampler.set_epoch(epoch)
             yield epoch
+        self._epoch, self._batches_taken = self.num_epochs, 0
 
     def batches(self) -> Iterator[tuple[np.ndarray, float]]:
-        """This epoch's batches: (indices, LR to use). Ends early when rollback says stop."""
-        self._batches_taken, self._resume_batches = self._resume_batches, 0
+        """This epoch's batches, from the first one not taken yet: (indices, LR to use). Ends early when rollback
+        says stop."""
         self.sampler.resume_at(self._batches_taken * self.batch_size)
         order = iter(self.sampler)  # planned at the first batch: after the previous epoch's last report
         while True:
@@ -248,14 +250,15 @@ class R8Loop:
     def state_dict(self) -> dict[str, Any]:
         """What the loop needs to go on exactly where it is, once the last report is applied: the engine's state
         (controller, rollback policy, events), the catalog, the sampler's plan and the position in it. Save it
-        with your weights and optimizer (`torch.save` takes it: numbers and numpy arrays). Not in it: the state
+        with your weights and optimizer (`torch.save`, and `torch.load`'s default `weights_only=True`, take it: numbers,
+        strings and tensors). Not in it: the state
         `save()` returned, which your own checkpoint holds; a resumed loop rolls back to the snapshots it takes
         from then on."""
         self._consume()
         return {"version": STATE_VERSION, "num_samples": self.catalog.size, "batch_size": self.batch_size,
-                "step": self.step, "stopped": self.stopped, "batches_taken": self._batches_taken,
-                "engine": self.engine.state_dict(), "catalog": self.catalog.state_dict(),
-                "sampler": self.sampler.state_dict()}
+                "step": self.step, "stopped": self.stopped, "epoch": self._epoch, "batches_taken": self._batches_taken,
+                "engine": self.engine.state_dict(), "catalog": _as_tensors(self.catalog.state_dict()),
+                "sampler": _as_tensors(self.sampler.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Go on from `state_dict()`'s output: `epochs()` starts at the epoch under way and `batches()` at the
@@ -273,7 +276,7 @@ class R8Loop:
         self.catalog.load_state_dict(state["catalog"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.stopped = state["step"], state["stopped"]
-        self._first_epoch, self._resume_batches = self.sampler.epoch, state["batches_taken"]
+        self._epoch, self._batches_taken = state["epoch"], state["batches_taken"]
         self._batch = self._staged = self._snapshot = None
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -289,3 +292,8 @@ class R8Loop:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _as_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """Numpy arrays as tensors (sharing memory), which `torch.load(weights_only=True)` reads back."""
+    return {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value for key, value in state.items()}

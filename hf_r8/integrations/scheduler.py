@@ -255,6 +255,7 @@ class AdaptiveScheduler(LRScheduler):
         self._last_lr = list(state_dict["_last_lr"])
         self._updates = state_dict.get("updates", self.last_epoch)
         self._snapshot = None
+        self.engine.specs = group_specs(self.optimizer)  # as the optimizer holds them now (its state may be loaded)
         self.engine.load_state_dict(state_dict)
         staged = state_dict.get("staged")
         if staged is not None and len(staged["values"]) == 6:  # saved before one packing: loss, reward, grad norm

@@ -198,11 +198,10 @@ class TrainerRun:
 
     def add_log_metrics(self, logs: dict[str, float]) -> None:
         """The controller's, rollback's, the freezer's and the events' `r8/*` metrics, into a training log."""
-        metrics = self.controller.metrics()
+        metrics = self.engine.metrics()
         gains = [group.lr_gain for group in self.controller.groups]
         if len(set(gains)) > 1:
             metrics.update({f"lr_gain/group_{i}": gain for i, gain in enumerate(gains)})
-        metrics.update(self.engine.rollback.metrics())
         if self.actions is not None:
             metrics.update(self.actions.metrics())
         metrics.update(self.outputs.log_counts())
@@ -221,6 +220,7 @@ class TrainerRun:
                            type(self.trainer).__name__, step)
         self.rollback.turn_off()
         self.range_test = None
+        self.engine.cancel_range_test()
 
     def finish_range_test(self, step: int) -> None:
         """Restore the weights from before the test and rebase the engine on the chosen gain."""
@@ -274,11 +274,11 @@ class TrainerRun:
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.engine.load_state_dict(saved)
         if saved.get("range_test_running"):
             # The pre-test weights were only in RAM: the test is abandoned and training goes on at gain 1.
             logger.warning("The checkpoint was taken during the LR range test; resuming without it.")
             return
-        self.engine.load_state_dict(saved)
         if saved.get("freezing") is not None and self.rollback.freezer is not None:
             self.rollback.freezer.load_state_dict(saved["freezing"])
         self.signals.load_state_dict(saved.get("pending"))
