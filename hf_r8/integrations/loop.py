@@ -248,12 +248,12 @@ class R8Loop:
 
     # ---------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """What the loop needs to go on exactly where it is, once the last report is applied: the engine's state
-        (controller, rollback policy, events), the catalog, the sampler's plan and the position in it. Save it
-        with your weights and optimizer (`torch.save`, and `torch.load`'s default `weights_only=True`, take it: numbers,
-        strings and tensors). Not in it: the state
-        `save()` returned, which your own checkpoint holds; a resumed loop rolls back to the snapshots it takes
-        from then on."""
+        """What the loop needs to go on exactly where it is (call it after a `report()`, before the next batch; the
+        last report is applied first): the engine's state (controller, rollback policy, events), the catalog, the
+        sampler's plan and the position in it. Save it with your weights and optimizer: `torch.save`, and
+        `torch.load` with its default `weights_only=True`, take it (numbers, strings and tensors). Not in it: the
+        state `save()` returned, which your own checkpoint holds; a resumed loop rolls back to the snapshots it
+        takes from then on."""
         self._consume()
         return {"version": STATE_VERSION, "num_samples": self.catalog.size, "batch_size": self.batch_size,
                 "step": self.step, "stopped": self.stopped, "epoch": self._epoch, "batches_taken": self._batches_taken,
