@@ -24,7 +24,7 @@ def _quiet(config: R8Config) -> R8Config:
 def _lrs_after_each_step(optimizer: torch.optim.Optimizer, scheduler: AdaptiveScheduler,
                          signals: list[dict[str, float | None]], container: LRScheduler | None = None) -> list[float]:
     """A loop: step, record the LR used, report the signals; with a `container` (a SequentialLR or
-    ChainedScheduler holding `scheduler`), give them with `set_metrics` and step the container."""
+    ChainedScheduler holding `scheduler`, or `scheduler` itself), give them with `set_metrics` and step it."""
     used = []
     for signal in signals:
         optimizer.step()
@@ -184,20 +184,11 @@ def test_a_wrong_optimizer_type_is_refused():
 
 def test_set_metrics_then_step_is_step_loss():
     config = _quiet(R8Config.from_preset("aggressive"))
-    trajectories = []
-    for split_call in (False, True):
-        optimizer, scheduler = _sgd_with_scheduler(config)
-        used = []
-        for signal in _signals(100):
-            optimizer.step()
-            used.append(scheduler.get_last_lr()[0])
-            if split_call:
-                scheduler.set_metrics(loss=signal["loss"], grad_norm=signal["grad_norm"])
-                scheduler.step()
-            else:
-                scheduler.step_loss(signal["loss"], grad_norm=signal["grad_norm"])
-        trajectories.append(used)
-    assert trajectories[0] == trajectories[1] and len(set(trajectories[0])) > 2
+    optimizer, scheduler = _sgd_with_scheduler(config)
+    direct = _lrs_after_each_step(optimizer, scheduler, _signals(100))
+    optimizer, scheduler = _sgd_with_scheduler(config)
+    split = _lrs_after_each_step(optimizer, scheduler, _signals(100), container=scheduler)
+    assert direct == split and len(set(direct)) > 2
 
 
 def _regression(lr: float, with_scheduler: bool, steps: int = 300) -> tuple[float, AdaptiveScheduler | None]:

@@ -14,7 +14,9 @@ Anything else returns None, and the caller falls back to the catalog's surprise 
 
 Which loss a model uses is a guess (its `loss_function`; a model wrapped in a user module has none), so
 `LossAgreement` proves it on the first batches: the batch loss the per-example losses imply must be the
-model's own `loss`, or the caller falls back to the surprise estimate.
+model's own `loss`, or the caller falls back to the surprise estimate. The outputs are those of the first
+training forward (`keep_first_training_output`), and an MoE model's loss is compared without its router
+load-balancing term (`router_aux_term`).
 """
 
 from __future__ import annotations
@@ -171,3 +173,34 @@ def weighted_loss(outputs: Mapping[str, Any], labels: torch.Tensor | None, weigh
         losses = F.cross_entropy(logits.float(), labels, reduction="none")
         return (losses * weights.to(losses.device, torch.float32)).mean()
     return None
+
+
+def keep_first_training_output(captured: list[Any]) -> Any:
+    """A forward hook keeping the first training forward's outputs that carry gradients.
+
+    Not `return_outputs=True`: some trainers (TRL's SFTTrainer) run an extra forward to build the
+    outputs they return, and others run extra no-grad forwards (metrics, a reference model) inside
+    `compute_loss`; the loss that trains is the first forward with gradients.
+    """
+
+    def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not captured and module.training and torch.is_grad_enabled():
+            captured.append(output)
+
+    return keep
+
+
+def router_aux_term(model: torch.nn.Module, outputs: Mapping[str, Any]) -> torch.Tensor | float:
+    """What an MoE model adds to its loss beyond the per-example loss: its router load-balancing `aux_loss`
+    times the coefficient it is weighted by (an attribute of the model or of its config); 0 for other models."""
+    aux_loss = outputs.get("aux_loss")
+    if not torch.is_tensor(aux_loss) or aux_loss.numel() != 1:
+        return 0.0
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for owner in (model, text_config):
+        for name in ("router_aux_loss_coef", "aux_loss_coef"):
+            coefficient = getattr(owner, name, None)
+            if isinstance(coefficient, (int, float)):
+                return coefficient * aux_loss.detach().float().reshape(())
+    return 0.0

@@ -39,7 +39,13 @@ from hf_r8.control.resolve import ConfigLike
 from hf_r8.data.catalog import FILE_NAME, LossCatalog
 from hf_r8.data.catalog_updates import CatalogUpdateQueue
 from hf_r8.data.indexed_data import BATCH_KEY, INDEX_KEY, IndexCarryingCollator, IndexedDataset
-from hf_r8.data.per_example import LossAgreement, example_losses, weighted_loss
+from hf_r8.data.per_example import (
+    LossAgreement,
+    example_losses,
+    keep_first_training_output,
+    router_aux_term,
+    weighted_loss,
+)
 from hf_r8.data.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
 from hf_r8.data.sampler_modes import SAMPLER_MODES
 from hf_r8.integrations.callback import R8Callback
@@ -170,7 +176,7 @@ class R8TrainerMixin(R8CallbackMixin):
                                         num_items_in_batch=num_items_in_batch)
         labels = inputs.get("labels")
         captured: list[Any] = []
-        hook = model.register_forward_hook(_keep_first_training_output(captured))
+        hook = model.register_forward_hook(keep_first_training_output(captured))
         try:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
@@ -200,7 +206,7 @@ class R8TrainerMixin(R8CallbackMixin):
         if agreement.verdict is True:
             return recomputed.losses  # proven: no comparison (and no sync) on later batches
         model = self.accelerator.unwrap_model(self.model)
-        if agreement.accepts(recomputed, outputs.get("loss"), _router_aux_term(model, outputs)):
+        if agreement.accepts(recomputed, outputs.get("loss"), router_aux_term(model, outputs)):
             return recomputed.losses
         if agreement.disagreement is not None:
             implied, model_loss = agreement.disagreement
@@ -336,37 +342,6 @@ class R8TrainerMixin(R8CallbackMixin):
             logs.update({f"r8/{key}": value for key, value in self.r8_catalog.statistics().items()
                          if np.isfinite(value)})
         super().log(logs, *args, **kwargs)
-
-
-def _keep_first_training_output(captured: list[Any]) -> Any:
-    """A forward hook keeping the first training forward's outputs that carry gradients.
-
-    Not `return_outputs=True`: some trainers (TRL's SFTTrainer) run an extra forward to build the
-    outputs they return, and others run extra no-grad forwards (metrics, a reference model) inside
-    `compute_loss`; the loss that trains is the first forward with gradients.
-    """
-
-    def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
-        if not captured and module.training and torch.is_grad_enabled():
-            captured.append(output)
-
-    return keep
-
-
-def _router_aux_term(model: torch.nn.Module, outputs: Mapping[str, Any]) -> torch.Tensor | float:
-    """What an MoE model adds to its loss beyond the per-example loss: its router load-balancing `aux_loss`
-    times the coefficient it is weighted by (an attribute of the model or of its config); 0 for other models."""
-    aux_loss = outputs.get("aux_loss")
-    if not torch.is_tensor(aux_loss) or aux_loss.numel() != 1:
-        return 0.0
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for owner in (model, text_config):
-        for name in ("router_aux_loss_coef", "aux_loss_coef"):
-            coefficient = getattr(owner, name, None)
-            if isinstance(coefficient, (int, float)):
-                return coefficient * aux_loss.detach().float().reshape(())
-    return 0.0
 
 
 def with_r8(trainer_class: type[Trainer]) -> type[Trainer]:
