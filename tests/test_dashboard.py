@@ -60,7 +60,23 @@ def test_without_a_terminal_the_dashboard_prints_throttled_lines():
         dashboard.update(view)  # throttled: nothing within the interval
     dashboard.stop(view)
     lines = output.getvalue().splitlines()
-    assert not dashboard.interactive and len(lines) == 1 and lines[0].startswith("r8 step 40/100")
+    assert not dashboard.interactive and len(lines) == 2
+    assert lines[0].startswith("r8: training from step") and lines[1].startswith("r8 step 40/100")
+
+
+def test_a_dumb_terminal_gets_plain_lines(monkeypatch):
+    monkeypatch.setenv("TERM", "dumb")  # rich's Live draws nothing there until it stops
+    output = io.StringIO()
+    dashboard = Dashboard(Console(file=output, force_terminal=True, force_jupyter=False), line_interval_s=0.0)
+    view = _view()
+    dashboard.start(view)
+    dashboard.announce("LR range test: skipped")
+    dashboard.update(view)
+    dashboard.stop(view)
+    lines = output.getvalue().splitlines()
+    assert not dashboard.interactive
+    assert [line.split(" ")[0] for line in lines] == ["r8:", "r8:", "r8", "r8"]
+    assert lines[1] == "r8: LR range test: skipped" and lines[-1].endswith("(end)")
 
 
 class FilePeek(TrainerCallback):
@@ -135,19 +151,15 @@ def test_progress_bar_is_replaced_while_the_dashboard_runs(model, lm_dataset, tm
     assert "6/6 [" in without.err and "r8 step" not in without.out
 
 
-@pytest.mark.integration
-def test_a_real_run_in_a_pseudo_terminal_shows_the_live_dashboard(tmp_path):
+def _run_in_a_pseudo_terminal(tmp_path: Path, **env: str) -> str:
+    """What `dashboard_run.py` (a real 30-step run) writes to a pseudo-terminal with `env`, once it has exited."""
     primary, secondary = pty.openpty()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color",
-           "COLUMNS": "140", "LINES": "40"}
     process = subprocess.Popen([sys.executable, str(SCRIPTS / "dashboard_run.py"), str(tmp_path)], stdin=secondary,
-                               stdout=secondary, stderr=secondary, env=env, close_fds=True)
+                               stdout=secondary, stderr=secondary, close_fds=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env})
     os.close(secondary)
     screen = b""
-    while True:
-        ready, _, _ = select.select([primary], [], [], 120)
-        if not ready:
-            break
+    while select.select([primary], [], [], 120)[0]:
         try:
             chunk = os.read(primary, 65536)
         except OSError:  # the child closed the terminal
@@ -156,11 +168,38 @@ def test_a_real_run_in_a_pseudo_terminal_shows_the_live_dashboard(tmp_path):
             break
         screen += chunk
     assert process.wait(timeout=60) == 0, screen[-2000:]
-    text = screen.decode("utf-8", errors="replace")
+    return screen.decode("utf-8", errors="replace")
+
+
+@pytest.mark.integration
+def test_a_real_run_in_a_pseudo_terminal_shows_the_live_dashboard(tmp_path):
+    text = _run_in_a_pseudo_terminal(tmp_path, TERM="xterm-256color", COLUMNS="140", LINES="40")
     assert "hf_r8 · learnit::r8" in text and "steps/s" in text and "last decisions" in text
     assert "\x1b[" in text  # drawn with terminal control sequences (rich Live), not plain lines
     assert "r8 step " not in text  # the plain-line fallback was not used
     assert "/30 [" not in text  # no tqdm training bar fighting it
+
+
+@pytest.mark.integration
+def test_a_real_run_on_a_dumb_terminal_says_what_it_does(tmp_path):
+    text = _run_in_a_pseudo_terminal(tmp_path, TERM="dumb")
+    lines = [line for line in text.splitlines() if line.startswith("r8")]
+    assert lines[0].startswith("r8: training from step 0 to 30")
+    assert lines[1].startswith("r8: LR range test: skipped: a run of 30 steps is too short")
+    assert lines[-1].startswith("r8 step 30/30") and lines[-1].endswith("(end)")
+
+
+@pytest.mark.integration
+def test_a_piped_run_says_what_the_range_test_does_and_decides(model, lm_dataset, tmp_path, capfd):
+    config = R8Config.from_preset("default")
+    config.range_test.steps = 6
+    Trainer(model=model, args=training_args(tmp_path, max_steps=20), train_dataset=lm_dataset,
+            callbacks=[R8Callback(config)]).train()
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("r8")]
+    assert lines[0] == "r8: training from step 0 to 20; a line every 30 s"
+    assert lines[1].startswith("r8: LR range test: sweeping gain x0.01..x10000 over the first 6 steps")
+    assert lines[2].startswith("r8: LR range test: chose LR ")
+    assert lines[-1].startswith("r8 step 20/20") and lines[-1].endswith("(end)")
 
 
 @pytest.mark.integration
@@ -175,9 +214,9 @@ def test_a_fresh_run_starts_its_files_anew_and_a_failed_run_is_cleaned_up(model,
                       callbacks=[r8, Boom()])
     with pytest.raises(RuntimeError, match="boom"):
         failing.train()
-    assert r8._outputs.live  # on_train_end never ran
+    assert not r8._outputs.live  # ended where the exception left train(), though on_train_end never ran
     Trainer(model=model, args=training_args(tmp_path, max_steps=8), train_dataset=lm_dataset, callbacks=[r8]).train()
-    assert not r8._outputs.live  # the leftovers were closed, then this run's
+    assert not r8._outputs.live
     rows = read_jsonl(tmp_path / RUN_DIR / METRICS_FILE)
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, 9))  # the failed run's rows are gone
 

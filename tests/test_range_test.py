@@ -11,7 +11,7 @@ from transformers import Trainer, TrainerCallback
 
 from hf_r8 import R8Callback, R8Config
 from hf_r8.control.config import RangeTestConfig
-from hf_r8.control.range_test import LRRangeTest, range_test_length
+from hf_r8.control.range_test import LRRangeTest, no_range_test_reason, range_test_length
 from hf_r8.demo.offline import tiny_gpt2
 from tests.conftest import training_args
 
@@ -101,6 +101,27 @@ def test_a_fixed_length_is_used_as_is_and_a_disabled_test_has_none():
     assert range_test_length(RangeTestConfig(steps=30), 100) == 30
     assert range_test_length(RangeTestConfig(steps=30), 20) is None
     assert range_test_length(RangeTestConfig(enabled=False), 10_000) is None
+
+
+def test_a_run_without_a_test_is_told_why():
+    assert no_range_test_reason(RangeTestConfig(), 600) is None
+    assert no_range_test_reason(RangeTestConfig(enabled=False), 600).startswith("off (range_test.enabled: false)")
+    assert no_range_test_reason(RangeTestConfig(), 100) == (
+        "skipped: a run of 100 steps is too short (15 test steps would be over 10% of it), so the LR set is kept")
+    assert "steps=30 leaves no room in a run of 20 steps" in no_range_test_reason(RangeTestConfig(steps=30), 20)
+    assert "length is unknown" in no_range_test_reason(RangeTestConfig(), None)
+
+
+@pytest.mark.integration
+def test_a_skipped_test_is_an_event_and_a_log_line(model, lm_dataset, tmp_path, caplog):
+    r8 = R8Callback()
+    with caplog.at_level("INFO", logger="hf_r8"):
+        Trainer(model=model, args=training_args(tmp_path, max_steps=10), train_dataset=lm_dataset,
+                callbacks=[r8]).train()
+    skips = [event for event in r8.events if event.rule == "range_test"]
+    assert [(event.step, event.action) for event in skips] == [(0, "skip")]
+    assert "a run of 10 steps is too short" in skips[0].reason
+    assert "R8: LR range test skipped: a run of 10 steps is too short" in caplog.text
 
 
 class StopAt(TrainerCallback):

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, GroupSpec, Observation
 from hf_r8.control.events import Event, event_log
-from hf_r8.control.range_test import LRRangeTest, range_test_length
+from hf_r8.control.range_test import LRRangeTest, no_range_test_reason, range_test_length
 from hf_r8.control.rollback import RollbackAction, RollbackPolicy
 
 
@@ -151,6 +151,14 @@ class Engine:
     def range_test_length(self) -> int | None:
         """The steps of the range test this run has room for; None when it has none (see `range_test_length`)."""
         return range_test_length(self.config.range_test, self.total_steps)
+
+    def no_range_test_reason(self) -> str | None:
+        """Why this run gets no range test (see `range_test.no_range_test_reason`); None when it gets one."""
+        return no_range_test_reason(self.config.range_test, self.total_steps)
+
+    def skip_range_test(self, reason: str) -> None:
+        """The test is on but this run gets none (`reason`): recorded once, at its start."""
+        self.record(Event(0, -1, "range_test", "skip", 1.0, 1.0, reason))
 
     def start_range_test(self, steps: int) -> None:
         self.range_test = LRRangeTest(self.config.range_test, steps)

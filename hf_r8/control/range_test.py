@@ -55,6 +55,21 @@ def range_test_length(config: RangeTestConfig, total_steps: int | None) -> int |
     return length if length <= config.max_budget_fraction * total_steps else None
 
 
+def no_range_test_reason(config: RangeTestConfig, total_steps: int | None) -> str | None:
+    """Why a run of `total_steps` gets no test, in a few words; None when it gets one."""
+    if not config.enabled:
+        return "off (range_test.enabled: false): the LR set is used"
+    if range_test_length(config, total_steps) is not None:
+        return None
+    if not total_steps or total_steps <= 0:
+        return "skipped: the run's length is unknown, so the LR set is kept"
+    if config.steps is not None:
+        return f"skipped: range_test.steps={config.steps} leaves no room in a run of {total_steps} steps"
+    length = min(config.max_steps, max(config.min_steps, round(config.budget_fraction * total_steps)))
+    return (f"skipped: a run of {total_steps} steps is too short ({length} test steps would be over "
+            f"{config.max_budget_fraction:.0%} of it), so the LR set is kept")
+
+
 class LRRangeTest:
     """One run's range test.
 

@@ -34,7 +34,7 @@ from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller
 from hf_r8.control.events import Event, event_log
 from hf_r8.control.resolve import ConfigLike, resolve_config
-from hf_r8.integrations.compat import find_trainer, give_stateful_entry, rebuilt_from_checkpoint
+from hf_r8.integrations.compat import find_trainer, give_stateful_entry, guard_train, rebuilt_from_checkpoint
 from hf_r8.integrations.rewards import RewardTracker
 from hf_r8.integrations.run_outputs import RunOutputs
 from hf_r8.integrations.trainer_run import TrainerRun
@@ -121,6 +121,7 @@ class R8Callback(TrainerCallback, ExportableState):
         """Name the Trainer explicitly (subclasses that own the loop); otherwise it is found at train start."""
         self._trainer = trainer
         _LIVE_CALLBACKS[trainer] = weakref.ref(self)
+        guard_train(trainer, self._end_by_exception)
         return self
 
     def track_rewards(self, reward_funcs: Any) -> list[Any]:
@@ -141,10 +142,17 @@ class R8Callback(TrainerCallback, ExportableState):
         """Stop the dashboard and close the run files now (done when training ends, also by an exception)."""
         self._outputs.close()
 
+    def _end_by_exception(self, error: BaseException) -> None:
+        """`train()` raised: end the run now, as `on_train_end` would have (see `compat.guard_train`)."""
+        if self._run is not None:
+            self._run.end_by_exception(error)
+
     # ------------------------------------------------------------------------------------ events
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         with contextlib.suppress(RuntimeError):  # RuntimeError: an event fired by hand, outside a Trainer
-            _LIVE_CALLBACKS.setdefault(find_trainer(self), weakref.ref(self))
+            trainer = find_trainer(self)
+            _LIVE_CALLBACKS.setdefault(trainer, weakref.ref(self))
+            guard_train(trainer, self._end_by_exception)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> None:
@@ -155,6 +163,7 @@ class R8Callback(TrainerCallback, ExportableState):
             return
         self.config.validate()  # fields may have been assigned since the callback was built
         _refuse_other_instances(trainer)
+        guard_train(trainer, self._end_by_exception)  # added after the Trainer was built: from its next train()
         if optimizer is None or not getattr(optimizer, "param_groups", None):
             raise ValueError(f"optimizer={optimizer!r}: R8Callback needs a torch optimizer with param_groups")
         give_stateful_entry(state, type(self).__name__, self._state_entry(None))  # resuming a stock checkpoint

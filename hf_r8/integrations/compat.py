@@ -7,6 +7,7 @@ checkpoint before it is pushed. hf_r8 reaches for these here, and only here:
 * `find_trainer`: the Trainer, found in the callers' frames (a callback is never handed it);
 * `wrap_method` / `unwrap_methods`: instance-level wrappers on `training_step`, `_get_grad_norm`, `log`
   (see `taps.py` for why each);
+* `guard_train`: an instance-level wrapper on `train`, the one place every exception of a run passes through;
 * `set_logged_lr`: the scheduler's `_last_lr`, so the logged `learning_rate` is the LR used;
 * `mute_training_bar`: ProgressCallback's `training_bar`, silenced while the dashboard draws;
 * `grad_scaler`, `uses_deepspeed`, `uses_fsdp`: the accelerator's scaler and the parallelism in use;
@@ -111,6 +112,27 @@ def unwrap_methods(owner: Any, names: tuple[str, ...]) -> None:
                 setattr(owner, name, original)
             else:
                 del owner.__dict__[name]
+
+
+def guard_train(trainer: Any, on_error: Callable[[BaseException], None]) -> None:
+    """Have `on_error(error)` called whenever `trainer.train()` raises, wherever in the run the exception came from
+    (another callback, an evaluation, the data loader, an interrupt between steps): no callback event follows a
+    `train()` that raised. Installed once per Trainer, on the instance, and kept for its lifetime."""
+    if callable(getattr(vars(trainer).get("train"), "_r8_on_error", None)):
+        return
+
+    def make_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+        def train(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            except BaseException as error:  # KeyboardInterrupt too: a notebook's interrupt ends training here
+                on_error(error)
+                raise
+
+        train._r8_on_error = on_error
+        return train
+
+    wrap_method(trainer, "train", make_wrapper)
 
 
 def set_logged_lr(scheduler: Any, lrs: list[float]) -> None:

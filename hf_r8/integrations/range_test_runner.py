@@ -37,25 +37,33 @@ class RangeTestRunner:
         """Whether `snapshot` is rollback's: after the test it holds the weights training goes on from."""
 
     @classmethod
-    def start(cls, engine: Engine, rollback: RollbackManager, device: torch.device) -> RangeTestRunner | None:
-        """The test this run has room for, from a snapshot of the weights before it; None when there is none."""
-        length = engine.range_test_length()
-        if length is None:
-            return None
-        if uses_deepspeed(rollback.trainer):
-            logger.warning("R8: no LR range test under DeepSpeed (its engine takes each step before R8 sees the "
-                           "step's loss, so the sweep cannot end on the step it has seen enough).")
-            return None
-        if rollback.snapshots_allowed:
-            if not rollback.take_snapshot(0, device):
-                logger.warning("R8: no LR range test: a snapshot of the weights to return to does not fit in RAM.")
-                return None
-            snapshot, shared = rollback.snapshots[-1], True
-        else:
+    def start(cls, engine: Engine, rollback: RollbackManager,
+              device: torch.device) -> tuple[RangeTestRunner | None, str]:
+        """The test this run has room for, from a snapshot of the weights before it (None when there is none), and
+        the line that says so. A test that is on but cannot run here is recorded as skipped, with the reason."""
+        reason = engine.no_range_test_reason()
+        if reason is None and uses_deepspeed(rollback.trainer):
+            reason = ("skipped under DeepSpeed (its engine takes each step before R8 sees the step's loss, so the "
+                      "sweep cannot end on the step it has seen enough)")
+        snapshot = None
+        if reason is None and rollback.snapshots_allowed:
+            if rollback.take_snapshot(0, device):
+                snapshot, shared = rollback.snapshots[-1], True
+            else:
+                reason = "skipped: a snapshot of the weights to return to does not fit in RAM"
+        elif reason is None:
             snapshot, shared = StateSnapshot(rollback.snapshot_parameters), False
             snapshot.capture(rollback.model, rollback.optimizer, step=0)
-        engine.start_range_test(length)
-        return cls(engine, rollback, snapshot, shared)
+        if reason is not None:
+            if engine.config.range_test.enabled:
+                # A run too short for a test is the design working; a test the setup prevents is worth a warning.
+                log = logger.info if reason == engine.no_range_test_reason() else logger.warning
+                log("R8: LR range test %s.", reason)
+                engine.skip_range_test(reason)
+            return None, reason
+        engine.start_range_test(engine.range_test_length())
+        runner = cls(engine, rollback, snapshot, shared)
+        return runner, runner.sweep_line()
 
     def sweep_line(self) -> str:
         config = self.test.config

@@ -53,12 +53,11 @@ class RunOutputs:
         return list(self._run_log.rows_written) if self._run_log is not None else None
 
     def open(self, args: TrainingArguments, state: TrainerState, callbacks: list[Any],
-             kept_rows: list[int] | None, range_test: str | None) -> None:
+             kept_rows: list[int] | None) -> None:
         """Start the view (every process) and, on the main process, the run files and the dashboard."""
         self.close()  # a previous run that raised never reached on_train_end
         self._elapsed_before = 0.0
-        self.view = DashboardView(step=state.global_step, max_steps=state.max_steps, first_step=state.global_step,
-                                  range_test=range_test)
+        self.view = DashboardView(step=state.global_step, max_steps=state.max_steps, first_step=state.global_step)
         if not state.is_world_process_zero:
             return
         if self._wants["run_files"] and args.output_dir:
@@ -135,11 +134,17 @@ class RunOutputs:
         self._events_since_log = self._decision_since_log = 0
         return counts
 
+    def range_test_status(self, line: str) -> None:
+        """What the LR range test does in this run (its sweep, or why there is none), shown at once."""
+        if self.view is not None:
+            self.view.range_test = line
+        if self._dashboard is not None:
+            self._dashboard.announce(f"LR range test: {line}")
+
     def range_test_done(self, record: dict[str, Any], line: str) -> None:
         if self._run_log is not None:
             self._run_log.range_test(record)
-        if self.view is not None:
-            self.view.range_test = line
+        self.range_test_status(line)
 
     def flush(self) -> None:
         if self._run_log is not None:

@@ -72,6 +72,8 @@ class TrainerRun:
         self.lr = LRWriter()
         self.range_test: RangeTestRunner | None = None
         self.update_loop = False
+        self.ended = False
+        """Whether `end` ran: the Trainer's model and methods are as they would be without R8."""
 
     @property
     def controller(self) -> Controller:
@@ -88,13 +90,13 @@ class TrainerRun:
         """Restore a checkpoint's state or start the range test, tap the Trainer, open the outputs."""
         if saved is not None:
             self.load_state_dict(saved)
-        elif state.global_step == 0:
-            self.range_test = RangeTestRunner.start(self.engine, self.rollback, args.device)
         if self.deepspeed_steps_in_backward:
             self.write_first_engine_lr(state.global_step, (saved or {}).get("schedule_lrs"))
         self.taps.install()
-        self.outputs.open(args, state, self.trainer.callback_handler.callbacks, (saved or {}).get("run_files_rows"),
-                          self.range_test.sweep_line() if self.range_test is not None else None)
+        self.outputs.open(args, state, self.trainer.callback_handler.callbacks, (saved or {}).get("run_files_rows"))
+        if saved is None and state.global_step == 0:
+            self.range_test, line = RangeTestRunner.start(self.engine, self.rollback, args.device)
+            self.outputs.range_test_status(line)
 
     def write_first_engine_lr(self, step: int, saved_schedule_lrs: list[float] | None) -> None:
         """Under DeepSpeed: the LR of this run's first step. A resumed optimizer holds the LR R8 wrote when the
@@ -239,6 +241,7 @@ class TrainerRun:
         if self.actions is not None:
             self.actions.release()
         self.taps.remove()
+        self.ended = True
 
     def record_last_step(self) -> None:
         """The last step's row, for the record only (no decision follows it)."""
@@ -249,7 +252,10 @@ class TrainerRun:
 
     def end_by_exception(self, error: BaseException) -> None:
         """Training raised (a notebook may catch it and go on): end the run as `on_train_end` would, and stop
-        the dashboard and close the run files with what they hold (no report: the run did not finish)."""
+        the dashboard and close the run files with what they hold (no report: the run did not finish). Called
+        where the exception was raised and again where it leaves `train()`: the first call ends the run."""
+        if self.ended:
+            return
         try:
             self.end(self.trainer.state.global_step)
             self.record_last_step()

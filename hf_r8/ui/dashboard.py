@@ -9,8 +9,9 @@ quartile losses and batch mix (R8Trainer); the last decisions with their reasons
 Jupyter (with ipywidgets), and the Trainer's tqdm training bar is muted meanwhile (see
 `compat.mute_training_bar`). Jupyter without ipywidgets cannot redraw rich output in place: there the
 Trainer's own notebook bar stays, and a compact panel is printed at the first step and then every
-`notebook_interval_s`, the whole view at the end. Anywhere else (CI, a file, `nohup`) one concise
-line every `line_interval_s`.
+`notebook_interval_s`, the whole view at the end. Anywhere else (a pipe, a file, CI, `nohup`, a terminal
+with `TERM=dumb`, which cannot redraw either) plain lines: one when training starts, one for what the LR
+range test does and decides, one every `line_interval_s`, and one at the end.
 """
 
 from __future__ import annotations
@@ -157,9 +158,9 @@ class Dashboard:
     def __init__(self, console: Console | None = None, refresh_per_second: float = 4.0,
                  line_interval_s: float = 30.0, notebook_interval_s: float = 10.0) -> None:
         self.console = console if console is not None else Console()
-        # rich draws live in Jupyter through ipywidgets; without them, printed panels
-        self.interactive = self.console.is_terminal or (self.console.is_jupyter and
-                                                         importlib.util.find_spec("ipywidgets") is not None)
+        # rich redraws in place on a capable terminal, and in Jupyter through ipywidgets; elsewhere, printed output
+        self.interactive = (self.console.is_terminal and not self.console.is_dumb_terminal) or (
+            self.console.is_jupyter and importlib.util.find_spec("ipywidgets") is not None)
         self.notebook = self.console.is_jupyter and not self.interactive
         self.refresh_interval = 1.0 / refresh_per_second
         self.line_interval_s = notebook_interval_s if self.notebook else line_interval_s
@@ -175,23 +176,34 @@ class Dashboard:
                 self._live.stop()
             self._live = None
 
-    def _attempt(self, draw: Callable[[DashboardView], None], view: DashboardView) -> None:
-        """`draw(view)`; an OS error turns the dashboard off (see the class docstring)."""
+    def _attempt(self, draw: Callable[[], None]) -> None:
+        """`draw()`; an OS error turns the dashboard off (see the class docstring)."""
         try:
-            draw(view)
+            draw()
         except OSError as error:
             self._turn_off(error)
 
     def start(self, view: DashboardView) -> None:
-        self._attempt(self._start, view)
+        self._attempt(lambda: self._start(view))
 
     def _start(self, view: DashboardView) -> None:
         if self.interactive:
             self._live = Live(render(view), console=self.console, refresh_per_second=1.0 / self.refresh_interval,
                               transient=False)
             self._live.start()
+        elif not self.notebook:  # a log that says nothing until the first interval looks like a hung job
+            self._print(f"r8: training from step {view.first_step} to {view.max_steps}; a line every "
+                        f"{self.line_interval_s:g} s")
         # In a notebook the first step is shown at once: a cell that prints nothing looks like a hung kernel.
         self._last_draw = -math.inf if self.notebook else time.monotonic()
+
+    def announce(self, line: str) -> None:
+        """A one-off line (what the LR range test does): printed at once unless the live view shows it."""
+        if not self.failed and self._live is None:
+            self._attempt(lambda: self._print(f"r8: {line}"))
+
+    def _print(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def update(self, view: DashboardView, force: bool = False) -> None:
         """Redraw, at most every refresh interval (live) or line interval (plain), unless forced."""
@@ -200,7 +212,7 @@ class Dashboard:
         if self.failed or (not force and now - self._last_draw < interval):
             return
         self._last_draw = now
-        self._attempt(self._draw, view)
+        self._attempt(lambda: self._draw(view))
 
     def _draw(self, view: DashboardView) -> None:
         if self._live is not None:
@@ -208,11 +220,11 @@ class Dashboard:
         elif self.notebook:
             self.console.print(compact(view))
         else:
-            self.console.print(plain_line(view), markup=False, highlight=False, soft_wrap=True)
+            self._print(plain_line(view))
 
     def stop(self, view: DashboardView) -> None:
         if not self.failed:
-            self._attempt(self._stop, view)
+            self._attempt(lambda: self._stop(view))
 
     def _stop(self, view: DashboardView) -> None:
         if self._live is not None:
@@ -222,4 +234,4 @@ class Dashboard:
         elif self.console.is_jupyter:  # without ipywidgets: the whole view once, rendered in the cell's output
             self.console.print(render(view))
         else:
-            self.console.print(plain_line(view), markup=False, highlight=False, soft_wrap=True)
+            self._print(f"{plain_line(view)}  (end)")
