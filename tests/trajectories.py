@@ -1,9 +1,13 @@
-"""Fixed runs whose LR, gain, momentum, events and catalog must not move by a bit when the code is reorganised.
+"""Fixed runs whose LR, gain, momentum, events and catalog must not move when the code is reorganised.
 
-`tests/test_trajectories.py` runs them and compares with `tests/data/trajectories.json`, exactly. When a change
-is *meant* to alter behaviour, regenerate the file and say so in the commit:
+`tests/test_trajectories.py` runs them and compares with `tests/data/trajectories.json`: discrete values exactly,
+floats to a relative `RELATIVE` (`differences`). When a change is *meant* to alter behaviour, regenerate the file
+and say so in the commit (the file records the CPU and torch kernels that wrote it):
 
     OMP_NUM_THREADS=1 python -m tests.trajectories --write
+
+`--sensitivity` shows what the tolerance still catches: each numeric field of the runs' configs in turn is
+multiplied by 1.01, and the runs it moves are compared with the unchanged ones, exactly and within the tolerance.
 
 Each run is small (a tiny GPT-2, a few dozen steps, fixed seeds, CPU) and covers one adapter: R8Callback with the
 aggressive preset, the default (range test and anneal), a rollback run (NaN and spike), R8Trainer (catalog and
@@ -13,6 +17,7 @@ batches), TRL's GRPO (rewards and momentum), AdaptiveScheduler and R8Loop.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tempfile
@@ -28,6 +33,11 @@ from hf_r8.demo.offline import build_tokenizer, english_paragraphs, language_mod
 from tests.conftest import ScriptedLossModel, training_args
 
 GOLDEN = Path(__file__).parent / "data" / "trajectories.json"
+RECORDED_ON = "recorded_on"
+"""The golden file's entry that says where it was written (not a run)."""
+RELATIVE = 5e-6
+"""A float's allowed relative difference: another CPU moves one by ~1e-8 (AVX-512 against AVX2), torch's
+unvectorized kernels (`ATEN_CPU_CAPABILITY=default`) by up to 2e-6; a changed rule or constant by far more."""
 
 
 class UsedSteps(TrainerCallback):
@@ -55,12 +65,18 @@ def _quiet(config: R8Config) -> R8Config:
     return config
 
 
-def _trainer_run(output_dir: str, config: R8Config, model: torch.nn.Module, dataset: Any, **args: Any) -> dict:
+def _trainer_run(output_dir: str, config: R8Config, model: torch.nn.Module, dataset: Any, weights: bool = True,
+                 **args: Any) -> dict:
+    """The LRs, momenta and events of a Trainer run with R8Callback, and the sum of its final weights (which
+    shows that rollbacks restore them; left out where long training at a high LR amplifies the rounding of
+    another CPU's kernels to ~1e-3 in the weights, chaos that says nothing about R8)."""
     r8, used = R8Callback(_quiet(config)), UsedSteps()
     trainer = Trainer(model=model, args=training_args(output_dir, **args), train_dataset=dataset, callbacks=[r8, used])
     trainer.train()
-    weights = sum(float(parameter.double().sum()) for parameter in trainer.model.parameters())
-    return {"lrs": used.lrs, "momenta": used.momenta, "events": _events(r8.events), "weights": weights}
+    run = {"lrs": used.lrs, "momenta": used.momenta, "events": _events(r8.events)}
+    if weights:
+        run["weights"] = sum(float(parameter.double().sum()) for parameter in trainer.model.parameters())
+    return run
 
 
 def _spiky(step: int) -> float:
@@ -84,7 +100,8 @@ def record(output_dir: str) -> dict[str, Any]:
         f"{output_dir}/a", R8Config.from_preset("aggressive"), gpt2(), dataset, max_steps=40, learning_rate=3e-3,
         warmup_steps=4, lr_scheduler_type="linear")
     runs["callback_default"] = _trainer_run(  # 160 steps: the range test (15 steps) and the anneal both run
-        f"{output_dir}/b", R8Config.from_preset("default"), gpt2(), dataset, max_steps=160, learning_rate=1e-4)
+        f"{output_dir}/b", R8Config.from_preset("default"), gpt2(), dataset, weights=False, max_steps=160,
+        learning_rate=1e-4)
     rollback_config = R8Config.from_preset("default")
     rollback_config.rollback.every_steps = 10
     runs["callback_rollback"] = _trainer_run(
@@ -158,13 +175,90 @@ def _loop_run() -> dict[str, Any]:
     return {"lrs": lrs, "batches": batches, "events": _events(loop.events)}
 
 
+def differences(found: Any, expected: Any, path: str, relative: float = RELATIVE) -> list[str]:
+    """Where `found` departs from `expected`: any discrete value (int, str, bool, None, a length) that differs,
+    and any float off by more than `relative` of its size (NaN matches NaN only)."""
+    if isinstance(expected, dict) and isinstance(found, dict):
+        if found.keys() != expected.keys():
+            return [f"{path}: keys {sorted(found)} != {sorted(expected)}"]
+        return [line for key in expected for line in differences(found[key], expected[key], f"{path}/{key}", relative)]
+    if isinstance(expected, list) and isinstance(found, list):
+        if len(found) != len(expected):
+            return [f"{path}: {len(found)} values != {len(expected)}"]
+        return [line for index, (value, wanted) in enumerate(zip(found, expected, strict=True))
+                for line in differences(value, wanted, f"{path}[{index}]", relative)]
+    numbers = (int, float)
+    if (isinstance(expected, float) or isinstance(found, float)) and all(
+            isinstance(value, numbers) and not isinstance(value, bool) for value in (found, expected)):
+        if math.isnan(expected) or math.isnan(found):
+            same = math.isnan(expected) and math.isnan(found)
+        else:
+            same = math.isclose(found, expected, rel_tol=relative, abs_tol=1e-300)
+        return [] if same else [f"{path}: {found!r} != {expected!r}"]
+    return [] if type(found) is type(expected) and found == expected else [f"{path}: {found!r} != {expected!r}"]
+
+
+def recorded_on() -> dict[str, str]:
+    """The machine and kernels a recording ran on (written beside the runs)."""
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__}
+
+
+def _float_fields(config: R8Config) -> list[tuple[str, str]]:
+    """(section, field) of every float field of `config`'s sections."""
+    return [(section.name, item.name) for section in dataclasses.fields(config)
+            if dataclasses.is_dataclass(getattr(config, section.name))
+            for item in dataclasses.fields(getattr(config, section.name))
+            if type(getattr(getattr(config, section.name), item.name)) is float]
+
+
+def sensitivity(output_dir: str, factor: float = 1.01) -> list[dict[str, Any]]:
+    """For each float config field: whether multiplying it by `factor` in every run moves a recorded run, and
+    whether the tolerant comparison still tells the moved runs from the unchanged ones."""
+    baseline = json.loads(json.dumps(record(f"{output_dir}/base")))
+    original = R8Config.from_preset.__func__
+    rows = []
+    for section, name in _float_fields(R8Config.from_preset("default")):
+        def changed(cls: type[R8Config], preset: str, section: str = section, name: str = name) -> R8Config:
+            config = original(cls, preset)
+            values = getattr(config, section)
+            setattr(values, name, getattr(values, name) * factor)
+            return config
+
+        R8Config.from_preset = classmethod(changed)
+        try:
+            runs = json.loads(json.dumps(record(f"{output_dir}/{section}.{name}")))
+        except ValueError as error:  # the changed value is out of its range
+            rows.append({"field": f"{section}.{name}", "refused": str(error)[:80]})
+            continue
+        finally:
+            R8Config.from_preset = classmethod(original)
+        moved = sorted(run for run in runs if differences(runs[run], baseline[run], run, relative=0.0))
+        caught = sorted(run for run in moved if differences(runs[run], baseline[run], run))
+        rows.append({"field": f"{section}.{name}", "moved": moved, "caught": caught})
+        print(f"{section}.{name}: moved {moved or '-'}; caught within tolerance {caught or '-'}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"write {GOLDEN.name} (a deliberate change)")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="multiply each float config field by 1.01 in turn and report what the comparison catches")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as output_dir:
+        if args.sensitivity:
+            rows = sensitivity(output_dir)
+            missed = [row["field"] for row in rows if set(row.get("moved", [])) != set(row.get("caught", []))]
+            moving = sum(bool(row.get("moved")) for row in rows)
+            print(f"{len(rows)} fields; {moving} move a recorded run; missed within tolerance: {missed or 'none'}")
+            return
         runs = record(output_dir)
-    text = json.dumps(runs, indent=1, sort_keys=True)
+    text = json.dumps({**runs, RECORDED_ON: recorded_on()}, indent=1, sort_keys=True)
     if args.write:
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(text + "\n", encoding="utf-8")
