@@ -24,8 +24,9 @@ def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--preset", default=DemoSettings.preset, choices=available_presets())
     demo.add_argument("--output-dir", default=DemoSettings.output_dir)
     demo.add_argument("--no-dashboard", action="store_true", help="periodic lines instead of the live dashboard")
-    demo.add_argument("--compare", action="store_true",
-                      help="first train the same model with the stock Trainer's cosine schedule, for comparison")
+    demo.add_argument("--compare", action=argparse.BooleanOptionalAction, default=DemoSettings.compare,
+                      help="first train the same model with the stock Trainer's cosine schedule, for the summary and "
+                           "compare.png (--no-compare: hf_r8 alone)")
     demo.add_argument("--learning-rate", type=float, default=None,
                       help="default: 5e-5 for the pretrained gpt2, 1e-3 for a model trained from scratch")
     demo.add_argument("--batch-size", type=int, default=DemoSettings.batch_size)

@@ -143,8 +143,8 @@ def test_unreachable_hub_is_put_in_offline_mode_for_the_block(monkeypatch):
 def test_demo_falls_back_offline_compares_with_cosine_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     console = Console(record=True, width=200)
-    settings = DemoSettings(steps=8, model_size="tiny", batch_size=4, seq_len=64, compare=True, dashboard=False,
-                            output_dir=str(tmp_path))
+    settings = DemoSettings(steps=8, model_size="tiny", batch_size=4, seq_len=64, dashboard=False,
+                            output_dir=str(tmp_path))  # the comparison with the stock Trainer is the default
     summary = run_demo(settings, console=console)
     text = console.export_text()
     assert "offline: the Hub is unreachable" in text  # one line, then the fallback
@@ -152,6 +152,7 @@ def test_demo_falls_back_offline_compares_with_cosine_and_reports(tmp_path, monk
     assert 0 < summary["r8_eval_loss"] < 9.5 and 0 < summary["cosine_eval_loss"] < 9.5
     assert summary["rollbacks"] == 0 and summary["final_lr_gain"] > 0
     assert {"loss.png", "lr.png", "summary.md"} <= {path.name for path in (tmp_path / "r8" / "r8_report").iterdir()}
+    assert (tmp_path / "compare.png").stat().st_size > 10_000 and "compare.png" in text
 
 
 def test_demo_rejects_an_unknown_model_size():

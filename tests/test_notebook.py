@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -11,6 +12,22 @@ from nbclient import NotebookClient
 pytestmark = pytest.mark.integration
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "gpt2_wikitext.ipynb"
+
+
+def test_the_committed_outputs_show_the_current_default():
+    """The committed outputs were made by this version of hf_r8 with this default preset: a changed default (or a
+    version bumped for changed behaviour) must re-execute the notebook (`make notebook`)."""
+    import hf_r8
+    from hf_r8.control.config import preset_digest
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    text = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for output in cell.outputs)
+    made_with = re.search(r"hf_r8 (\S+), default preset (\w+)", text)
+    assert made_with is not None, "the notebook's outputs do not say what made them: run `make notebook`"
+    assert made_with.groups() == (hf_r8.__version__, preset_digest("default")), (
+        f"the notebook's outputs were made by hf_r8 {made_with[1]} with default preset {made_with[2]}; this is "
+        f"{hf_r8.__version__} with {preset_digest('default')}: run `make notebook` and commit it")
 
 
 def test_notebook_executes_with_tiny_settings(tmp_path, monkeypatch):

@@ -17,6 +17,8 @@ from here. It knows nothing of torch or transformers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,7 @@ __all__ = [
     "TrendConfig",
     "VarianceConfig",
     "available_presets",
+    "preset_digest",
 ]
 
 PRESETS_DIR = Path(__file__).parent.parent / "configs"
@@ -191,6 +194,13 @@ SECTIONS: dict[str, type[ValidatedConfig]] = {
 def available_presets() -> list[str]:
     """Names of the YAML presets shipped with hf_r8."""
     return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_digest(name: str = "default") -> str:
+    """A short fingerprint of preset `name` as it loads (every field, defaults included): outputs that show a
+    preset's behaviour (the notebook's) record it, and a test says when they were made with another one."""
+    text = json.dumps(R8Config.from_preset(name).to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def _section_from_dict(name: str, section_type: type, data: Any) -> Any:

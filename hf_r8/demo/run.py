@@ -2,8 +2,9 @@
 
 `R8Trainer` (LR controller, per-example loss catalog and loss-balanced batches, rollback, live
 dashboard) trains GPT-2; the run ends with the report's plots (`<output_dir>/r8/r8_report/`) and a
-one-screen summary; `compare=True` first trains the same model for the same steps with the stock
-Trainer and its cosine schedule, and the summary puts both side by side.
+one-screen summary. By default (`compare=True`) it first trains the same model on the same data, seed and
+steps with the stock Trainer and its cosine schedule: the summary puts both side by side, and
+`<output_dir>/compare.png` draws both loss curves and both LR curves.
 
 Online it fine-tunes the pretrained `gpt2` on `wikitext-2-raw-v1`. Offline (no network, or
 HF_HUB_OFFLINE=1) it says so in one line and builds a GPT-2 of `model_size` from a config, with a
@@ -48,6 +49,7 @@ from hf_r8.ui.run_log import EVENTS_FILE, RUN_DIR
 # GPT-2 shapes the offline fallback builds from a config: (layers, width, heads).
 MODEL_SIZES = {"tiny": (2, 128, 2), "small": (4, 256, 4), "gpt2": (12, 768, 12)}
 OFFLINE_VOCAB_SIZE = 4096
+COMPARE_FIGURE = "compare.png"
 
 
 @dataclass
@@ -63,8 +65,8 @@ class DemoSettings:
     preset: str = "default"
     output_dir: str = "outputs/demo"
     dashboard: bool = True
-    compare: bool = False
-    """Also train the same model with the stock Trainer's cosine schedule, for the summary."""
+    compare: bool = True
+    """Also train the same model with the stock Trainer's cosine schedule: the summary's and the figure's baseline."""
     learning_rate: float | None = None
     """Default: 5e-5 to fine-tune the pretrained model, 1e-3 for a model trained from scratch."""
     batch_size: int = 16
@@ -152,6 +154,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict[str
     output_dir = Path(settings.output_dir)
     initial_weights = {name: tensor.clone() for name, tensor in data.model.state_dict().items()}
     summary: dict[str, float] = {}
+    histories: dict[str, list[dict[str, float]]] = {}
     if settings.compare:
         console.print("cosine baseline: the stock Trainer, same model, data and steps ...")
         baseline = Trainer(model=data.model, args=_arguments(settings, output_dir / "cosine_baseline", learning_rate),
@@ -160,6 +163,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict[str
         baseline.train()
         summary["cosine_seconds"] = time.perf_counter() - start
         summary["cosine_eval_loss"] = baseline.evaluate()["eval_loss"]
+        histories["cosine (stock Trainer)"] = baseline.state.log_history
         data.model.load_state_dict(initial_weights)
 
     config = R8Config.from_preset(settings.preset)
@@ -176,7 +180,31 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict[str
     summary.update(final_lr_gain=callback.controller.lr_gain(0),
                    **{name: float(count) for name, count in callback.rollback_counts.items()})
     _print_summary(console, settings, summary, callback.events, output_dir)
+    if histories:
+        histories[f"hf_r8 ({settings.preset})"] = trainer.state.log_history
+        console.print(f"both runs' loss and LR: {compare_figure(histories, output_dir / COMPARE_FIGURE)}")
     return summary
+
+
+def compare_figure(histories: dict[str, list[dict[str, float]]], path: Path) -> Path:
+    """The training loss and the LR used of each run (a Trainer's `state.log_history`), side by side, in one PNG."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4))
+    loss_axis, lr_axis = figure.subplots(1, 2)
+    for label, history in histories.items():
+        logs = [entry for entry in history if "loss" in entry and "learning_rate" in entry]
+        steps = [entry["step"] for entry in logs]
+        loss_axis.plot(steps, [entry["loss"] for entry in logs], label=label)
+        lr_axis.plot(steps, [entry["learning_rate"] for entry in logs], label=label)
+    loss_axis.set(xlabel="optimizer step", ylabel="training loss", title="training loss")
+    lr_axis.set(xlabel="optimizer step", ylabel="learning rate used", yscale="log", title="learning rate")
+    for axis in (loss_axis, lr_axis):
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
 
 
 def _print_summary(console: Console, settings: DemoSettings, summary: dict[str, float], events: list[Any],

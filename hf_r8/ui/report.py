@@ -151,7 +151,15 @@ def write_report(output_dir: str | Path) -> list[Path]:
     axis.plot(*_series(rows, "base_lr"), linestyle="--", label="schedule")
     axis.set(xlabel="optimizer step", ylabel="learning rate", yscale="log", title="learning rate")
     gain_axis = axis.twinx()
-    gain_axis.plot(*_series(rows, "gain"), color="tab:gray", linewidth=0.8, label="gain")
+    # The range test's sweep (gains up to its top, 10,000 by default) would squeeze the gain the run trains at
+    # to a flat line: it is shaded, and the gain is drawn from the step the test ended at.
+    swept = range_test["step"] if range_test is not None else 0
+    if swept:
+        axis.axvspan(0, swept, color="tab:orange", alpha=0.12, label="LR range test")
+    gain_steps, gains = _series(rows, "gain")
+    after = [index for index, step in enumerate(gain_steps) if step > swept]
+    gain_axis.plot([gain_steps[i] for i in after], [gains[i] for i in after], color="tab:gray", linewidth=0.8,
+                   label="gain")
     gain_axis.set_ylabel("gain")
     axis.legend(loc="upper left", fontsize=8)
     gain_axis.legend(loc="upper right", fontsize=8)
