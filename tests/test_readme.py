@@ -80,3 +80,32 @@ def test_readme_shell_commands_run(tmp_path):
             cwd = tmp_path
         completed = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
         assert completed.returncode == 0, f"{command}: {completed.stderr[-2000:]}"
+
+
+def _readme_text() -> str:
+    return " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+
+
+def test_the_readme_quotes_the_defaults_as_they_are():
+    """The numbers the README gives for the default's LR search and bounds are the default config's."""
+    from hf_r8 import R8Config
+    from hf_r8.control.range_test import range_test_length
+
+    config = R8Config.from_preset("default").range_test
+    shortest = next(steps for steps in range(1, 10_000) if range_test_length(config, steps) is not None)
+    text = _readme_text()
+    assert (f"an **LR range test** over the first {config.budget_fraction:.0%} of `max_steps` (at least "
+            f"{config.min_steps} steps, at most {config.max_steps}; runs under {shortest} steps get no test) sweeps "
+            f"the LR from {config.gain_min:g}× to {config.gain_max:,.0f}× the one you set") in text
+    assert f"Your LR is kept when the choice is within ×{config.keep_band:g} of it" in text
+    top = config.gain_max / config.backoff
+    assert (f"the test itself chooses between {config.gain_min:g}× and {top:,.0f}× your LR (the sweep's top over its "
+            f"backoff of {config.backoff:g}), so without `bounds.lr_max` a run can use up to {top * 20:,.0f}× the LR "
+            "you set") in text
+
+
+def test_the_readme_counts_the_tests_there_are():
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=600)
+    count = int(re.search(r"(\d+) tests? collected", collected.stdout).group(1))
+    assert f"`make test` runs `ruff` and {count} tests" in _readme_text()
