@@ -287,9 +287,9 @@ def test_training_again_after_a_crash_taps_the_trainer_once(model, lm_dataset, t
     assert not {"training_step", "log", "_get_grad_norm"} & set(trainer.__dict__)
 
 
-def test_a_trainer_with_its_own_update_loop_gets_no_range_test_sweep(model, lm_dataset, tmp_path, caplog):
+def test_a_trainer_with_its_own_update_loop_trains_at_the_controllers_lr(model, lm_dataset, tmp_path, caplog):
     # Such a Trainer (TRL's PPOTrainer) fires on_step_end per update but no on_pre_optimizer_step: the default's
-    # range test, started at train begin, must end there, and the LR come from the controller from then on.
+    # range test has run before the first step, and the LR comes from the controller, set once per update.
     r8, recorder = R8Callback(), UsedLearningRates()
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=160, learning_rate=1e-3, logging_steps=500),
                       train_dataset=lm_dataset, callbacks=[r8, recorder])
@@ -297,9 +297,11 @@ def test_a_trainer_with_its_own_update_loop_gets_no_range_test_sweep(model, lm_d
         setattr(trainer.callback_handler, event, lambda args, state, control, **kwargs: control)
     with caplog.at_level("WARNING"):
         trainer.train()
-    assert "runs its own loop" in caplog.text and "LR range test are off" in caplog.text
+    assert "runs its own loop" in caplog.text and "non-finite guard and rollback are off" in caplog.text
     used = [lrs[0] for lrs in recorder.used]
-    assert len(used) == 160 and max(used[1:]) <= 3 * 1e-3  # never base LR x a sweep gain (up to x10,000)
+    chosen = r8.controller.specs[0].initial_gain
+    assert [event.action for event in r8.events if event.rule == "range_test"] == ["rebase"]
+    assert len(used) == 160 and max(used) <= 1e-3 * chosen * 20  # within the bounds: never a sweep gain
     assert r8.state()["attributes"]["r8_state"]["range_test_running"] is False
 
 

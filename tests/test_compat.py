@@ -35,6 +35,24 @@ def test_the_progress_bar_and_the_stateful_callbacks_look_as_compat_expects():
     assert isinstance(TrainerState().stateful_callbacks, dict)  # what give_stateful_entry fills
 
 
+def test_what_the_range_test_sweep_uses_is_there():
+    """The sweep takes the Trainer's batches as its loop does: `get_batch_samples(iterator, count, device)`, the
+    micro-batch count `training_step` scales by, and the end of a prepared dataloader's pass."""
+    from accelerate.data_loader import DataLoaderShard
+
+    assert list(inspect.signature(Trainer.get_batch_samples).parameters)[1:4] == [
+        "epoch_iterator", "num_batches", "device"]
+    assert "current_gradient_accumulation_steps" in inspect.getsource(Trainer.training_step)
+    assert callable(DataLoaderShard.end)
+
+
+def test_the_reward_trainers_are_named_as_trl_names_them():
+    trl = pytest.importorskip("trl")
+    assert compat.is_reward_trainer(trl.GRPOTrainer.__new__(trl.GRPOTrainer))
+    assert compat.is_reward_trainer(trl.RLOOTrainer.__new__(trl.RLOOTrainer))
+    assert not compat.is_reward_trainer(trl.SFTTrainer.__new__(trl.SFTTrainer))
+
+
 def test_a_missing_method_is_a_warning_naming_it_and_the_version(caplog):
     class NotQuiteATrainer:
         def training_step(self, model, inputs):

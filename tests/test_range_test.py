@@ -40,17 +40,29 @@ def test_the_denoised_curve_is_centered_and_not_shifted_to_higher_gains():
     assert test.best()[0] == pytest.approx(test.gain(2)), "the dip's own gain, where a causal EMA lags past it"
 
 
-def test_non_finite_loss_ends_the_test_and_nothing_measured_means_gain_one():
+def test_one_fault_is_left_out_and_only_faults_in_a_row_are_the_blow_up():
+    test = LRRangeTest(RangeTestConfig(smoothing=0.0, divergence_ratio=4.0), steps=20)
+    verdicts = [test.observe(index, loss) for index, loss in enumerate([5.0, 4.0, float("nan"), 3.0, 90.0, 2.5])]
+    assert verdicts == [True, True, False, True, False, True]  # the NaN and the outlier: updates not applied
+    assert not test.diverged and test.faults == 2 and [loss for _, loss in test.history] == [4.0, 3.0, 2.5]
+    for index, loss in enumerate([float("nan"), 50.0, float("inf")], start=6):
+        assert not test.observe(index, loss)
+    assert test.diverged and test.finished and test.divergence_gain == test.gain(5)  # the first fault's gain
+
+
+def test_a_test_that_cannot_conclude_keeps_the_users_lr_and_says_so():
     test = LRRangeTest(RangeTestConfig(), steps=10)
-    test.observe(1, float("nan"))
+    for index in range(4):
+        test.observe(index, float("nan"))
     assert test.finished and test.diverged and test.chosen_gain() == 1.0
+    assert "no conclusion from 0 losses (3 are needed): the LR set is kept" in test.summary("restored")
 
 
 def test_runaway_loss_ends_the_test_early():
-    test = LRRangeTest(RangeTestConfig(smoothing=0.0, divergence_ratio=4.0), steps=20)
+    test = LRRangeTest(RangeTestConfig(smoothing=0.0, divergence_ratio=4.0, divergence_patience=1), steps=20)
     for index, loss in enumerate([5.0, 4.0, 3.0, 2.0, 9.0]):
         test.observe(index, loss)
-    assert test.diverged and test.finished and test.observed == 4
+    assert test.diverged and test.finished and test.observed == 3
 
 
 def _swept(losses: list[float], **config) -> LRRangeTest:
@@ -149,48 +161,66 @@ def test_range_test_restores_the_weights_and_rebases_the_gain(model, lm_dataset,
     config = R8Config(range_test=RangeTestConfig(enabled=True, steps=10, gain_min=0.1, gain_max=1000.0,
                                                  keep_band=1.0, significance=0.0))
     r8, probe = R8Callback(config), ParameterProbe(model)
+    before = sum(float(p.double().sum()) for p in model.parameters())
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=30, learning_rate=1e-4),
                       train_dataset=lm_dataset, callbacks=[r8, probe])
     trainer.train()
     rebase = next(event for event in r8.events if event.rule == "range_test")
-    assert rebase.step in (10, 11)
-    assert probe.sums[rebase.step] == pytest.approx(probe.sums[0], rel=1e-12), "weights restored after the test"
-    assert probe.sums[rebase.step - 1] != pytest.approx(probe.sums[0], rel=1e-9)
+    assert rebase.step == 0 and "sweep steps before training" in rebase.reason
+    assert probe.sums[0] == pytest.approx(before, rel=1e-12), "weights restored after the test, before step 1"
+    assert probe.sums[1] != pytest.approx(before, rel=1e-9)
     gain = rebase.new_value
     assert 0.1 <= gain <= 1000.0 and gain != 1.0
     assert [spec.initial_gain for spec in r8.controller.specs] == [gain, gain]
-    lr_after = [entry["learning_rate"] for entry in trainer.state.log_history if entry.get("step") == rebase.step + 1]
-    assert lr_after == pytest.approx([1e-4 * gain], rel=1e-12)  # constant schedule x the chosen gain
+    lr_first = [entry["learning_rate"] for entry in trainer.state.log_history if entry.get("step") == 1]
+    assert lr_first == pytest.approx([1e-4 * gain], rel=1e-12)  # constant schedule x the chosen gain, from step 1
     assert math.isfinite(trainer.state.log_history[-2]["loss"])
 
 
 @pytest.mark.integration
-def test_a_run_that_ends_inside_the_test_gets_the_weights_from_before_it(model, lm_dataset, tmp_path, caplog):
+def test_an_exception_inside_the_sweep_leaves_the_weights_from_before_it(model, lm_dataset, tmp_path):
+    class RaisesAtForward(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.forwards = inner, 0
+
+        def forward(self, input_ids, labels=None, attention_mask=None):
+            self.forwards += 1
+            if self.forwards == 6:
+                raise RuntimeError("a bad batch inside the sweep")
+            return self.inner(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+
     config = R8Config(range_test=RangeTestConfig(enabled=True, steps=10, gain_min=0.1, gain_max=1000.0))
-    r8 = R8Callback(config)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=30, learning_rate=1e-3),
-                      train_dataset=lm_dataset, callbacks=[r8, StopAt(6)])
-    trainer.train()
+    trainer = Trainer(model=RaisesAtForward(model), args=training_args(tmp_path, max_steps=30, learning_rate=1e-3),
+                      train_dataset=lm_dataset, callbacks=[R8Callback(config)])
+    with pytest.raises(RuntimeError, match="inside the sweep"):
+        trainer.train()
+    assert trainer.state.global_step == 0
     assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
-    abandon = [event for event in r8.events if event.rule == "range_test"]
-    assert [(event.step, event.action) for event in abandon] == [(6, "abandon")]
-    assert "inside the LR range test of 10 steps" in caplog.text
 
 
 @pytest.mark.integration
 def test_range_test_sweeps_the_lr_it_claims(model, lm_dataset, tmp_path):
+    used = []
+
+    class Used(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            optimizer.optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+
     config = R8Config(range_test=RangeTestConfig(enabled=True, steps=6, gain_min=0.01, gain_max=100.0))
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=12, learning_rate=1e-3),
-                      train_dataset=lm_dataset, callbacks=[R8Callback(config)])
+                      train_dataset=lm_dataset, callbacks=[Used(), R8Callback(config)])
     trainer.train()
+    # 5 sweep updates at 0.01x .. 100x (the 6th step reads the loss of the last gain), then the 12 counted steps
+    assert len(used) == 5 + 12
+    assert used[:5] == pytest.approx([1e-3 * 10 ** (-2 + 4 * i / 4) for i in range(5)], rel=1e-9)
     logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
-    # steps 1-5 sweep 0.01x .. 100x; step 6 reads the loss of the last gain, its update is dropped
-    assert logged[:5] == pytest.approx([1e-3 * 10 ** (-2 + 4 * i / 4) for i in range(5)], rel=1e-9)
+    assert logged == pytest.approx(used[5:], rel=1e-12)  # the Trainer logs the LRs training used, no sweep LR
 
 
 @pytest.mark.integration
-def test_after_the_test_the_schedule_continues_where_it_is(model, lm_dataset, tmp_path):
+def test_after_the_test_the_schedule_starts_at_its_first_step(model, lm_dataset, tmp_path):
     from transformers import get_scheduler
 
     config = R8Config(rules=[], range_test=RangeTestConfig(enabled=True, steps=6, gain_min=0.1, gain_max=10.0,
@@ -208,9 +238,10 @@ def test_after_the_test_the_schedule_continues_where_it_is(model, lm_dataset, tm
         reference.step()
         schedule.step()
     logged = {entry["step"]: entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry}
-    step = rebase.step + 1  # the first step after the weights were restored: warmup LR x the chosen gain
-    assert logged[step] == pytest.approx(scheduled[step - 1] * rebase.new_value, rel=1e-9)
-    assert scheduled[step - 1] > 0
+    # The sweep took none of the schedule's steps: its warmup runs from step 1, times the chosen gain.
+    assert rebase.step == 0
+    assert [logged[step] for step in range(1, 13)] == pytest.approx(  # (the anneal takes the last 20%)
+        [scheduled[step - 1] * rebase.new_value for step in range(1, 13)], rel=1e-9)
 
 
 class SnapshotProbe(TrainerCallback):
@@ -243,12 +274,12 @@ def test_the_default_finds_its_way_up_from_an_lr_100x_too_low(tokenizer, lm_data
     with_r8 = _train_lm(tokenizer, lm_dataset, tmp_path / "r8", [r8, probe], learning_rate=3e-5)
     stock = _train_lm(tokenizer, lm_dataset, tmp_path / "stock", [], learning_rate=3e-5)
     rebase = next(event for event in r8.events if event.rule == "range_test")
-    assert rebase.step == 15, "4% of 150 steps, at least 15"
+    assert rebase.step == 0 and "after 15 steps" in rebase.reason, "4% of 150 steps, at least 15"
     assert rebase.new_value > 10, rebase.reason
     assert with_r8 < stock - 0.3, (with_r8, stock)
     # The test restored rollback's own snapshot: one snapshot object all run long, holding the chosen gain.
     assert len(probe.snapshot_ids) == 1
-    assert probe.stored_gains[rebase.step] == pytest.approx(rebase.new_value)
+    assert probe.stored_gains[1] == pytest.approx(rebase.new_value)
     written = json.loads((tmp_path / "r8" / "r8" / "r8_range_test.json").read_text())
     assert written["chosen_gain"] == pytest.approx(rebase.new_value) and len(written["curve"]) == 14
     # shown: a plot in the end-of-run report, and a line of the dashboard

@@ -94,10 +94,11 @@ def test_the_readme_quotes_the_defaults_as_they_are():
     config = R8Config.from_preset("default").range_test
     shortest = next(steps for steps in range(1, 10_000) if range_test_length(config, steps) is not None)
     text = _readme_text()
-    assert (f"an **LR range test** over the first {config.budget_fraction:.0%} of `max_steps` (at least "
-            f"{config.min_steps} steps, at most {config.max_steps}; runs under {shortest} steps get no test) sweeps "
-            f"the LR from {config.gain_min:g}× to {config.gain_max:,.0f}× the one you set") in text
+    assert (f"an **LR range test** of {config.budget_fraction:.0%} of `max_steps` (at least {config.min_steps} "
+            f"steps, at most {config.max_steps}; runs under {shortest} steps get no test) sweeps the LR from "
+            f"{config.gain_min:g}× to {config.gain_max:,.0f}× the one you set") in text
     assert f"Your LR is kept when the choice is within ×{config.keep_band:g} of it" in text
+    assert f"only {config.divergence_patience} in a row are a blow-up" in text
     top = config.gain_max / config.backoff
     assert (f"the test itself chooses between {config.gain_min:g}× and {top:,.0f}× your LR (the sweep's top over its "
             f"backoff of {config.backoff:g}), so without `bounds.lr_max` a run can use up to {top * 20:,.0f}× the LR "

@@ -57,6 +57,18 @@ def test_tracked_rising_reward_raises_the_lr(rl_tokenizer, tmp_path, trainer_typ
     assert betas[0] == pytest.approx(0.9) and betas[-1] > betas[0]  # the reward momentum rule on AdamW's beta1
 
 
+def test_r8callback_as_written_fits_a_reward_trainer(rl_tokenizer, tmp_path, caplog):
+    """`R8Callback()` with no config on GRPO: the reward drives the LR (GRPO's loss is ~0 by construction), no
+    step is skipped as a spike of that loss, and the log says so once."""
+    r8 = R8Callback()
+    with caplog.at_level("WARNING"):
+        _train(GRPOTrainer, GRPOConfig, rl_tokenizer, tmp_path, r8, r8.track_rewards([rising]))
+    assert caplog.text.count("uses the reward_rl preset") == 1
+    assert r8.config == R8Config.from_preset("reward_rl")
+    assert not [event for event in r8.events if event.rule in ("guard", "rollback", "range_test")], r8.events
+    assert r8.rollback_counts["skipped_steps"] == 0 and r8.controller.lr_gain() > 1.0  # the rising reward's
+
+
 def test_untracked_rewards_fall_back_to_the_logged_reward(rl_tokenizer, tmp_path):
     r8 = R8Callback(R8Config.from_preset("reward_rl"))
     _train(GRPOTrainer, GRPOConfig, rl_tokenizer, tmp_path, r8, [rising])

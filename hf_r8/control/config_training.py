@@ -53,7 +53,10 @@ class RangeTestConfig(ValidatedConfig):
     smoothing: float = field(default=0.7, metadata={
         "help": "EMA smoothing (bias-corrected) of the test's losses, for stopping once they run away."})
     divergence_ratio: float = field(default=4.0, metadata={
-        "help": "Stop early once the smoothed loss exceeds this multiple of its minimum."})
+        "help": "Stop early once the smoothed loss exceeds this multiple of its minimum; a single loss above it "
+                "(or a non-finite one) is a fault, left out of the curve with its update skipped."})
+    divergence_patience: int = field(default=3, metadata={
+        "help": "Faults in a row that make the blow-up that ends the test (one alone is a bad batch)."})
     backoff: float = field(default=10.0, metadata={
         "help": "Chosen gain = gain at the denoised-loss minimum / backoff."})
     keep_band: float = field(default=3.0, metadata={
@@ -78,6 +81,7 @@ class RangeTestConfig(ValidatedConfig):
         self._greater("gain_min", 0.0)
         self._greater("gain_max", self.gain_min)
         self._between("smoothing", 0.0, 1.0, open_high=True)
+        self._positive_int("divergence_patience")
         self._greater("divergence_ratio", 1.0)
         self._greater("backoff", 1.0, inclusive=True)
         self._greater("keep_band", 1.0, inclusive=True)

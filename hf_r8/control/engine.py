@@ -163,14 +163,10 @@ class Engine:
     def start_range_test(self, steps: int) -> None:
         self.range_test = LRRangeTest(self.config.range_test, steps)
 
-    def cancel_range_test(self) -> None:
-        """The host cannot run the test (a Trainer with its own update loop): the controller goes on at gain 1."""
-        self.range_test = None
-
     def range_test_loss(self, step_index: int, loss: float | None) -> bool:
-        """The loss of the weights after `step_index` updates of the test; True once the test has seen enough."""
-        self.range_test.observe(step_index, loss)
-        return self.range_test.finished
+        """The loss of the weights after `step_index` updates of the test; False when it is a fault whose update
+        must not be applied (`LRRangeTest.observe`). `range_test.finished` says when the test has seen enough."""
+        return self.range_test.observe(step_index, loss)
 
     def finish_range_test(self, step: int, restored: str) -> float:
         """The weights from before the test are back (`restored` says how): the controller starts over from the
@@ -179,13 +175,8 @@ class Engine:
         gain = test.chosen_gain()
         self.range_test = None
         self._build_controller([gain] * len(self.specs), max(self.warmup_steps, step))
-        self.record(Event(step, -1, "range_test", "rebase", 1.0, gain, test.summary(step, restored)))
+        self.record(Event(step, -1, "range_test", "rebase", 1.0, gain, test.summary(restored)))
         return gain
-
-    def abandon_range_test(self, step: int, reason: str) -> None:
-        """Training ended inside the test (the adapter put the weights from before it back)."""
-        self.range_test = None
-        self.record(Event(step, -1, "range_test", "abandon", 1.0, 1.0, reason))
 
     def snapshot_taken(self, step: int) -> dict[str, Any]:
         """A snapshot of the weights after `step` updates is now the one to roll back to; returns what it carries

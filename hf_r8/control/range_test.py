@@ -7,6 +7,10 @@ the loss of gain_max (its update is dropped). While the test runs, a bias-correc
 watches for the run-away: the test ends after its steps, or once that EMA exceeds `divergence_ratio`
 times its minimum.
 
+A fault is not the curve: a non-finite loss, or one above `divergence_ratio` times the EMA's minimum, is
+left out of the curve and the EMA, and the host does not apply its update (the guard's skip, as after the
+test). Only `divergence_patience` such losses in a row are the blow-up; the first of them marks its gain.
+
 The choice is made afterwards, on the whole curve, against its noise: the level and spread of the
 sweep's low-gain first third, where the LR is too small to change anything (a median and a scaled
 median absolute deviation: one outlying batch among a few points would inflate a standard deviation).
@@ -18,8 +22,9 @@ a causal EMA is: at ~3x per step, two steps of EMA lag are a decade of LR).
   "minimum / 10" rule.
 * A curve flat within its noise until it blows up (a pre-trained model: the new data's loss barely moves
   before the LR breaks it; its minimum is noise): the gain from which every loss stays more than
-  `significance` deviations above the level (or that gave a non-finite loss) / `backoff`. No blow-up
-  either: no information, the user's LR stays.
+  `significance` deviations above the level (or that began the run of faults that ended the test) /
+  `backoff`. No blow-up either, or fewer than three losses: the test cannot conclude, the user's LR stays,
+  and its summary says so.
 
 A choice within `keep_band` of 1 keeps the user's LR: a sweep this coarse cannot tell LRs that close apart.
 
@@ -86,10 +91,18 @@ class LRRangeTest:
         self.average = 0.0
         """EMA started at 0; smoothed = average / (1 - beta ** observed) removes its bias."""
         self.observed = 0
+        """Losses on the curve (the EMA's count)."""
+        self.measured = 0
+        """Losses measured, faults included: the test ends after `steps - 1` of them."""
         self.best_smoothed = math.inf
         self.diverged = False
         self.history: list[tuple[float, float]] = []
         """(gain, loss) pairs, each loss credited to the gain that produced it: the curve of reports."""
+        self.faults = 0
+        """Losses left out of the curve (non-finite, or far above it) whose updates were not applied."""
+        self.faults_in_row = 0
+        self.divergence_gain: float | None = None
+        """The gain that produced the blow-up (the first fault of the run that ended the test)."""
 
     def gain(self, step_index: int) -> float:
         """The gain to train with at test step `step_index` (0-based)."""
@@ -97,15 +110,28 @@ class LRRangeTest:
         fraction = min(1.0, step_index / max(1, self.steps - 2))
         return config.gain_min * (config.gain_max / config.gain_min) ** fraction
 
-    def observe(self, step_index: int, loss: float | None) -> None:
+    def observe(self, step_index: int, loss: float | None) -> bool:
         """The loss measured at test step `step_index` (on the weights after `step_index` updates), credited
-        to the gain of the step before."""
-        if step_index < 1 or self.finished:
-            return
-        if not is_finite_number(loss):
-            self.diverged = True
-            return
-        self.history.append((self.gain(step_index - 1), float(loss)))
+        to the gain of the step before. False when it is a fault (see the module docstring): the host must
+        not apply this step's update."""
+        if self.finished:
+            return True
+        credited = self.gain(step_index - 1) if step_index >= 1 else self.config.gain_min
+        if step_index >= 1:
+            self.measured += 1
+        limit = self.config.divergence_ratio * self.best_smoothed
+        if not is_finite_number(loss) or loss > limit:
+            self.faults += 1
+            self.faults_in_row += 1
+            if self.faults_in_row == 1:
+                self.divergence_gain = credited
+            if self.faults_in_row >= self.config.divergence_patience:
+                self.diverged = True
+            return False
+        self.faults_in_row = 0
+        if step_index < 1:
+            return True
+        self.history.append((credited, float(loss)))
         beta = self.config.smoothing
         self.observed += 1
         self.average = beta * self.average + (1 - beta) * loss
@@ -114,10 +140,12 @@ class LRRangeTest:
             self.best_smoothed = smoothed
         elif smoothed > self.config.divergence_ratio * self.best_smoothed:
             self.diverged = True
+            self.divergence_gain = credited
+        return True
 
     @property
     def finished(self) -> bool:
-        return self.diverged or self.observed >= self.steps - 1
+        return self.diverged or self.measured >= self.steps - 1
 
     def denoised(self) -> list[tuple[float, float]]:
         """(gain, centered mean of the loss and its neighbours) along the curve."""
@@ -153,8 +181,8 @@ class LRRangeTest:
 
     def blow_up_gain(self) -> float | None:
         """The gain from which every loss stays clearly (`significance` deviations) above the level (a single
-        noisy batch is not a blow-up), or of the non-finite loss that ended the test; None if the curve
-        never rose."""
+        noisy batch is not a blow-up), or that began the faults that ended the test; None if the curve never
+        rose."""
         noise = self.noise()
         if noise is not None:
             level, spread = noise
@@ -164,20 +192,24 @@ class LRRangeTest:
                 first_above -= 1
             if first_above < len(self.history):
                 return self.history[first_above][0]
-        return self.gain(len(self.history)) if self.diverged else None
+        return self.divergence_gain if self.diverged or self.faults_in_row else None
+
+    def suggestion(self) -> tuple[float, str]:
+        """The gain the curve points to (see the module docstring), within [gain_min, gain_max], and what it is
+        based on; gain 1 when the test cannot conclude."""
+        if self.noise() is None:
+            return 1.0, f"no conclusion from {len(self.history)} losses (3 are needed): the LR set is kept"
+        if self.has_valley():
+            gain, basis = self.best()[0], "the valley's"
+        else:
+            gain, basis = self.blow_up_gain(), "the blow-up's"
+            if gain is None:
+                return 1.0, "no conclusion (the curve shows neither a valley nor a blow-up): the LR set is kept"
+        gain = min(self.config.gain_max, max(self.config.gain_min, gain / self.config.backoff))
+        return gain, f"{basis} gain / {self.config.backoff:g}"
 
     def suggested_gain(self) -> float:
-        """The gain the curve points to (see the module docstring), within [gain_min, gain_max]; 1 without one
-        (fewer than three losses measured: a test that failed at once says nothing about the LR)."""
-        if self.noise() is None:
-            return 1.0
-        if self.has_valley():
-            gain = self.best()[0]
-        else:
-            gain = self.blow_up_gain()
-            if gain is None:
-                return 1.0
-        return min(self.config.gain_max, max(self.config.gain_min, gain / self.config.backoff))
+        return self.suggestion()[0]
 
     def chosen_gain(self) -> float:
         """The suggestion, or 1 (the user's LR) when the suggestion is within `keep_band` of it."""
@@ -185,19 +217,24 @@ class LRRangeTest:
         band = self.config.keep_band
         return 1.0 if 1.0 / band <= gain <= band else gain
 
-    def summary(self, step: int, restored: str) -> str:
-        """What the test saw and chose, ended at `step`, with `restored` saying what was put back (for events)."""
-        best, suggested, gain = self.best(), self.suggested_gain(), self.chosen_gain()
+    def summary(self, restored: str) -> str:
+        """What the test saw and chose, with `restored` saying what was put back (for events)."""
+        best, (suggested, basis), gain = self.best(), self.suggestion(), self.chosen_gain()
         kept = "" if gain == suggested else \
             f" (its suggestion x{suggested:.3g} is within range_test.keep_band={self.config.keep_band:g}: kept)"
-        return (f"LR range test {'diverged' if self.diverged else 'completed'} after {step} steps: lowest denoised "
-                f"loss {best[1] if best else math.nan:.4g} at gain {best[0] if best else math.nan:.3g}; {restored}, "
-                f"training continues at gain {gain:.3g}{kept}")
+        faults = f"; {self.faults} faulty losses left out, their updates skipped" if self.faults else ""
+        outcome = "diverged" if self.diverged else "completed"
+        return (f"LR range test {outcome} after {self.measured + 1} steps{faults}: lowest denoised loss "
+                f"{best[1] if best else math.nan:.4g} at gain {best[0] if best else math.nan:.3g}; {basis}; "
+                f"{restored}, training continues at gain {gain:.3g}{kept}")
 
     def state_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in ("steps", "average", "observed", "best_smoothed", "diverged",
-                                                    "history")}
+                                                    "history", "measured", "faults", "faults_in_row",
+                                                    "divergence_gain")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+        if "measured" not in state:  # saved before faults were told apart: every loss was on the curve
+            self.measured = self.observed

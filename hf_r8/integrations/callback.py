@@ -34,7 +34,13 @@ from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller
 from hf_r8.control.events import Event, event_log
 from hf_r8.control.resolve import ConfigLike, resolve_config
-from hf_r8.integrations.compat import find_trainer, give_stateful_entry, guard_train, rebuilt_from_checkpoint
+from hf_r8.integrations.compat import (
+    find_trainer,
+    give_stateful_entry,
+    guard_train,
+    is_reward_trainer,
+    rebuilt_from_checkpoint,
+)
 from hf_r8.integrations.rewards import RewardTracker
 from hf_r8.integrations.run_outputs import RunOutputs
 from hf_r8.integrations.trainer_run import TrainerRun
@@ -60,7 +66,8 @@ class R8Callback(TrainerCallback, ExportableState):
     (no `restore_callback_states_from_checkpoint` needed).
 
     Args:
-        config: an `R8Config`, its dict form, a preset name, a YAML path, or None for the `default` preset.
+        config: an `R8Config`, its dict form, a preset name, a YAML path, or None for the `default` preset (the
+            `reward_rl` preset on TRL's reward-driven trainers, whose loss does not measure the LR).
         name: this instance's name in checkpoints (`state_key`): a checkpoint's R8 state is restored only into
             the callback of the same class and name.
 
@@ -78,6 +85,8 @@ class R8Callback(TrainerCallback, ExportableState):
         if not isinstance(name, str) or not name:
             raise ValueError(f"name={name!r}: must be a non-empty string")
         self.config = resolve_config(config)
+        self.config_given = config is not None
+        """Whether the user chose the config (None picks the preset that fits the trainer, at train start)."""
         self.name = name
         self._outputs = RunOutputs(self.config.run_files, self.config.dashboard, self.config.report)
         self._events = event_log()
@@ -161,6 +170,11 @@ class R8Callback(TrainerCallback, ExportableState):
         if live is not self:
             live.on_train_begin(args, state, control, optimizer=optimizer, **kwargs)
             return
+        if not self.config_given and is_reward_trainer(trainer) and self.config == R8Config.from_preset("default"):
+            logger.warning("R8: %s learns from rewards and its loss does not measure the LR: R8Callback() uses the "
+                           "reward_rl preset (the reward drives the LR; no LR range test, no loss-spike brakes). "
+                           "Pass a config to choose another.", type(trainer).__name__)
+            self.config = R8Config.from_preset("reward_rl")
         self.config.validate()  # fields may have been assigned since the callback was built
         _refuse_other_instances(trainer)
         guard_train(trainer, self._end_by_exception)  # added after the Trainer was built: from its next train()
@@ -172,7 +186,7 @@ class R8Callback(TrainerCallback, ExportableState):
         saved = self._saved_state(state) if state.global_step > 0 else None
         self._rewards.start_run(trainer)
         self._run = TrainerRun(self.config, trainer, optimizer, args, state, self._outputs, self._rewards, self._events)
-        self._run.start(args, state, saved)
+        self._run.start(args, state, saved, kwargs.get("train_dataloader"))
 
     def _instance_to_run(self, trainer: Any) -> R8Callback:
         """The user's own R8Callback, also when transformers' `restore_callback_states_from_checkpoint` removed it

@@ -11,6 +11,9 @@ checkpoint before it is pushed. hf_r8 reaches for these here, and only here:
 * `set_logged_lr`: the scheduler's `_last_lr`, so the logged `learning_rate` is the LR used;
 * `mute_training_bar`: ProgressCallback's `training_bar`, silenced while the dashboard draws;
 * `grad_scaler`, `uses_deepspeed`, `uses_fsdp`: the accelerator's scaler and the parallelism in use;
+* `end_dataloader_pass`, `set_accumulated_batches`: a pass over the train dataloader left early, and the
+  micro-batch count `training_step` scales by, for the LR range test's sweep;
+* `is_reward_trainer`: TRL's trainers that learn from rewards, whose loss does not measure the LR;
 * `deepspeed_step_skipped`, `deepspeed_peak_lrs`, `deepspeed_tensors`, `zero3_partition`,
   `regather_zero3_parameters`, `skip_deepspeed_shm_op`: the DeepSpeed engine's skip flag and scheduler peaks,
   the partitions a snapshot holds, and the CPU comm op a test need not compile;
@@ -242,6 +245,35 @@ def skip_deepspeed_shm_op() -> None:
     its process group on CPU; gloo's all-reduce is used instead. Call before the Trainer is built. The module is
     fetched by its name: `import deepspeed.comm.torch as m` binds the `torch` package, not DeepSpeed's module."""
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+# TRL's trainers whose training loss does not measure the LR (GRPO's is ~0 by construction): found by class name
+# anywhere in the trainer's class hierarchy, so TRL is not imported and subclasses count.
+REWARD_TRAINERS = ("GRPOTrainer", "RLOOTrainer", "PPOTrainer", "OnlineDPOTrainer", "NashMDTrainer", "XPOTrainer")
+
+
+def is_reward_trainer(trainer: Any) -> bool:
+    """Whether `trainer` is (a subclass of) one of TRL's reward-driven trainers (`REWARD_TRAINERS`)."""
+    return any(cls.__name__ in REWARD_TRAINERS for cls in type(trainer).__mro__)
+
+
+def end_dataloader_pass(dataloader: Any) -> None:
+    """End a pass over `dataloader` left before its end. Accelerate's prepared dataloader registers itself with
+    the accelerator's gradient state when a pass begins and unregisters when the pass ends; a generator left
+    early never reaches that end, so it is called here, and the Trainer's own pass starts as on a fresh one."""
+    end = getattr(dataloader, "end", None)
+    if callable(end):
+        end()
+
+
+def set_accumulated_batches(trainer: Any, count: int) -> None:
+    """Tell `trainer.training_step` how many micro-batches the step it is part of has, as the Trainer's loop does
+    before calling it (`current_gradient_accumulation_steps`: the loss is scaled by it when the model's loss is not
+    normalised by `num_items_in_batch`)."""
+    if not hasattr(trainer, "get_batch_samples"):
+        raise RuntimeError(f"R8: transformers {transformers.__version__}'s Trainer has no get_batch_samples: the LR "
+                           "range test cannot take the Trainer's batches")
+    trainer.current_gradient_accumulation_steps = count
 
 
 def uses_fsdp(trainer: Any) -> bool:

@@ -187,7 +187,8 @@ class R8Loop:
             self.catalog.update_surprise(indices, loss, step)
         engine = self.engine
         if engine.range_test is not None:
-            if engine.range_test_loss(step - 1, loss):  # the loss of the weights after step - 1 updates
+            engine.range_test_loss(step - 1, loss)  # the loss of the weights after step - 1 updates
+            if engine.range_test.finished:
                 self._finish_range_test()
             return
         rollback = self.config.rollback

@@ -24,10 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 from typing import Any
 
-import numpy as np
 import psutil
 import torch
 from torch.distributed.tensor import DTensor
@@ -47,6 +45,7 @@ from hf_r8.integrations.compat import (
 from hf_r8.integrations.step_signals import StepSignals
 from hf_r8.runtime.distributed import sum_across_processes
 from hf_r8.runtime.freezing import ParameterFreezer
+from hf_r8.runtime.rng import restore_rng_states, rng_states
 from hf_r8.runtime.snapshot import StateSnapshot, local_part, snapshot_bytes, trainable_parameter_names
 
 logger = logging.getLogger(__name__)
@@ -189,11 +188,7 @@ class RollbackManager:
             regather_zero3_parameters(self.trainer)
         extras = snapshot.extras
         self.engine.restore(extras["engine"])
-        random.setstate(extras["python_rng"])
-        np.random.set_state(extras["numpy_rng"])
-        torch.set_rng_state(extras["torch_rng"])
-        if extras.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(extras["cuda_rng"])
+        restore_rng_states(extras)
         scaler = grad_scaler(self.trainer)
         if scaler is not None and extras.get("scaler") is not None:
             scaler.load_state_dict(extras["scaler"])
@@ -211,10 +206,7 @@ class RollbackManager:
         scaler = grad_scaler(self.trainer)
         extras = {
             "engine": self.engine.snapshot_state(),
-            "python_rng": random.getstate(),
-            "numpy_rng": np.random.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            **rng_states(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "freezing": self.freezer.policy.state_dict() if self.freezer is not None else None,
         }

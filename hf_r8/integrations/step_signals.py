@@ -39,6 +39,11 @@ class StepSignals:
         self.checked = self._reduced().tolist()
         return unpack_signals(step, self.checked)
 
+    def loss_now(self) -> float | None:
+        """The loss of the training steps run since `taps.start_step()`, over all processes, read on the host now
+        (one sync): the LR range test's sweep, which the controller never sees."""
+        return unpack_signals(0, self._reduced().tolist()).loss
+
     def end_step(self, step: int) -> Observation | None:
         """Stage the finished step's signals for the next step; a dropped step's are returned for the record
         only (it is not evidence about the LR)."""

@@ -105,6 +105,7 @@ class R8TrainerMixin(R8CallbackMixin):
         self._r8_resumed_plan: tuple[int, np.ndarray, np.ndarray] | None = None
         self._r8_weights: tuple[int, torch.Tensor] | None = None
         self._r8_saved_into: str | None = None
+        self._r8_catalog_paused = False
 
     # --------------------------------------------------------------------------------- sampling
     def _r8_owns_sampling(self) -> bool:
@@ -222,8 +223,18 @@ class R8TrainerMixin(R8CallbackMixin):
             logger.warning(message)
             self._r8_fallback_logged = True
 
+    @contextlib.contextmanager
+    def r8_catalog_paused(self) -> Iterator[None]:
+        """While the LR range test sweeps before training, the losses of its weights (thrown away after it) stay
+        out of the catalog."""
+        self._r8_catalog_paused = True
+        try:
+            yield
+        finally:
+            self._r8_catalog_paused = False
+
     def _r8_record(self, indices: torch.Tensor, losses: torch.Tensor | None, loss: torch.Tensor) -> None:
-        if self._r8_updates is not None:
+        if self._r8_updates is not None and not self._r8_catalog_paused:
             self._r8_updates.record(indices, losses, loss.detach().float().reshape(-1).mean(), self.state.global_step)
 
     def _r8_reweighted(self, loss: torch.Tensor, outputs: Mapping[str, Any], labels: torch.Tensor | None,

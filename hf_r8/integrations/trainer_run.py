@@ -70,7 +70,8 @@ class TrainerRun:
         self.rollback.freezer = self.actions.freezer if self.actions is not None else None
         self.signals = StepSignals(self.taps, rewards, args.device)
         self.lr = LRWriter()
-        self.range_test: RangeTestRunner | None = None
+        self.first_log_metrics: dict[str, float] = {}
+        """What the first training log carries besides the step's metrics (the LR range test's outcome)."""
         self.update_loop = False
         self.ended = False
         """Whether `end` ran: the Trainer's model and methods are as they would be without R8."""
@@ -86,8 +87,10 @@ class TrainerRun:
         for group, peak in zip(self.optimizer.param_groups, peaks or [], strict=False):
             group.setdefault("initial_lr", peak)
 
-    def start(self, args: TrainingArguments, state: TrainerState, saved: dict[str, Any] | None) -> None:
-        """Restore a checkpoint's state or start the range test, tap the Trainer, open the outputs."""
+    def start(self, args: TrainingArguments, state: TrainerState, saved: dict[str, Any] | None,
+              train_dataloader: Any) -> None:
+        """Restore a checkpoint's state, tap the Trainer, open the outputs and, at a run's start, run the LR range
+        test on `train_dataloader` (before the first step: `range_test_runner.py`)."""
         if saved is not None:
             self.load_state_dict(saved)
         if self.deepspeed_steps_in_backward:
@@ -95,8 +98,17 @@ class TrainerRun:
         self.taps.install()
         self.outputs.open(args, state, self.trainer.callback_handler.callbacks, (saved or {}).get("run_files_rows"))
         if saved is None and state.global_step == 0:
-            self.range_test, line = RangeTestRunner.start(self.engine, self.rollback, args.device)
-            self.outputs.range_test_status(line)
+            self.run_range_test(args, train_dataloader)
+
+    def run_range_test(self, args: TrainingArguments, train_dataloader: Any) -> None:
+        """The LR range test's sweep, before the first step, or why there is none; either is said at once."""
+        runner, line = RangeTestRunner.start(self.engine, self.rollback, args.device, train_dataloader)
+        self.outputs.range_test_status(line)
+        if runner is not None:
+            record, line = runner.run(train_dataloader, self.signals, args)
+            self.outputs.range_test_done(record, line)
+            self.first_log_metrics = {"range_test/chosen_gain": record["chosen_gain"],
+                                      "range_test/sweep_steps": float(record["sweep_steps"])}
 
     def write_first_engine_lr(self, step: int, saved_schedule_lrs: list[float] | None) -> None:
         """Under DeepSpeed: the LR of this run's first step. A resumed optimizer holds the LR R8 wrote when the
@@ -112,7 +124,7 @@ class TrainerRun:
     # ------------------------------------------------------------------------------- each step
     def step_begin(self, step: int) -> None:
         self.taps.start_step()
-        if self.actions is not None and self.range_test is None:
+        if self.actions is not None:
             self.actions.before_step(step)
 
     def before_optimizer_step(self, step_index: int, args: TrainingArguments, control: TrainerControl,
@@ -124,12 +136,9 @@ class TrainerRun:
                 self.rollback.before_step(step_index + 1, self.signals, args, control)
             return
         self.observe_pending()
-        if self.range_test is not None:
-            if self.range_test.step(step_index, self.signals, optimizer):
-                self.finish_range_test(step_index + 1)
-        elif self.rollback.checks_steps:
+        if self.rollback.checks_steps:
             self.rollback.before_step(step_index + 1, self.signals, args, control)
-        if self.actions is not None and self.range_test is None:  # also on a skipped step: ends its probe
+        if self.actions is not None:  # also on a skipped step: ends its probe
             for event in self.actions.after_backward(step_index + 1):
                 self.engine.record(event)
         self.write_lr(optimizer, lr_scheduler, step_index)
@@ -140,8 +149,7 @@ class TrainerRun:
             return
         if not steps_on_metrics(lr_scheduler):
             self.lr.restore_schedule(optimizer)
-        if (self.actions is not None and self.range_test is None and not self.signals.dropped
-                and step > self.controller.warmup_steps):
+        if self.actions is not None and not self.signals.dropped and step > self.controller.warmup_steps:
             self.actions.after_optimizer_step(step, self.controller.sigma)
 
     def step_end(self, step: int, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
@@ -173,13 +181,12 @@ class TrainerRun:
         self.outputs.read_logs(step, logs, batch_mix)
 
     def observe_pending(self) -> None:
-        """The last finished step's signals: recorded, and, outside the range test, given to the controller."""
+        """The last finished step's signals: recorded, and given to the controller."""
         observation = self.signals.take_pending()
         if observation is None:
             return
         self.record_step(observation)
-        if self.range_test is None:  # the test reads each step's loss itself
-            self.engine.observe(observation)
+        self.engine.observe(observation)
 
     def record_step(self, observation: Observation) -> None:
         controller = self.controller
@@ -189,14 +196,10 @@ class TrainerRun:
         self.outputs.record_step(observation, self.lr.used_at(observation.step), extras)
 
     def write_lr(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any, step_index: int) -> None:
-        """The LR (and momentum) of this optimizer step; during a range test, the sweep's gain times the peak LR
-        (`base_lr`: the schedule may still be warming up)."""
+        """The LR (and momentum) of this optimizer step: the schedule's times the controller's gain."""
         engine = self.engine
-        specs = engine.specs
         self.lr.write(optimizer, lr_scheduler, step_index + 1,
-                      lambda index, schedule_lr: engine.lr(
-                          index, specs[index].base_lr if engine.range_test is not None else schedule_lr, step_index),
-                      engine.momentum)
+                      lambda index, schedule_lr: engine.lr(index, schedule_lr, step_index), engine.momentum)
 
     def add_log_metrics(self, logs: dict[str, float]) -> None:
         """The controller's, rollback's, the freezer's and the events' `r8/*` metrics, into a training log."""
@@ -207,6 +210,8 @@ class TrainerRun:
         if self.actions is not None:
             metrics.update(self.actions.metrics())
         metrics.update(self.outputs.log_counts())
+        metrics.update(self.first_log_metrics)
+        self.first_log_metrics = {}
         logs.update({f"r8/{key}": value for key, value in metrics.items() if math.isfinite(value)})
 
     # ------------------------------------------------------------------------ the run's phases
@@ -214,30 +219,17 @@ class TrainerRun:
         """The Trainer runs its own loop (TRL's PPOTrainer: several optimizer steps per PPO update) and fires
         only `on_step_end` per update, not `on_pre_optimizer_step`: from now on the LR and momentum are set
         once per update, at its end, for the next one. Nothing can be checked before an optimizer step there,
-        so the non-finite guard, rollback and the LR range test are off."""
+        so the non-finite guard and rollback are off."""
         self.update_loop = True
-        if self.rollback.checks_steps or self.range_test is not None:
+        if self.rollback.checks_steps:
             logger.warning("R8: %s runs its own loop (no on_pre_optimizer_step): the LR is set once per update "
-                           "(from step %d); the non-finite guard, rollback and the LR range test are off.",
+                           "(from step %d); the non-finite guard and rollback are off.",
                            type(self.trainer).__name__, step)
         self.rollback.turn_off()
-        self.range_test = None
-        self.engine.cancel_range_test()
-
-    def finish_range_test(self, step: int) -> None:
-        """Restore the weights from before the test and rebase the engine on the chosen gain."""
-        record, line = self.range_test.finish(step)
-        self.range_test = None
-        self.signals.discard_pending()
-        self.outputs.range_test_done(record, line)
 
     def end(self, step: int) -> None:
-        """Leave the model and the Trainer as they would be without R8: the range test's weights undone,
-        frozen tensors trainable again, the taps removed."""
-        if self.range_test is not None:
-            self.range_test.abandon(step)
-            self.range_test = None
-            self.signals.discard_pending()
+        """Leave the model and the Trainer as they would be without R8: frozen tensors trainable again, the taps
+        removed."""
         if self.actions is not None:
             self.actions.release()
         self.taps.remove()
@@ -245,10 +237,9 @@ class TrainerRun:
 
     def record_last_step(self) -> None:
         """The last step's row, for the record only (no decision follows it)."""
-        if self.range_test is None:
-            observation = self.signals.take_pending()
-            if observation is not None:
-                self.record_step(observation)
+        observation = self.signals.take_pending()
+        if observation is not None:
+            self.record_step(observation)
 
     def end_by_exception(self, error: BaseException) -> None:
         """Training raised (a notebook may catch it and go on): end the run as `on_train_end` would, and stop
@@ -267,6 +258,17 @@ class TrainerRun:
                        "Trainer's methods are unwrapped.", type(error).__name__)
 
     # ---------------------------------------------------------------------------- checkpointing
+    def refuse_sweep_checkpoint(self) -> None:
+        """A checkpoint an older hf_r8 saved inside its LR range test, which then ran on counted steps: its weights
+        are the sweep's, trained at up to `gain_max` times the LR set, not training's."""
+        why = ("this checkpoint was saved by an older hf_r8 inside its LR range test: its weights are the sweep's "
+               "(trained at up to range_test.gain_max times your LR), not training's")
+        if self.config.range_test.enabled:
+            raise ValueError(f"R8: {why}. Restart the run from step 0 (the test now runs before the first step and "
+                             "no checkpoint holds sweep weights), or resume with range_test.enabled: false knowing "
+                             "the weights are the sweep's.")
+        logger.warning("R8: %s; resuming from them at gain 1, as range_test.enabled: false asks.", why)
+
     def state_dict(self) -> dict[str, Any]:
         """The engine's state and what the run's parts need to go on exactly (see `load_state_dict`)."""
         freezer = self.actions.freezer if self.actions is not None else None
@@ -280,10 +282,10 @@ class TrainerRun:
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if saved.get("range_test_running"):
+            self.refuse_sweep_checkpoint()
         self.engine.load_state_dict(saved)
         if saved.get("range_test_running"):
-            # The pre-test weights were only in RAM: the test is abandoned and training goes on at gain 1.
-            logger.warning("The checkpoint was taken during the LR range test; resuming without it.")
             return
         if saved.get("freezing") is not None and self.rollback.freezer is not None:
             self.rollback.freezer.load_state_dict(saved["freezing"])

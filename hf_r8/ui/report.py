@@ -202,7 +202,9 @@ def write_report(output_dir: str | Path) -> list[Path]:
     if range_test is not None:
         base_lr = range_test["base_lrs"][0]
         suggested, chosen = range_test["suggested_gain"] * base_lr, range_test["chosen_gain"] * base_lr
-        lines += ["", f"LR range test: {range_test['step']} steps, LR set {base_lr:.3g}, suggested {suggested:.3g}, "
+        # Since 0.2 the sweep runs before the first counted step ("sweep_steps"); before, on the first steps.
+        steps = range_test.get("sweep_steps", range_test["step"])
+        lines += ["", f"LR range test: {steps} steps, LR set {base_lr:.3g}, suggested {suggested:.3g}, "
                       f"chosen {chosen:.3g}."]
     timed = [row for row in rows if _is_number(row.get("elapsed_s"))]
     if timed:
