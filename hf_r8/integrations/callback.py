@@ -1,12 +1,13 @@
 """`R8Callback`: the adaptive controller wired into `transformers.Trainer` (wiring only).
 
-Per optimizer step, in the Trainer's own event order (the work is `TrainerRun`'s, `trainer_run.py`):
+`on_train_begin` builds the run and, at a run's start, sweeps the LR range test before the first step the
+Trainer counts (`range_test_runner.py`). Then per optimizer step, in the Trainer's own event order (the work
+is `TrainerRun`'s, `trainer_run.py`):
 
 * `on_step_begin`: start collecting this step's loss and gradient norm (`taps.py`);
 * `on_pre_optimizer_step`: feed the controller the previous step's signals (already on the host, so no
   device sync waits on this step, `step_signals.py`); check this step before it is applied, skipping or
-  rolling back (`rollback_manager.py`) or sweeping the LR range test (`range_test_runner.py`); write
-  `schedule_lr * gain` into every parameter group (`lr_writer.py`);
+  rolling back (`rollback_manager.py`); write `schedule_lr * gain` into every parameter group (`lr_writer.py`);
 * `on_optimizer_step` / `on_step_end`: give the scheduler its own value back before it steps; dither
   (`parameter_actions.py`); reduce this step's signals across processes and start their copy to the host.
 
@@ -15,7 +16,8 @@ update of several optimizer steps) is recognised at its first `on_step_end`: the
 per update, at its end, for the next one (`TrainerRun.enter_update_loop`).
 
 Everything a run needs is built in `on_train_begin`; what the user sees (events, dashboard, run files,
-report) is `run_outputs.py`'s, and every transformers internal goes through `compat.py`.
+report) is `run_outputs.py`'s, and every transformers internal goes through `compat.py`. A `train()` that
+raises anywhere is ended where the exception leaves it (`compat.guard_train`), as `on_train_end` would.
 """
 
 from __future__ import annotations

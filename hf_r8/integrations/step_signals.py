@@ -4,8 +4,8 @@ A step's loss and gradient norm (`taps.py`), the reward scored for it (`rewards.
 aux loss are packed into one small tensor of (sum, count) pairs (`runtime/signal_packing.py`) and summed
 across processes. At the step's end its copy to the host starts without waiting (`HostCopy`); the
 controller reads it at the next step, by which time it has landed. Where a step must be judged before
-it is applied (the guard, rollback, the LR range test), `read_now` reads it on the host at once and the
-same values are staged.
+it is applied (the guard, rollback), `read_now` reads it on the host at once and the same values are
+staged; the LR range test's sweep, before the first step, reads its loss with `loss_now`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class StepSignals:
         self.rewards = rewards
         self.device = device
         self.checked: list[float] | None = None
-        """This step's signals, already read on the host (by the guard or the range test)."""
+        """This step's signals, already read on the host (by the guard)."""
         self.dropped = False
         """Whether this step was skipped or rolled back: the controller never sees its signals."""
         self._pending: HostCopy | None = None
