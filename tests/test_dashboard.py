@@ -218,7 +218,13 @@ def test_a_fresh_run_starts_its_files_anew_and_a_failed_run_is_cleaned_up(model,
     Trainer(model=model, args=training_args(tmp_path, max_steps=8), train_dataset=lm_dataset, callbacks=[r8]).train()
     assert not r8._outputs.live
     rows = read_jsonl(tmp_path / RUN_DIR / METRICS_FILE)
-    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 9))  # the failed run's rows are gone
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 9))  # this run's rows only
+    # The failed run's rows are kept apart, not overwritten, and a third run keeps the second's.
+    previous = read_jsonl(tmp_path / RUN_DIR / "previous" / "run-1" / METRICS_FILE)
+    assert [row["step"] for row in previous if "loss" in row] == [1, 2, 3]
+    Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=lm_dataset, callbacks=[r8]).train()
+    second = read_jsonl(tmp_path / RUN_DIR / "previous" / "run-2" / METRICS_FILE)
+    assert [row["step"] for row in second if "loss" in row] == list(range(1, 9))
 
 
 def test_a_dashboard_that_cannot_write_warns_once_and_turns_itself_off(caplog):

@@ -144,3 +144,17 @@ def test_one_bad_batch_inside_the_sweep_is_skipped_and_the_choice_is_the_clean_o
     assert faults(faulty) == faults(clean) + 1, (faulty.reason, clean.reason)  # the NaN, left out
     # Not x0.01 for "diverged after 4 steps": within one sweep step (x2.7) of the clean run's choice.
     assert clean.new_value / 3 <= faulty.new_value <= clean.new_value * 3
+
+
+def test_a_second_train_continues_at_the_gain_the_first_found(tokenizer, lm_dataset, tmp_path):
+    r8 = R8Callback(R8Config(dashboard=False, report=False))
+    trainer = Trainer(model=_model(tokenizer), args=training_args(tmp_path, max_steps=STEPS, learning_rate=1e-4,
+                                                                  logging_steps=50),
+                      train_dataset=lm_dataset, callbacks=[r8])
+    trainer.train()
+    (first,) = [event for event in r8.events if event.rule == "range_test"]
+    assert first.action == "rebase" and first.new_value > 3, "this test would prove nothing if the first kept the LR"
+    trainer.train()  # the same Trainer and callback, on the trained model
+    second = [event for event in r8.events if event.rule == "range_test"][1:]
+    assert [(event.action, event.new_value) for event in second] == [("reuse", first.new_value)]
+    assert [spec.initial_gain for spec in r8.controller.specs] == [first.new_value] * 2

@@ -160,6 +160,14 @@ class Engine:
         """The test is on but this run gets none (`reason`): recorded once, at its start."""
         self.record(Event(0, -1, "range_test", "skip", 1.0, 1.0, reason))
 
+    def reuse_range_test(self, gains: list[float]) -> str:
+        """Start from `gains`, which an earlier run's test chose, instead of testing again; returns what was done."""
+        self._build_controller(list(gains), self.warmup_steps)
+        reason = (f"reused: gain x{gains[0]:.3g}, which the previous train() of this R8Callback found (a sweep on "
+                  "the trained model would read its low, flat loss as a reason to cut the LR)")
+        self.record(Event(0, -1, "range_test", "reuse", 1.0, gains[0], reason))
+        return reason
+
     def start_range_test(self, steps: int) -> None:
         self.range_test = LRRangeTest(self.config.range_test, steps)
 

@@ -187,8 +187,12 @@ class R8Callback(TrainerCallback, ExportableState):
             self._run.end(state.global_step)
         saved = self._saved_state(state) if state.global_step > 0 else None
         self._rewards.start_run(trainer)
+        # The gains this callback's last train() found, if it trained this same model (a model_init builds a new
+        # one per train(), as in a hyperparameter search: that one is tested afresh).
+        previous = self._run
+        found_gains = previous.found_gains if previous is not None and previous.trainer.model is trainer.model else None
         self._run = TrainerRun(self.config, trainer, optimizer, args, state, self._outputs, self._rewards, self._events)
-        self._run.start(args, state, saved, kwargs.get("train_dataloader"))
+        self._run.start(args, state, saved, kwargs.get("train_dataloader"), found_gains)
 
     def _instance_to_run(self, trainer: Any) -> R8Callback:
         """The user's own R8Callback, also when transformers' `restore_callback_states_from_checkpoint` removed it

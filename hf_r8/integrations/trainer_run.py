@@ -70,6 +70,8 @@ class TrainerRun:
         self.rollback.freezer = self.actions.freezer if self.actions is not None else None
         self.signals = StepSignals(self.taps, rewards, args.device)
         self.lr = LRWriter()
+        self.found_gains: list[float] | None = None
+        """The gains this run's LR range test chose (or reused): the next `train()` of the callback starts there."""
         self.first_log_metrics: dict[str, float] = {}
         """What the first training log carries besides the step's metrics (the LR range test's outcome)."""
         self.update_loop = False
@@ -88,9 +90,11 @@ class TrainerRun:
             group.setdefault("initial_lr", peak)
 
     def start(self, args: TrainingArguments, state: TrainerState, saved: dict[str, Any] | None,
-              train_dataloader: Any) -> None:
+              train_dataloader: Any, found_gains: list[float] | None = None) -> None:
         """Restore a checkpoint's state, tap the Trainer, open the outputs and, at a run's start, run the LR range
-        test on `train_dataloader` (before the first step: `range_test_runner.py`)."""
+        test on `train_dataloader` (before the first step: `range_test_runner.py`), or reuse `found_gains`, the
+        gains the same callback's previous `train()` found (continuing is not restarting: a sweep on a trained
+        model would read its flat, low loss as a reason to cut the LR)."""
         if saved is not None:
             self.load_state_dict(saved)
         if self.deepspeed_steps_in_backward:
@@ -98,7 +102,11 @@ class TrainerRun:
         self.taps.install()
         self.outputs.open(args, state, self.trainer.callback_handler.callbacks, (saved or {}).get("run_files_rows"))
         if saved is None and state.global_step == 0:
-            self.run_range_test(args, train_dataloader)
+            if found_gains is not None and self.config.range_test.enabled:
+                self.found_gains = found_gains
+                self.outputs.range_test_status(self.engine.reuse_range_test(found_gains))
+            else:
+                self.run_range_test(args, train_dataloader)
 
     def run_range_test(self, args: TrainingArguments, train_dataloader: Any) -> None:
         """The LR range test's sweep, before the first step, or why there is none; either is said at once."""
@@ -106,6 +114,7 @@ class TrainerRun:
         self.outputs.range_test_status(line)
         if runner is not None:
             record, line = runner.run(train_dataloader, self.signals, args)
+            self.found_gains = [spec.initial_gain for spec in self.engine.specs]
             self.outputs.range_test_done(record, line)
             self.first_log_metrics = {"range_test/chosen_gain": record["chosen_gain"],
                                       "range_test/sweep_steps": float(record["sweep_steps"])}

@@ -11,7 +11,8 @@
   written when the test ends.
 
 Everything R8 writes lives in that one subfolder, so scripts that count `checkpoint-*` entries in the
-output dir see only the Trainer's own. A fresh run (step 0) starts both files anew. A resumed run
+output dir see only the Trainer's own. A fresh run (step 0) starts the files anew, after moving a previous
+run's into `previous/run-N/` (N = 1, 2, ...: a second `train()` in the same output dir loses nothing). A resumed run
 keeps exactly the rows written up to its checkpoint (`rows_written`, saved in the checkpoint), drops
 what came after (a crashed run's last steps, about to be redone) and appends. A line cut short by a
 crash (or any malformed row) is skipped by `read_jsonl`. Non-finite numbers are written as null
@@ -38,6 +39,7 @@ RUN_DIR = "r8"
 EVENTS_FILE = "r8_events.jsonl"
 METRICS_FILE = "r8_metrics.jsonl"
 RANGE_TEST_FILE = "r8_range_test.json"
+PREVIOUS_DIR = "previous"
 FLUSH_SECONDS = 5.0
 
 _Method = TypeVar("_Method", bound=Callable[..., None])
@@ -110,6 +112,8 @@ class RunLog:
     @_off_on_os_error
     def _open(self, resume_step: int, kept_rows: tuple[int, int] | None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        if resume_step == 0:
+            self._keep_previous_run()
         for index, name in enumerate((EVENTS_FILE, METRICS_FILE)):
             kept = []
             if resume_step > 0:
@@ -120,10 +124,21 @@ class RunLog:
             self.rows_written[index] = len(kept)
             times = [row["elapsed_s"] for row in kept if isinstance(row.get("elapsed_s"), (int, float))]
             self.elapsed_before = max([self.elapsed_before, *times])
-        if resume_step == 0:
-            (self.folder / RANGE_TEST_FILE).unlink(missing_ok=True)  # a previous run's test
         self._events = (self.folder / EVENTS_FILE).open("a", encoding="utf-8")
         self._metrics = (self.folder / METRICS_FILE).open("a", encoding="utf-8")
+
+    def _keep_previous_run(self) -> None:
+        """Move the files a previous run left here into `previous/run-N/`, the first N not taken."""
+        names = [name for name in (EVENTS_FILE, METRICS_FILE, RANGE_TEST_FILE) if (self.folder / name).is_file()]
+        if not names:
+            return
+        number = 1
+        while (self.folder / PREVIOUS_DIR / f"run-{number}").exists():
+            number += 1
+        kept = self.folder / PREVIOUS_DIR / f"run-{number}"
+        kept.mkdir(parents=True)
+        for name in names:
+            (self.folder / name).rename(kept / name)
 
     @_off_on_os_error
     def event(self, record: dict[str, Any]) -> None:
