@@ -57,7 +57,12 @@ class FailingItems(torch.utils.data.Dataset):
 
 
 def _dashboard_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if isinstance(thread, _RefreshThread) and thread.is_alive()]
+    """rich's refresh threads still running 5 s after the run ended (a stopped Live's thread finishes the redraw
+    it may be in, at most one refresh interval: it is not joined, so it is given that time on a loaded machine)."""
+    threads = [thread for thread in threading.enumerate() if isinstance(thread, _RefreshThread)]
+    for thread in threads:
+        thread.join(timeout=5.0)
+    return [thread for thread in threads if thread.is_alive()]
 
 
 @pytest.mark.parametrize("where", ["another callback", "interrupt between steps", "evaluation", "data loader"])
