@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_r8.control.config import (
-    AnnealConfig,
     BlendConfig,
     BoundsConfig,
     CyclicalConfig,
@@ -54,39 +53,6 @@ def feed(controller, losses=None, grad_norms=None, rewards=None, start=1):
         ))
         gains.append(controller.lr_gain(0))
     return gains, events
-
-
-def _anneal_factors(schedule_fraction: float, config: AnnealConfig | None = None) -> list[float]:
-    """compose_lr / schedule over a 100-step run whose schedule sits at `schedule_fraction` of its peak."""
-    controller = Controller(R8Config(rules=[], anneal=config or AnnealConfig()), [GroupSpec(BASE_LR)],
-                            total_steps=100)
-    factors = []
-    for step in range(100):  # compose_lr is asked for the step after the last one observed
-        factors.append(controller.compose_lr(0, BASE_LR * schedule_fraction) / (BASE_LR * schedule_fraction))
-        controller.observe(Observation(step + 1, loss=1.0))
-    return factors
-
-
-def test_a_flat_schedule_is_annealed_over_the_last_fifth_and_a_decaying_one_is_not():
-    flat = _anneal_factors(1.0)
-    assert flat[:80] == [1.0] * 80
-    assert flat[80] == pytest.approx(1.0 - math.sqrt(1 / 20))
-    assert all(later < earlier for earlier, later in zip(flat[80:98], flat[81:99], strict=True))
-    assert flat[-1] == pytest.approx(0.01)  # 1 - sqrt(1) = 0, held at the lower bound (base / 100)
-    assert _anneal_factors(0.3) == [1.0] * 100  # a schedule already below half its peak decays by itself
-    assert _anneal_factors(1.0, AnnealConfig(enabled=False)) == [1.0] * 100
-
-
-def test_the_anneal_decision_survives_a_state_round_trip():
-    controller = Controller(R8Config(rules=[]), [GroupSpec(BASE_LR)], total_steps=100)
-    for step in range(1, 90):
-        controller.observe(Observation(step, loss=1.0))
-    before = controller.compose_lr(0, BASE_LR)
-    restored = Controller(R8Config(rules=[]), [GroupSpec(BASE_LR)], total_steps=100)
-    restored.load_state_dict(json.loads(json.dumps(controller.state_dict())))
-    assert restored.annealing is True
-    # decided once: the restored controller anneals even where the schedule would now read below half its peak
-    assert restored.compose_lr(0, 0.3 * BASE_LR) == pytest.approx(0.3 * before)
 
 
 def test_all_rules_off_is_the_identity():

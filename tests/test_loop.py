@@ -43,13 +43,15 @@ def test_the_lr_follows_the_reported_losses():
     config = _config()
     config.warmup_steps = 0
     lrs = []
-    with R8Loop(400, batch_size=4, config=config, base_lr=1e-3) as loop:
+    with R8Loop(800, batch_size=4, config=config, base_lr=1e-3) as loop:
         for _ in loop.epochs():
             for step, (_, lr) in enumerate(loop.batches()):
                 lrs.append(lr)
-                loop.report(5.0 * 0.98 ** step)  # a steady, certain fall: the LR may grow
+                loop.report(5.0 * 0.99 ** step)  # a steady, certain fall: the LR may grow
     assert lrs[79] > 1e-3 and any(event.action == "increase" for event in loop.events)
-    # the last fifth: a constant base LR gets the default's end-of-run anneal, down to the floor (base / 100)
+    # the last fifth of these 200 steps: a constant base LR gets the default's end-of-run anneal, said once, down
+    # to the floor (base / 100)
+    assert [event.step for event in loop.events if event.rule == "anneal"] == [160]
     assert lrs[-1] == pytest.approx(lrs[79] / 100 / (lrs[79] / 1e-3), rel=1e-6)
 
 

@@ -119,7 +119,8 @@ def test_a_run_without_a_test_is_told_why():
     assert no_range_test_reason(RangeTestConfig(), 600) is None
     assert no_range_test_reason(RangeTestConfig(enabled=False), 600).startswith("off (range_test.enabled: false)")
     assert no_range_test_reason(RangeTestConfig(), 100) == (
-        "skipped: a run of 100 steps is too short (15 test steps would be over 10% of it), so the LR set is kept")
+        "skipped: a run of 100 steps is too short (15 test steps would be over 10% of it), so the LR set is kept "
+        "(and not annealed at the end)")
     assert "steps=30 leaves no room in a run of 20 steps" in no_range_test_reason(RangeTestConfig(steps=30), 20)
     assert "length is unknown" in no_range_test_reason(RangeTestConfig(), None)
 

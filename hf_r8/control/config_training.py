@@ -21,14 +21,16 @@ DITHER_SHAPINGS = ("rms", "magnitude")
 
 @dataclass
 class RangeTestConfig(ValidatedConfig):
-    """LR range test at the start of training, on by default (its steps count in the run's budget).
+    """LR range test at the start of training, on by default.
 
-    The first optimizer steps sweep the LR exponentially from gain_min to gain_max times the base LR
-    (stopping early once the loss runs away); then model and optimizer are restored from the CPU-RAM
-    snapshot rollback keeps anyway, and training goes on at (the gain of the lowest denoised loss) /
-    backoff, which becomes the controller's new base (on a curve flat within its noise, as a pre-trained
-    model's often is, the gain where it blows up / backoff). A choice within `keep_band` of the user's LR
-    keeps it: the test cannot tell LRs that close apart. `enabled: false` leaves the user's LR as it is.
+    Under the Trainer it runs before the first counted step, on the run's first batches (the Trainer sees
+    none of it); in `AdaptiveScheduler` and `R8Loop` its steps are the run's first. Its optimizer steps sweep
+    the LR exponentially from gain_min to gain_max times the base LR (stopping early once the loss runs
+    away); then model and optimizer are restored from the CPU-RAM snapshot rollback keeps anyway, and
+    training goes on at (the gain of the lowest denoised loss) / backoff, which becomes the controller's new
+    base (on a curve flat within its noise, as a pre-trained model's often is, the gain where it blows up /
+    backoff). A choice within `keep_band` of the user's LR keeps it: the test cannot tell LRs that close
+    apart. `enabled: false` leaves the user's LR as it is.
     """
 
     SECTION: ClassVar[str] = "range_test"
@@ -90,12 +92,14 @@ class RangeTestConfig(ValidatedConfig):
 
 @dataclass
 class AnnealConfig(ValidatedConfig):
-    """End-of-run anneal when the Trainer's schedule has none (constant LR, a plain loop).
+    """End-of-run anneal when the schedule will not decay in time (constant LR, a plain loop).
 
-    At `start_fraction` of the planned steps R8 looks at the schedule's LR: if it still holds more than
-    `flat_threshold` of its peak, the schedule will not decay in time, and R8 decays the LR itself over
-    the rest of the run (1 - sqrt of the progress, the cooldown of warmup-stable-decay schedules) down
-    to the lower bound. A decaying schedule (cosine, linear...) is left alone.
+    At `start_fraction` of the planned steps R8 reads the schedule ahead (a `LambdaLR`, as every named schedule
+    of the Trainer is; others by their value then): if it stays above `flat_threshold` of its peak until the
+    end, R8 decays the LR itself over the rest of the run (1 - sqrt of the progress, the cooldown of
+    warmup-stable-decay schedules) down to the lower bound, and says so once. A schedule that decays before
+    the end (cosine, linear, warmup-stable-decay, cosine with restarts) is left alone, and so is a run too
+    short for the LR range test.
     """
 
     SECTION: ClassVar[str] = "anneal"
@@ -103,7 +107,8 @@ class AnnealConfig(ValidatedConfig):
     start_fraction: float = field(default=0.8, metadata={
         "help": "Share of the planned steps after which the anneal starts."})
     flat_threshold: float = field(default=0.5, metadata={
-        "help": "The schedule counts as not decaying if its LR at the start is above this share of its peak."})
+        "help": "The schedule counts as not decaying if its LR stays above this share of its peak from the "
+                "anneal's start to the run's end."})
 
     def _check(self) -> None:
         self._between("start_fraction", 0.0, 1.0, open_low=True, open_high=True)

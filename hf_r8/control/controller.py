@@ -7,11 +7,11 @@ after the warmup hand-off, every parameter group's state:
     running gain = clip(running gain * step factor, gain_min, gain_max)
     lr_gain     = clip(running gain * blend(level rules), gain_min, gain_max)   # variance, loss_decay, cyclical, reward
 
-The LR actually used is `compose_lr(group, schedule_lr)`: the base schedule's value times the gain
-(and, near the end of a run whose schedule does not decay, the anneal factor), never pushed below
-lr_min (unless the schedule itself is lower) nor above lr_max. With every rule and the anneal off the
-controller is the identity. The rules are small classes looked up by name (rule_registry.py): each group runs
-its own instances, and the controller only hands them the step's statistics and combines what they propose.
+The LR actually used is `compose_lr(group, schedule_lr, anneal)`: the base schedule's value times the gain
+(and the end-of-run anneal's factor, `anneal.py`), never pushed below lr_min (unless the schedule itself is
+lower) nor above lr_max. With every rule off the controller is the identity. The rules are small classes
+looked up by name (rule_registry.py): each group runs its own instances, and the controller only hands them
+the step's statistics and combines what they propose.
 Everything here is plain Python: no torch, no transformers; `state_dict()` is JSON-safe and `load_state_dict()`
 restores it exactly (a version-1 state, from before the rules were classes, too).
 """
@@ -91,8 +91,6 @@ class Controller:
         self.specs = list(groups)
         self.warmup_steps = config.warmup_steps if config.warmup_steps is not None else warmup_steps
         self.total_steps = total_steps
-        self.annealing: bool | None = None
-        """Whether this run's end is annealed (decided once at anneal.start_fraction; None before)."""
         self.window = config.signals.window or max(5, min(50, (total_steps or 1000) // 20))
         self.loss = LossStatistics(self.window, config.signals.ema_beta)
         self.reward = RewardStatistics(self.window, config.reward.ema_beta, config.reward.trend_window)
@@ -134,39 +132,19 @@ class Controller:
             gain_min, gain_max = max(gain_min, moe.gain_min * initial), min(gain_max, moe.gain_max * initial)
         return gain_min, max(gain_min, gain_max)
 
-    def compose_lr(self, index: int, schedule_lr: float) -> float:
-        """LR to use: schedule_lr * lr_gain (* the recovery factor after a rollback), kept within
-        [min(lr_min, schedule_lr), lr_max]."""
+    def compose_lr(self, index: int, schedule_lr: float, anneal: float = 1.0) -> float:
+        """LR to use: schedule_lr * lr_gain (* the recovery factor after a rollback, * the end-of-run `anneal`
+        factor), kept within [min(lr_min, schedule_lr), lr_max]. A read: it changes nothing."""
         lr_min, lr_max = self.lr_bounds(index)
-        composed = schedule_lr * self.groups[index].lr_gain * self.recovery_factor() * \
-            self.anneal_factor(schedule_lr / self.specs[index].base_lr if self.specs[index].base_lr > 0 else 1.0)
+        composed = schedule_lr * self.groups[index].lr_gain * self.recovery_factor() * anneal
         return min(lr_max, max(min(lr_min, schedule_lr), composed))
-
-    def anneal_factor(self, schedule_fraction: float) -> float:
-        """The end-of-run anneal's LR multiplier for the next step (1 before it or when the schedule decays).
-
-        `schedule_fraction` is the schedule's LR over its peak; at the anneal's first step it decides, once,
-        whether the schedule still sits high enough that it will not decay in time. Then the factor falls as
-        1 - sqrt(progress) over the rest of the run (the LR bounds keep it above lr_min).
-        """
-        config = self.config.anneal
-        if not config.enabled or not self.total_steps:
-            return 1.0
-        start = math.floor(config.start_fraction * self.total_steps)
-        next_step = self.step + 1
-        if next_step <= start:
-            return 1.0
-        if self.annealing is None:
-            self.annealing = schedule_fraction > config.flat_threshold
-        if not self.annealing:
-            return 1.0
-        progress = min(1.0, (next_step - start) / max(1, self.total_steps - start))
-        return 1.0 - math.sqrt(progress)
 
     # ---------------------------------------------------------------------------------- stepping
     def observe(self, observation: Observation) -> list[Event]:
         """Consume one step's signals; adapt every group once past warmup. Returns the decisions made."""
         self.step = observation.step
+        if self.recovery is not None and self.recovery_factor() == 1.0:
+            self.recovery = None
         loss_step = self.loss.update(observation.loss) if observation.loss is not None else None
         if loss_step is not None and loss_step.closed_window is not None:
             self.last_window = loss_step.closed_window
@@ -293,7 +271,6 @@ class Controller:
             return 1.0
         progress = (self.step - self.recovery["start"]) / self.recovery["steps"]
         if progress >= 1.0:
-            self.recovery = None
             return 1.0
         return self.recovery["factor"] ** (1.0 - max(0.0, progress))
 
@@ -346,7 +323,6 @@ class Controller:
             "groups": [{**asdict(group), "rules": {name: rule.state_dict() for name, rule in rules.items()}}
                        for group, rules in zip(self.groups, self.group_rules, strict=True)],
             "recovery": self.recovery,
-            "annealing": self.annealing,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -362,7 +338,6 @@ class Controller:
         self.warmup_steps = state["warmup_steps"]
         self.sigma = state["sigma"]
         self.recovery = state.get("recovery")
-        self.annealing = state.get("annealing")
         self.last_window = WindowSummary(**state["last_window"]) if state["last_window"] else None
         self.loss = LossStatistics(self.window, self.config.signals.ema_beta)
         self.loss.load_state_dict(state["loss"])

@@ -8,6 +8,7 @@ the snapshots of the weights, its host's events) and hands the engine numbers; t
 * the rollback policy (the non-finite guard, spikes, when to snapshot, how hard to back off), with one
   semantics for hosts that check a step before applying it and for those that apply it first;
 * the LR range test, while it runs;
+* the end-of-run anneal (`anneal.py`), for a schedule that will not decay by itself;
 * the data plan's part in a rollback: the next batches from the lowest-loss quartile (`plan`, a sampler);
 * the event log (bounded), each event also handed to `listener` (a Trainer run's dashboard and run files).
 
@@ -32,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any, Protocol
 
+from hf_r8.control.anneal import EndAnneal, ScheduleAhead
 from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, GroupSpec, Observation
 from hf_r8.control.events import Event, event_log
@@ -60,16 +62,20 @@ class Engine:
         batches_per_step: the plan's batches one optimizer step takes (processes x accumulation).
         events: the log to record into (an `R8Callback` keeps one across its runs); a new bounded one by default.
         listener: called with each event once it is recorded.
+        schedule_ahead: the schedule's LR over its peak at any step index, when the host can evaluate it ahead
+            (a `LambdaLR`): the anneal leaves a schedule that decays before the end alone.
     """
 
     def __init__(self, config: R8Config, specs: list[GroupSpec], total_steps: int | None, warmup_steps: int = 0,
                  *, applied_before_check: bool = False, plan: DataPlan | None = None, batches_per_step: int = 1,
-                 events: deque[Event] | None = None, listener: Callable[[Event], None] | None = None) -> None:
+                 events: deque[Event] | None = None, listener: Callable[[Event], None] | None = None,
+                 schedule_ahead: ScheduleAhead | None = None) -> None:
         self.config, self.specs = config, specs
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         self.controller = Controller(config, specs, total_steps, warmup_steps)
         self.rollback = RollbackPolicy(config.rollback, applied_before_check=applied_before_check)
         self.range_test: LRRangeTest | None = None
+        self.anneal = EndAnneal(config, total_steps, schedule_ahead)
         self.plan, self.batches_per_step = plan, batches_per_step
         self.events = event_log() if events is None else events
         self.listener = listener
@@ -82,10 +88,16 @@ class Engine:
     # ------------------------------------------------------------------------------ each step
     def lr(self, index: int, schedule_lr: float, step_index: int) -> float:
         """The LR of group `index` at optimizer step `step_index + 1`: during the range test, the schedule's LR
-        times the sweep's gain; after it, the controller's `schedule_lr x gain` within bounds."""
+        times the sweep's gain; after it, the controller's `schedule_lr x gain` within bounds, annealed at the
+        end of a run whose schedule stays high (decided, and recorded, when the anneal would start)."""
         if self.range_test is not None:
             return schedule_lr * self.range_test.gain(step_index)
-        return self.controller.compose_lr(index, schedule_lr)
+        if index == 0:
+            base_lr = self.specs[0].base_lr
+            started = self.anneal.decide(step_index, schedule_lr / base_lr if base_lr > 0 else 1.0)
+            if started is not None:
+                self.record(started)
+        return self.controller.compose_lr(index, schedule_lr, self.anneal.factor(step_index))
 
     def momentum(self, index: int) -> float | None:
         """The momentum to write into group `index`; None: leave it (the rule is off, or a range test runs)."""
@@ -204,6 +216,7 @@ class Engine:
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict(), "initial_gains": [spec.initial_gain for spec in self.specs],
                 "range_test_running": self.range_test is not None, "rollback": self.rollback.state_dict(),
+                "anneal": self.anneal.state_dict(),
                 "events": [asdict(event) for event in self.events]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -218,5 +231,6 @@ class Engine:
         gains = state.get("initial_gains") or [spec.initial_gain for spec in self.specs]
         self._build_controller(gains, self.warmup_steps)
         self.controller.load_state_dict(state["controller"])
+        self.anneal.load_state_dict(state.get("anneal", state["controller"]))  # older: the controller's "annealing"
         if state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"])

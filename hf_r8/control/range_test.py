@@ -72,7 +72,7 @@ def no_range_test_reason(config: RangeTestConfig, total_steps: int | None) -> st
         return f"skipped: range_test.steps={config.steps} leaves no room in a run of {total_steps} steps"
     length = min(config.max_steps, max(config.min_steps, round(config.budget_fraction * total_steps)))
     return (f"skipped: a run of {total_steps} steps is too short ({length} test steps would be over "
-            f"{config.max_budget_fraction:.0%} of it), so the LR set is kept")
+            f"{config.max_budget_fraction:.0%} of it), so the LR set is kept (and not annealed at the end)")
 
 
 class LRRangeTest:

@@ -92,7 +92,8 @@ class R8Loop:
         self.total_steps = num_epochs * math.ceil(num_samples / batch_size)
         # report() follows the step: its loss is seen after the step was applied.
         self.engine = Engine(self.config, [GroupSpec(self.base_lr)], self.total_steps, applied_before_check=True,
-                             plan=self.sampler, listener=self._show)
+                             plan=self.sampler, listener=self._show,
+                             schedule_ahead=lambda step_index: 1.0)  # the loop's schedule is base_lr throughout
         self.events = self.engine.events
         """The decisions, rollbacks and the range test's choice so far (the last 10,000), oldest first."""
         length = self.engine.range_test_length() if save and load else None
@@ -236,12 +237,15 @@ class R8Loop:
     def _show(self, event: Event) -> None:
         if event.group <= 0:
             self._view.decisions.append(f"step {event.step} {event.rule}/{event.action}: {event.reason}")
+        if event.rule == "anneal" and self._dashboard is not None:
+            self._dashboard.announce(f"step {event.step}: anneal: {event.reason}")
 
     def _update_view(self, loss: float) -> None:
         view = self._view
         controller = self.controller
         view.step, view.loss, view.loss_ema = self.step, loss, controller.loss.ema.value
-        view.lr, view.base_lr, view.gain = controller.compose_lr(0, self.base_lr), self.base_lr, controller.lr_gain(0)
+        view.lr = controller.compose_lr(0, self.base_lr, self.engine.anneal.factor(self.step))
+        view.base_lr, view.gain = self.base_lr, controller.lr_gain(0)
         view.rollbacks, view.skipped_steps = self.rollback.rollbacks, self.rollback.skipped_steps
         view.losses.append(loss)
         if self._dashboard is not None:

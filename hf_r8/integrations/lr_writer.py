@@ -18,9 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from transformers.optimization import GreedyLR
 
+from hf_r8.control.anneal import ScheduleAhead
 from hf_r8.integrations.compat import set_logged_lr
 from hf_r8.runtime.param_groups import write_lr, write_momentum
 
@@ -30,6 +31,14 @@ _METRIC_SCHEDULERS = (ReduceLROnPlateau, GreedyLR)
 def steps_on_metrics(lr_scheduler: Any) -> bool:
     """Whether `lr_scheduler` (maybe inside Accelerate's wrapper) steps on eval metrics, after `on_step_end`."""
     return isinstance(getattr(lr_scheduler, "scheduler", lr_scheduler), _METRIC_SCHEDULERS)
+
+
+def schedule_ahead(lr_scheduler: Any) -> ScheduleAhead | None:
+    """The schedule's LR over its peak at any step index, for the end-of-run anneal to look ahead: a `LambdaLR`
+    (every named schedule of `get_scheduler` but `reduce_lr_on_plateau`) is its first group's function of the
+    step; None for a schedule that cannot be evaluated without stepping it."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    return scheduler.lr_lambdas[0] if isinstance(scheduler, LambdaLR) else None
 
 
 class LRWriter:

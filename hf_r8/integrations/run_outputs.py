@@ -80,6 +80,8 @@ class RunOutputs:
                                  "signals": signals})
         if self.view is not None and event.group <= 0:
             self.view.decisions.append(f"step {event.step} {event.rule}/{event.action}: {event.reason}")
+        if event.rule == "anneal" and self._dashboard is not None:  # once a run: a line also where nothing redraws
+            self._dashboard.announce(f"step {event.step}: anneal: {event.reason}")
         self._events_since_log += 1
         if event.rule == "decision" and event.group == 0:
             self._decision_since_log = Decision(event.action).code

@@ -31,7 +31,7 @@ from hf_r8.control.controller import Controller, Observation
 from hf_r8.control.engine import Engine
 from hf_r8.control.events import Event
 from hf_r8.integrations.compat import deepspeed_peak_lrs, deepspeed_step_skipped, uses_deepspeed
-from hf_r8.integrations.lr_writer import LRWriter, steps_on_metrics
+from hf_r8.integrations.lr_writer import LRWriter, schedule_ahead, steps_on_metrics
 from hf_r8.integrations.parameter_actions import ParameterActions
 from hf_r8.integrations.range_test_runner import RangeTestRunner
 from hf_r8.integrations.rewards import RewardTracker
@@ -63,7 +63,7 @@ class TrainerRun:
             args.get_warmup_steps(state.max_steps), applied_before_check=self.deepspeed_steps_in_backward,
             plan=getattr(trainer, "r8_sampler", None),
             batches_per_step=args.world_size * args.gradient_accumulation_steps,
-            events=events, listener=self.show)
+            events=events, listener=self.show, schedule_ahead=schedule_ahead(trainer.lr_scheduler))
         self.taps = TrainerTaps(trainer, self.add_log_metrics, on_error=self.end_by_exception)
         self.rollback = RollbackManager(config.rollback, trainer, optimizer, self.engine)
         self.actions = ParameterActions.for_run(config, trainer, optimizer)
