@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         else None,
     }
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "runs": [asdict(run) for run in runs]}))
-    print(write_report(name, meta, runs, RESULTS))
+    counterparts = {method: (METHODS[method].stock, METHODS[method].test_off) for method in names
+                    if METHODS[method].stock is not None}
+    print(write_report(name, meta, runs, RESULTS, counterparts))
     return 0
 
 

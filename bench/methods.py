@@ -26,6 +26,10 @@ class Method:
     make_optimizer: Callable[[torch.nn.Module, float], torch.optim.Optimizer] | None = None
     make_callbacks: Callable[[], list[Any]] = field(default=lambda: [])
     description: str = ""
+    stock: str | None = None
+    """hf_r8's methods: the stock Trainer method on the same schedule (what the user had without R8)."""
+    test_off: str | None = None
+    """hf_r8's methods: the same run with the LR range test off."""
 
 
 def _prodigy(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -56,14 +60,17 @@ METHODS = {
                       description="Prodigy (lr = grid / 1e-2), 10% warmup, cosine"),
     "r8_cosine": Method("r8_cosine", {"lr_scheduler_type": "cosine", "warmup_steps": WARMUP},
                         make_callbacks=_r8("default"), description="hf_r8 default preset (range test sized to the run, "
-                                                       "online rules) on 10% warmup + cosine"),
+                                                       "online rules) on 10% warmup + cosine",
+                        stock="cosine", test_off="r8_gentle"),
     "r8_constant": Method("r8_constant", {"lr_scheduler_type": "constant"}, make_callbacks=_r8("default"),
-                          description="hf_r8 default preset on a constant schedule (so its end-of-run anneal is on)"),
+                          description="hf_r8 default preset on a constant schedule (so its end-of-run anneal is on)",
+                          stock="constant"),
     "r8_gentle": Method("r8_gentle", {"lr_scheduler_type": "cosine", "warmup_steps": WARMUP},
                         make_callbacks=_r8("gentle"),
                         description="hf_r8 gentle preset (the default before it searched for the LR: no range test, "
-                                    "no anneal) on 10% warmup + cosine"),
+                                    "no anneal: on cosine, the default with range_test.enabled: false) on 10% "
+                                    "warmup + cosine", stock="cosine"),
     "r8_find_lr": Method("r8_find_lr", {"lr_scheduler_type": "constant"}, make_callbacks=_r8("find_lr"),
-                         description="hf_r8 find_lr preset (a fixed 30-step LR range test inside the budget, "
-                                     "weights restored, no anneal) on a constant schedule"),
+                         description="hf_r8 find_lr preset (a fixed 30-step LR range test before the first step, "
+                                     "weights restored, no anneal) on a constant schedule", stock="constant"),
 }

@@ -1,4 +1,6 @@
-"""Tables and plots of an LR sweep: robust fraction, median loss per LR, steps to target, divergences."""
+"""Tables and plots of an LR sweep: robust fraction, median loss per LR, steps to target, divergences, and
+"first, do no harm": each hf_r8 method against the stock Trainer on the same schedule, at the LR where that
+schedule is best and at AdamW's usual 1e-3, and against itself with the LR range test off."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ ROBUST_TOLERANCE = 0.02
 LOOSE_TOLERANCE = 0.10  # a second lens on the same numbers: the 2% criterion is all-or-nothing on tiny tasks
 FROM_BELOW_TOLERANCE = 0.05
 TUNED_BASELINES = ("constant", "cosine", "schedulefree")
+USUAL_LR = 1e-3
 
 
 def _median(values: list[float]) -> float:
@@ -25,8 +28,39 @@ def _median(values: list[float]) -> float:
     return statistics.median(finite + [math.inf] * (len(values) - len(finite))) if values else math.inf
 
 
-def summarize(runs: list[Any]) -> dict[str, dict[str, Any]]:
-    """Per task, per method: median final loss per LR, robust fraction, best LR, steps to target."""
+def _versus(by_key: dict[tuple[str, str, float], list[Any]], task: str, method: str, other: str,
+            lr: float) -> tuple[float, float, float] | None:
+    """`method` against `other` at `lr`: the ratio of their median final losses over seeds, and the lowest and
+    highest ratio of one seed's runs (the seed's spread); None when either was not run there."""
+    mine = {run.seed: run.final_eval_loss for run in by_key.get((task, method, lr), [])}
+    theirs = {run.seed: run.final_eval_loss for run in by_key.get((task, other, lr), [])}
+    if not mine or not theirs:
+        return None
+    per_seed = [mine[seed] / theirs[seed] for seed in sorted(mine.keys() & theirs.keys())]
+    finite = [ratio for ratio in per_seed if math.isfinite(ratio)] or [math.inf]
+    median_ratio = _median(list(mine.values())) / _median(list(theirs.values()))
+    return median_ratio, min(finite), max(finite)
+
+
+def do_no_harm(by_key: dict[tuple[str, str, float], list[Any]], task: str, medians: dict[str, dict[float, float]],
+               stock: str, test_off: str | None, method: str) -> dict[str, Any]:
+    """`method` against `stock` (the same schedule without hf_r8) at the LR where the stock schedule is best and
+    at `USUAL_LR`, and against `test_off` (itself with the LR range test off) at both."""
+    stock_best_lr = min(medians[stock], key=medians[stock].get)
+    row = {"stock": stock, "stock_best_lr": stock_best_lr,
+           "at_stock_best": _versus(by_key, task, method, stock, stock_best_lr),
+           "at_usual_lr": _versus(by_key, task, method, stock, USUAL_LR)}
+    if test_off is not None and test_off in medians:
+        row["test_off"] = test_off
+        row["test_off_at_stock_best"] = _versus(by_key, task, method, test_off, stock_best_lr)
+        row["test_off_at_usual_lr"] = _versus(by_key, task, method, test_off, USUAL_LR)
+    return row
+
+
+def summarize(runs: list[Any], counterparts: dict[str, tuple[str, str | None]] | None = None
+              ) -> dict[str, dict[str, Any]]:
+    """Per task, per method: median final loss per LR, robust fraction, best LR, steps to target; and, for the
+    methods in `counterparts` (method: (stock, test_off)), `do_no_harm`."""
     by_key: dict[tuple[str, str, float], list[Any]] = defaultdict(list)
     for run in runs:
         by_key[(run.task, run.method, run.lr)].append(run)
@@ -59,7 +93,11 @@ def summarize(runs: list[Any]) -> dict[str, dict[str, Any]]:
                 "rollbacks": sum(getattr(r, "rollbacks", 0) for lr in lrs for r in by_key[(task, method, lr)]),
                 "skipped_steps": sum(getattr(r, "skipped_steps", 0) for lr in lrs for r in by_key[(task, method, lr)]),
             }
-        summary[task] = {"best": best, "target": target, "cosine_best_lr": cosine_best_lr, "lrs": lrs, "rows": rows}
+        counterparts = counterparts or {}
+        harm = {method: do_no_harm(by_key, task, medians, *counterparts[method], method)
+                for method in methods if method in counterparts and counterparts[method][0] in medians}
+        summary[task] = {"best": best, "target": target, "cosine_best_lr": cosine_best_lr, "lrs": lrs, "rows": rows,
+                         "do_no_harm": harm}
     return summary
 
 
@@ -91,8 +129,26 @@ def _method_order(name: str) -> tuple[int, str]:
     return (order.index(name) if name in order else len(order), name)
 
 
-def write_report(name: str, meta: dict[str, Any], runs: list[Any], results_dir: Path) -> str:
-    summary = summarize(runs)
+def _ratio(versus: tuple[float, float, float] | None) -> str:
+    return "n/a" if versus is None else f"{versus[0]:.3f}x ({versus[1]:.3f}-{versus[2]:.3f})"
+
+
+def _do_no_harm_table(harm: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["First, do no harm: each hf_r8 method's median final loss over the stock Trainer's on the same "
+             "schedule (the seeds' spread of paired runs in brackets), at the LR where that schedule is best and at "
+             f"lr={USUAL_LR:g}; and over the same run with the LR range test off.", "",
+             "| method | stock | vs stock at stock's best LR | at lr=0.001 vs stock | vs test off at stock's best LR "
+             "| vs test off at lr=0.001 |", "|---|---|---|---|---|---|"]
+    for method, row in harm.items():
+        lines.append(f"| {method} | {row['stock']} (best lr={row['stock_best_lr']:g}) | {_ratio(row['at_stock_best'])} "
+                     f"| {_ratio(row['at_usual_lr'])} | {_ratio(row.get('test_off_at_stock_best'))} "
+                     f"| {_ratio(row.get('test_off_at_usual_lr'))} |")
+    return lines
+
+
+def write_report(name: str, meta: dict[str, Any], runs: list[Any], results_dir: Path,
+                 counterparts: dict[str, tuple[str, str | None]] | None = None) -> str:
+    summary = summarize(runs, counterparts)
     lines = [f"# LR sweep: {name}", "",
              f"Machine: {meta['machine']}. Wall time: {meta['elapsed_s'] / 60:.1f} min for {len(runs)} runs. "
              f"LR grid {meta['lr_grid']}, seeds {meta['seeds']}; each grid point is the median over seeds of the "
@@ -131,6 +187,8 @@ def write_report(name: str, meta: dict[str, Any], runs: list[Any], results_dir: 
                       "| method | at cosine's best LR | at its own best LR |", "|---|---|---|"]
             lines += [f"| {method} | {row['forgetting'][cosine_lr]:.4f} | {row['forgetting'][row['best_lr']]:.4f} |"
                       for method, row in data["rows"].items()]
+        if data["do_no_harm"]:
+            lines += ["", *_do_no_harm_table(data["do_no_harm"])]
         extra = {m: r["extra_forward_passes"] for m, r in data["rows"].items() if r["extra_forward_passes"]}
         if extra:
             lines += ["", "Extra forward passes (held-out evaluation batches the method itself reads): "
