@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerState
 from transformers.trainer_callback import ProgressCallback
 
 from hf_r8.integrations import compat
+from tests.conftest import training_args
 
 
 @pytest.mark.parametrize("name", sorted(compat.WRAPPED_METHODS))
@@ -75,3 +76,31 @@ def test_a_trainer_class_missing_an_internal_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING):
         compat.check_trainer_internals(Stripped)
     assert all(f"Trainer.{name} does not exist" in caplog.text for name in compat.TRAINER_INTERNALS)
+
+
+def test_every_trainer_attribute_r8trainer_reads_is_there(model, lm_dataset, tmp_path):
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=lm_dataset)
+    trainer._set_signature_columns_if_needed()
+    for name in compat.TRAINER_ATTRIBUTES:
+        assert hasattr(trainer, name), name
+    assert compat.train_batch_size(trainer) == 4
+    compat.keep_signature_column(trainer, "r8_index")
+    assert "r8_index" in trainer._signature_columns and "input_ids" in trainer._signature_columns
+    assert compat.is_causal_lm_loss(model)
+
+
+def test_a_missing_attribute_or_last_lr_is_a_warning_naming_it(caplog):
+    class Bare:
+        class args:  # noqa: N801 (what TrainingArguments would be)
+            per_device_train_batch_size = 7
+            average_tokens_across_devices = True
+
+    compat._warned.clear()
+    with caplog.at_level(logging.WARNING):
+        assert compat.train_batch_size(Bare()) == 7
+        compat.keep_signature_column(Bare(), "r8_index")
+        assert compat.loss_scaled_across_processes(Bare(), 10) is False
+        compat.set_logged_lr(Bare(), [1e-3])
+    for name in compat.TRAINER_ATTRIBUTES:
+        assert f"Trainer.{name}" in caplog.text
+    assert "Bare has no _last_lr list" in caplog.text

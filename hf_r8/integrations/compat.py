@@ -19,7 +19,10 @@ checkpoint before it is pushed. hf_r8 reaches for these here, and only here:
   the partitions a snapshot holds, and the CPU comm op a test need not compile;
 * `rebuilt_from_checkpoint`, `give_stateful_entry`: what `restore_callback_states_from_checkpoint` and a
   stock checkpoint do to a stateful callback;
-* `TRAINER_INTERNALS`: the private methods R8Trainer overrides or calls.
+* `TRAINER_INTERNALS`: the private methods R8Trainer overrides or calls;
+* `train_batch_size`, `keep_signature_column`, `loss_scaled_across_processes`, `is_causal_lm_loss`: the
+  Trainer's batch size and dataset columns, and how its `compute_loss` scales and shifts a loss (R8Trainer's
+  sampler and per-example losses).
 
 `check_trainer` runs when training starts: a missing internal is never a silent loss of a signal but a
 warning that names it, what goes without it, and the transformers version. `tests/test_compat.py` pins
@@ -38,6 +41,11 @@ import transformers
 from transformers import Trainer, TrainerState
 from transformers.trainer_callback import ProgressCallback
 
+try:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+except ImportError:  # warned about where it is needed (is_causal_lm_loss)
+    ForCausalLMLoss = None
+
 logger = logging.getLogger(__name__)
 
 # The Trainer methods R8Callback wraps on the instance, and what it loses without each.
@@ -54,6 +62,13 @@ TRAINER_INTERNALS = {
     "_push_from_checkpoint": "the catalog in a checkpoint pushed to the Hub",
     "_get_output_dir": "the checkpoint folder to write the catalog into",
     "_get_train_sampler": "telling a foreign sampler (kept as it is) from the stock one",
+}
+# The private Trainer attributes R8Trainer reads (set on the instance), and what needs each.
+TRAINER_ATTRIBUTES = {
+    "_train_batch_size": "the batch size auto_find_batch_size chose (R8's sampler uses the configured one)",
+    "_signature_columns": "keeping r8_index through column removal",
+    "model_accepts_loss_kwargs": "InfoBatch's reweighting scaled across processes as the stock loss is",
+    "compute_loss_func": "InfoBatch's reweighting scaled across processes as the stock loss is",
 }
 _REBUILT_MARKER = "r8_state"  # the attribute transformers sets on a callback it rebuilds from a checkpoint
 _warned: set[str] = set()
@@ -139,10 +154,58 @@ def guard_train(trainer: Any, on_error: Callable[[BaseException], None]) -> None
 
 
 def set_logged_lr(scheduler: Any, lrs: list[float]) -> None:
-    """Make a torch scheduler report `lrs` as its last LR (the Trainer logs `get_last_lr()`)."""
+    """Make a torch scheduler report `lrs` as its last LR (the Trainer logs `get_last_lr()`); a scheduler without
+    torch's `_last_lr` list is warned about once (the logged `learning_rate` is then its own, not the LR used)."""
     inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's AcceleratedScheduler wraps it
     if isinstance(getattr(inner, "_last_lr", None), list):
         inner._last_lr = lrs
+    elif inner is not None:
+        _warn_once(f"last_lr:{type(inner).__name__}",
+                   f"R8: {type(inner).__name__} has no _last_lr list (torch's LRScheduler keeps one): the logged "
+                   "learning_rate is the schedule's, not the LR R8 used")
+
+
+def train_batch_size(trainer: Any) -> int:
+    """The per-process train batch size: the Trainer's `_train_batch_size` (which `auto_find_batch_size` lowers),
+    or, without it, `args.per_device_train_batch_size` (warned about once)."""
+    size = getattr(trainer, "_train_batch_size", None)
+    if isinstance(size, int):
+        return size
+    _warn_once("attribute:_train_batch_size",
+               f"R8Trainer: Trainer._train_batch_size does not exist: no {TRAINER_ATTRIBUTES['_train_batch_size']}")
+    return trainer.args.per_device_train_batch_size
+
+
+def keep_signature_column(trainer: Any, column: str) -> None:
+    """Keep `column` among the dataset columns the Trainer does not remove (`_signature_columns`, once set)."""
+    columns = getattr(trainer, "_signature_columns", None)
+    if not isinstance(columns, list):
+        _warn_once("attribute:_signature_columns", f"R8Trainer: Trainer._signature_columns is not a list: no "
+                   f"{TRAINER_ATTRIBUTES['_signature_columns']} (set remove_unused_columns=False if it goes)")
+        return
+    if column not in columns:
+        columns.append(column)
+
+
+def loss_scaled_across_processes(trainer: Any, num_items_in_batch: Any) -> bool:
+    """Whether the stock `compute_loss` multiplies a loss averaged over `num_items_in_batch` by the process count:
+    with `average_tokens_across_devices`, when the model takes loss kwargs or a `compute_loss_func` is set."""
+    for name in ("model_accepts_loss_kwargs", "compute_loss_func"):
+        if not hasattr(trainer, name):
+            _warn_once(f"attribute:{name}", f"R8Trainer: Trainer.{name} does not exist: no {TRAINER_ATTRIBUTES[name]}")
+    takes_item_count = getattr(trainer, "model_accepts_loss_kwargs", False) or \
+        getattr(trainer, "compute_loss_func", None) is not None
+    return bool(trainer.args.average_tokens_across_devices and num_items_in_batch is not None and takes_item_count)
+
+
+def is_causal_lm_loss(model: Any) -> bool:
+    """Whether `model` computes transformers' causal-LM loss (`ForCausalLMLoss`: labels shifted by one token)."""
+    if ForCausalLMLoss is None:
+        _warn_once("loss:ForCausalLMLoss", "R8Trainer: transformers.loss.loss_utils.ForCausalLMLoss does not exist: "
+                   "causal LMs' per-example losses are not shifted, disagree with the model's, and R8 falls back to "
+                   "the batch-loss estimate")
+        return False
+    return getattr(model, "loss_function", None) is ForCausalLMLoss
 
 
 _MUTED_EVENTS = ("on_train_begin", "on_step_end", "on_log")

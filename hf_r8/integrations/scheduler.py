@@ -140,7 +140,7 @@ class AdaptiveScheduler(LRScheduler):
         if model is not None:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             if grads:
-                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                grad_norm = torch.nn.utils.get_total_norm(grads)
         self.step_loss(loss, reward, grad_norm)
 
     def step(self, epoch: int | None = None) -> None:

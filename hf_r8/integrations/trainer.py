@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Trainer
-from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from hf_r8.control.events import Event
@@ -49,7 +48,13 @@ from hf_r8.data.per_example import (
 from hf_r8.data.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
 from hf_r8.data.sampler_modes import SAMPLER_MODES
 from hf_r8.integrations.callback import R8Callback
-from hf_r8.integrations.compat import check_trainer_internals
+from hf_r8.integrations.compat import (
+    check_trainer_internals,
+    is_causal_lm_loss,
+    keep_signature_column,
+    loss_scaled_across_processes,
+    train_batch_size,
+)
 from hf_r8.runtime.moe import is_moe_model, split_router_groups
 
 logger = logging.getLogger(__name__)
@@ -134,12 +139,13 @@ class R8TrainerMixin(R8CallbackMixin):
             self._r8_resumed_plan = None
         if self.r8_catalog is None:
             self.r8_catalog = LossCatalog(size, alpha=self.r8_config.sampler.catalog_alpha)
-        self._r8_updates = CatalogUpdateQueue(self._train_batch_size)
+        batch_size = train_batch_size(self)
+        self._r8_updates = CatalogUpdateQueue(batch_size)
         sampler_config = self.r8_config.sampler
         # The stock Trainer's data order follows data_seed when it is set (accelerate's seedable sampler).
         data_seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self.r8_sampler = BalancedQuartileSampler(
-            self.r8_catalog, self._train_batch_size, seed=data_seed, proportions=sampler_config.proportions,
+            self.r8_catalog, batch_size, seed=data_seed, proportions=sampler_config.proportions,
             before_plan=self._r8_apply_all_updates, on_plan=self._r8_log_plan, mode=sampler_config.mode,
             prune_ratio=sampler_config.prune_ratio, full_data_fraction=sampler_config.full_data_fraction,
             total_epochs=self._r8_planned_epochs())
@@ -153,11 +159,11 @@ class R8TrainerMixin(R8CallbackMixin):
         if not isinstance(self.data_collator, IndexCarryingCollator):
             self.data_collator = IndexCarryingCollator(self.data_collator)
         return self._get_dataloader(dataset=IndexedDataset(self.train_dataset), description="Training",
-                                    batch_size=self._train_batch_size, sampler_fn=lambda _: self.r8_sampler,
+                                    batch_size=batch_size, sampler_fn=lambda _: self.r8_sampler,
                                     is_training=True)
 
     def _r8_planned_epochs(self) -> int:
-        batches = math.ceil(len(self.train_dataset) / (self._train_batch_size * self.args.world_size))
+        batches = math.ceil(len(self.train_dataset) / (train_batch_size(self) * self.args.world_size))
         steps_per_epoch = max(1, batches // self.args.gradient_accumulation_steps)
         if self.args.max_steps > 0:
             return math.ceil(self.args.max_steps / steps_per_epoch)
@@ -165,8 +171,7 @@ class R8TrainerMixin(R8CallbackMixin):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if INDEX_KEY not in self._signature_columns:
-            self._signature_columns.append(INDEX_KEY)
+        keep_signature_column(self, INDEX_KEY)
 
     # ----------------------------------------------------------------------------------- losses
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -251,16 +256,14 @@ class R8TrainerMixin(R8CallbackMixin):
         # Keep the stock loss (label smoothing, auxiliary terms) and add only what the weights change,
         # scaled as the stock compute_loss scales a token-averaged loss across processes.
         unweighted = weighted_loss(outputs, labels, torch.ones_like(weights), shifts, num_items_in_batch)
-        scaled_across_processes = (self.args.average_tokens_across_devices and num_items_in_batch is not None
-                                   and (self.model_accepts_loss_kwargs or self.compute_loss_func))
-        scale = self.accelerator.num_processes if scaled_across_processes else 1
+        scale = self.accelerator.num_processes if loss_scaled_across_processes(self, num_items_in_batch) else 1
         return loss + (weighted - unweighted) * scale
 
     def _r8_shifts_labels(self) -> bool:
         """Causal LMs predict token t+1 at position t: their per-example loss needs the label shift."""
         model = self.accelerator.unwrap_model(self.model)
         encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-        return getattr(model, "loss_function", None) is ForCausalLMLoss and not encoder_decoder
+        return is_causal_lm_loss(model) and not encoder_decoder
 
     def training_step(self, model: torch.nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._r8_updates is not None and self.r8_catalog is not None:
