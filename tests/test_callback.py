@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 from hf_r8 import R8Callback, R8Config
 from hf_r8.control.config import RollbackConfig
 from hf_r8.ui.run_log import METRICS_FILE, RUN_DIR, read_jsonl
-from tests.conftest import ScriptedLossModel, training_args
+from tests.trainer_setup import ScriptedLossModel, training_args
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 from hf_r8 import R8Callback
 from hf_r8.integrations.taps import _TAPPED_METHODS
 from hf_r8.ui.run_log import METRICS_FILE, RUN_DIR, read_jsonl
-from tests.conftest import training_args
+from tests.trainer_setup import training_args
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from transformers import Trainer, TrainerState
 from transformers.trainer_callback import ProgressCallback
 
 from hf_r8.integrations import compat
-from tests.conftest import training_args
+from tests.trainer_setup import training_args
 
 
 @pytest.mark.parametrize("name", sorted(compat.WRAPPED_METHODS))

@@ -19,7 +19,7 @@ from hf_r8 import R8Callback, R8Config, R8Trainer
 from hf_r8.cli import main as cli_main
 from hf_r8.ui.dashboard import Dashboard, DashboardView, plain_line, render, sparkline
 from hf_r8.ui.run_log import EVENTS_FILE, METRICS_FILE, RUN_DIR, read_jsonl
-from tests.conftest import ScriptedLossModel, training_args
+from tests.trainer_setup import ScriptedLossModel, training_args
 
 SCRIPTS = Path(__file__).parent / "scripts"
 

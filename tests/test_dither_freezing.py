@@ -14,11 +14,11 @@ from hf_r8 import R8Callback, R8Config
 from hf_r8.control.config import ExplorationConfig, FreezingConfig, RollbackConfig
 from hf_r8.runtime.dither import Dither
 from hf_r8.runtime.freezing import FreezePolicy
-from tests.conftest import training_args
 from tests.dither_freezing_models import QUIET_PREFIX, ReviveAt, model_with_a_silenceable_block
 from tests.faults import LearningRateBlast
 from tests.test_distributed import run_two_ranks
 from tests.test_rollback import RestoreProbe
+from tests.trainer_setup import training_args
 
 
 @pytest.mark.parametrize("shaping", ["rms", "magnitude"])

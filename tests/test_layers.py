@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pkgutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import hf_r8.control
-
-BLOCKED = ("torch", "transformers", "trl", "accelerate", "rich", "psutil", "matplotlib", "datasets")
+from tests.control.conftest import BLOCKED
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -29,6 +30,15 @@ def test_the_control_layer_imports_with_torch_and_transformers_blocked():
     """)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"imported {len(modules)}" in result.stdout
+
+
+def test_the_control_layers_tests_pass_with_the_frameworks_blocked():
+    tests = Path(__file__).parent
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "control")],
+                            capture_output=True, text=True, timeout=600, cwd=tests.parent,
+                            env={**os.environ, "HF_R8_BLOCK_FRAMEWORKS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and "error" not in result.stdout.splitlines()[-1]
 
 
 def test_import_hf_r8_loads_no_framework_until_an_adapter_is_used():

@@ -10,7 +10,7 @@ from hf_r8 import R8Config, R8Trainer
 from hf_r8.demo import offline
 from hf_r8.demo.offline import tiny_gpt2
 from hf_r8.runtime.moe import is_moe_model, is_router_parameter, split_router_groups
-from tests.conftest import VOCAB_SIZE, training_args
+from tests.trainer_setup import VOCAB_SIZE, training_args
 
 
 def tiny_mixtral(output_router_logits: bool = False) -> MixtralForCausalLM:

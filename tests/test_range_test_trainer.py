@@ -13,7 +13,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
 from hf_r8 import R8Callback, R8Config
 from hf_r8.demo.offline import tiny_gpt2
-from tests.conftest import training_args
+from tests.trainer_setup import training_args
 
 pytestmark = pytest.mark.integration
 

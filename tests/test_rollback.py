@@ -21,8 +21,8 @@ from hf_r8.control.rollback import RollbackPolicy
 from hf_r8.data.catalog import LossCatalog
 from hf_r8.demo.offline import tiny_gpt2
 from hf_r8.runtime.snapshot import StateSnapshot, model_tensors, trainable_parameter_names
-from tests.conftest import ScriptedLossModel, training_args
 from tests.faults import FAULT_STEP, FaultyModel, LearningRateBlast
+from tests.trainer_setup import ScriptedLossModel, training_args
 
 QUICK = dict(every_steps=10, healthy_steps=5, window=20, min_history=10)
 

@@ -13,7 +13,7 @@ from transformers import Trainer
 from hf_r8 import R8Callback
 from hf_r8.demo.offline import tiny_gpt2
 from hf_r8.ui.run_log import EVENTS_FILE, METRICS_FILE, RUN_DIR, read_jsonl, run_files_dir
-from tests.conftest import training_args
+from tests.trainer_setup import training_args
 
 pytestmark = pytest.mark.integration
 

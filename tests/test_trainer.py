@@ -10,7 +10,7 @@ from transformers import Trainer
 from hf_r8 import R8Config, R8Trainer, with_r8
 from hf_r8.control.config import SamplerConfig
 from hf_r8.demo.offline import tiny_gpt2
-from tests.conftest import training_args
+from tests.trainer_setup import training_args
 
 pytestmark = pytest.mark.integration
 IDENTITY = {"rules": [], "anneal": {"enabled": False}}  # the LR stays the schedule's: these tests are about data

@@ -14,8 +14,8 @@ from transformers import TrainerCallback
 from hf_r8 import R8Callback, R8Trainer
 from hf_r8.data.indexed_data import IndexedDataset
 from hf_r8.data.per_example import ExampleLosses, LossAgreement
-from tests.conftest import training_args
 from tests.test_trainer import RecordingR8Trainer, make_model, r8_config
+from tests.trainer_setup import training_args
 
 pytestmark = pytest.mark.integration
 
@@ -171,7 +171,7 @@ def test_an_unwrapped_language_model_is_proven_exact_without_a_warning(tokenizer
 
 def test_an_moe_model_adding_its_router_loss_is_proven_exact(lm_dataset, tmp_path, caplog):
     from hf_r8.demo.offline import tiny_mixtral
-    from tests.conftest import VOCAB_SIZE
+    from tests.trainer_setup import VOCAB_SIZE
 
     model = tiny_mixtral(VOCAB_SIZE, output_router_logits=True)
     model.router_aux_loss_coef = 0.1  # its loss = token mean + 0.1 * router aux loss: a few percent more

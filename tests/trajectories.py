@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback
 
 from hf_r8 import AdaptiveScheduler, R8Callback, R8Config, R8Loop, R8Trainer
 from hf_r8.demo.offline import build_tokenizer, english_paragraphs, language_modeling_dataset, tiny_gpt2
-from tests.conftest import ScriptedLossModel, training_args
+from tests.trainer_setup import ScriptedLossModel, training_args
 
 GOLDEN = Path(__file__).parent / "data" / "trajectories.json"
 RECORDED_ON = "recorded_on"

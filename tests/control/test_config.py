@@ -88,7 +88,7 @@ def test_unknown_preset_lists_the_available_ones():
 def test_configuration_reference_is_generated_from_the_dataclasses_and_committed():
     from hf_r8.control.config_reference import config_reference
 
-    committed = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    committed = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert committed == config_reference(), "regenerate: hf-r8 config-reference > docs/configuration.md"
     rows = [line for line in committed.splitlines() if line.startswith("| `")]
     assert len(rows) > 100 and not [row for row in rows if row.endswith("|  |")]  # every field documented
