@@ -62,7 +62,7 @@ __all__ = [
     "register_sampler_mode",
     "with_r8",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str) -> Any:

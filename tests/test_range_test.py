@@ -187,3 +187,24 @@ def test_one_field_turns_the_search_off(tokenizer, lm_dataset, tmp_path):
     _train_lm(tokenizer, lm_dataset, tmp_path, [r8], learning_rate=3e-5)
     assert not [event for event in r8.events if event.rule == "range_test"]
     assert not (tmp_path / "r8_range_test.json").exists()
+
+
+@pytest.mark.integration
+def test_a_lower_choice_keeps_the_users_lr_unless_the_sweep_blew_up_at_or_below_it(tokenizer, lm_dataset, tmp_path):
+    """LR 0.1 on the tiny GPT-2: the sweep's valley lies ~40x lower, but nothing blows up before 0.1; the first
+    run of the bench's tabular task lost 42% to such a cut. LR 1.0: blown up below it, and lowered."""
+    chosen = {}
+    for learning_rate in (0.1, 1.0):
+        config = R8Config.from_preset("default")
+        config.range_test.steps = 15
+        r8 = R8Callback(config)
+        model = tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+        Trainer(model=model, args=training_args(tmp_path / str(learning_rate), max_steps=20,
+                                                learning_rate=learning_rate),
+                train_dataset=lm_dataset, callbacks=[r8]).train()
+        [rebase] = [event for event in r8.events if event.rule == "range_test"]
+        chosen[learning_rate] = (rebase.new_value, rebase.reason)
+    gain, reason = chosen[0.1]
+    assert gain == 1.0 and "does not show the LR set too high (range_test.keep_unless_too_high): kept" in reason
+    gain, reason = chosen[1.0]
+    assert gain < 0.2 and "the blow-up's gain / 10" in reason and "kept" not in reason

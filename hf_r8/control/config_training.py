@@ -30,7 +30,9 @@ class RangeTestConfig(ValidatedConfig):
     training goes on at (the gain of the lowest denoised loss) / backoff, which becomes the controller's new
     base (on a curve flat within its noise, as a pre-trained model's often is, the gain where it blows up /
     backoff). A choice within `keep_band` of the user's LR keeps it: the test cannot tell LRs that close
-    apart. `enabled: false` leaves the user's LR as it is.
+    apart; so does a choice below it, unless the curve shows the user's LR too high
+    (`keep_unless_too_high`): "minimum / 10" is a margin for choosing, not evidence against an LR
+    that the curve shows still good. `enabled: false` leaves the user's LR as it is.
     """
 
     SECTION: ClassVar[str] = "range_test"
@@ -68,6 +70,9 @@ class RangeTestConfig(ValidatedConfig):
         "help": "Noise deviations that make a valley (the minimum below the level of the sweep's first "
                 "third) or a blow-up (a loss above it); without a valley the choice is the blow-up's gain / "
                 "backoff. 0: always the minimum's."})
+    keep_unless_too_high: bool = field(default=True, metadata={
+        "help": "Lower the LR set only where the curve shows it too high (blown up at or below it); a lower "
+                "choice otherwise keeps it. False: the curve's choice either way."})
 
     def _check(self) -> None:
         if self.steps is not None and self.steps < 5:

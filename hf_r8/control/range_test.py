@@ -27,6 +27,9 @@ a causal EMA is: at ~3x per step, two steps of EMA lag are a decade of LR).
   and its summary says so.
 
 A choice within `keep_band` of 1 keeps the user's LR: a sweep this coarse cannot tell LRs that close apart.
+A choice below 1 keeps it too unless the curve blew up at or below gain 1 (`keep_unless_too_high`): the
+"minimum / backoff" rule is a safety margin for picking an LR off the curve, not evidence against an LR the
+curve shows still short of its blow-up, and lowering a good LR costs a run what keeping it cannot.
 
 `range_test_length` sizes the test to the run. Pure Python: the caller restores the model and optimizer
 to their state before the test (going on from the sweep's best weights instead was measured: those
@@ -211,17 +214,31 @@ class LRRangeTest:
     def suggested_gain(self) -> float:
         return self.suggestion()[0]
 
+    def blew_up_by_the_lr_set(self) -> bool:
+        """Whether the curve shows the user's LR (gain 1) too high: it blew up at or below it. A valley below gain 1
+        is not enough: a few steps at each gain favour small ones, and the user's LR may still be in the
+        curve's good region (measured: bench/README.md)."""
+        blow_up = self.blow_up_gain()
+        return blow_up is not None and blow_up <= 1.0
+
+    def kept_because(self) -> str | None:
+        """Why the user's LR is kept over the suggestion (see the module docstring); None when it is not."""
+        gain, band = self.suggested_gain(), self.config.keep_band
+        if gain != 1.0 and 1.0 / band <= gain <= band:
+            return f"within range_test.keep_band={band:g}"
+        if gain < 1.0 and self.config.keep_unless_too_high and not self.blew_up_by_the_lr_set():
+            return "lower, but the curve does not show the LR set too high (range_test.keep_unless_too_high)"
+        return None
+
     def chosen_gain(self) -> float:
-        """The suggestion, or 1 (the user's LR) when the suggestion is within `keep_band` of it."""
-        gain = self.suggested_gain()
-        band = self.config.keep_band
-        return 1.0 if 1.0 / band <= gain <= band else gain
+        """The suggestion, or 1 (the user's LR) when `kept_because` says why."""
+        return 1.0 if self.kept_because() is not None else self.suggested_gain()
 
     def summary(self, restored: str) -> str:
         """What the test saw and chose, with `restored` saying what was put back (for events)."""
         best, (suggested, basis), gain = self.best(), self.suggestion(), self.chosen_gain()
-        kept = "" if gain == suggested else \
-            f" (its suggestion x{suggested:.3g} is within range_test.keep_band={self.config.keep_band:g}: kept)"
+        why = self.kept_because()
+        kept = "" if why is None else f" (its suggestion x{suggested:.3g} is {why}: kept)"
         faults = f"; {self.faults} faulty losses left out, their updates skipped" if self.faults else ""
         outcome = "diverged" if self.diverged else "completed"
         return (f"LR range test {outcome} after {self.measured + 1} steps{faults}: lowest denoised loss "

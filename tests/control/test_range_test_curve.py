@@ -92,6 +92,28 @@ def test_a_curve_flat_within_its_noise_is_judged_by_where_it_blows_up():
         "without the noise test the noisy minimum would be taken"
 
 
+def test_the_users_lr_is_lowered_only_where_the_curve_shows_it_too_high():
+    # the valley's lowest point at gain ~2 (suggestion ~0.2, out of the keep band): the LR set is below the
+    # minimum, and "minimum / 10" is no evidence against it
+    below_the_minimum = [6.0, 6.0, 6.01, 5.99, 6.0, 3.0, 3.0, 3.0, 40.0, 80.0, 90.0, 99.0, 99.0, 99.0, 99.0]
+    test = _swept(below_the_minimum)
+    assert test.has_valley() and test.best()[0] == pytest.approx(test.gain(5)) and test.suggested_gain() < 1 / 3
+    assert not test.blew_up_by_the_lr_set() and test.chosen_gain() == 1.0
+    assert "does not show the LR set too high (range_test.keep_unless_too_high): kept" in test.summary("restored")
+    assert _swept(below_the_minimum, keep_unless_too_high=False).chosen_gain() == pytest.approx(test.gain(5) / 10)
+    # past a valley at ~0.7, still short of the blow-up (~6): kept as well
+    past_the_valley = [6.0, 6.0, 6.01, 5.99, 6.0, 3.0, 2.5, 9.0, 40.0, 80.0, 90.0, 99.0, 99.0, 99.0, 99.0]
+    test = _swept(past_the_valley)
+    assert test.best()[0] == pytest.approx(test.gain(4)) and test.blow_up_gain() > 1
+    assert test.chosen_gain() == 1.0
+    # blown up from gain ~0.7, below the LR set: lowered
+    blown_below = [6.0, 6.0, 6.01, 5.99, 6.0, 9.0, 40.0, 80.0, 90.0, 99.0, 99.0, 99.0, 99.0, 99.0, 99.0]
+    test = _swept(blown_below)
+    assert test.blow_up_gain() == pytest.approx(test.gain(4)) and test.blow_up_gain() < 1
+    assert test.blew_up_by_the_lr_set()
+    assert test.chosen_gain() == pytest.approx(test.gain(4) / 10)
+
+
 def test_a_flat_curve_that_never_rises_keeps_the_users_lr():
     assert _swept([4.0, 4.1, 3.9, 4.0, 4.05, 3.95, 4.0, 4.1, 3.9, 4.0]).chosen_gain() == 1.0
 
