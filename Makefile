@@ -71,7 +71,7 @@ lock: test-latest
 	$(LATEST_VENV)/$(FREEZE) > $(CONSTRAINTS)
 	$(LATEST_PPO_VENV)/$(FREEZE) > $(PPO_CONSTRAINTS)
 
-# LR robustness sweep (bench/README.md): quick ~25 min on 2 cores (3 tasks x 11 methods); full takes hours.
+# LR robustness sweep (bench/README.md): quick ~30 min on 2 cores (4 tasks x 11 methods); full takes hours.
 bench-quick: install
 	$(VENV)/bin/python bench/lr_sweep.py --quick
 
