@@ -49,7 +49,7 @@ from hf_r8.data.sampler import BalancedQuartileSampler
 from hf_r8.integrations.scheduler import one_value
 from hf_r8.runtime.host_copy import HostCopy
 from hf_r8.runtime.signal_packing import pack_signals, unpack_signals
-from hf_r8.ui.dashboard import Dashboard, DashboardView
+from hf_r8.ui.dashboard import Dashboard, DashboardView, show_event
 
 STATE_VERSION = 1
 """The version of `R8Loop.state_dict()`; a newer one is refused with a message naming it."""
@@ -235,10 +235,7 @@ class R8Loop:
         self._snapshot = (self.step, state, self.engine.snapshot_taken(self.step))
 
     def _show(self, event: Event) -> None:
-        if event.group <= 0:
-            self._view.decisions.append(f"step {event.step} {event.rule}/{event.action}: {event.reason}")
-        if event.rule == "anneal" and self._dashboard is not None:
-            self._dashboard.announce(f"step {event.step}: anneal: {event.reason}")
+        show_event(self._view, self._dashboard, event)
 
     def _update_view(self, loss: float) -> None:
         view = self._view

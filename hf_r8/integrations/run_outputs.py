@@ -21,7 +21,7 @@ from hf_r8.control.controller import Observation
 from hf_r8.control.decision import Decision
 from hf_r8.control.events import Event
 from hf_r8.integrations.compat import mute_training_bar
-from hf_r8.ui.dashboard import Dashboard, DashboardView
+from hf_r8.ui.dashboard import Dashboard, DashboardView, show_event
 from hf_r8.ui.run_log import RUN_DIR, RunLog
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,8 @@ class RunOutputs:
             self._run_log.event({"step": event.step, "kind": f"{event.rule}/{event.action}", "group": event.group,
                                  "old": event.old_value, "new": event.new_value, "reason": event.reason,
                                  "signals": signals})
-        if self.view is not None and event.group <= 0:
-            self.view.decisions.append(f"step {event.step} {event.rule}/{event.action}: {event.reason}")
-        if event.rule == "anneal" and self._dashboard is not None:  # once a run: a line also where nothing redraws
-            self._dashboard.announce(f"step {event.step}: anneal: {event.reason}")
+        if self.view is not None:
+            show_event(self.view, self._dashboard, event)
         self._events_since_log += 1
         if event.rule == "decision" and event.group == 0:
             self._decision_since_log = Decision(event.action).code

@@ -32,6 +32,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from hf_r8.control.events import Event
+
 logger = logging.getLogger(__name__)
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -82,6 +84,15 @@ class DashboardView:
     def eta_seconds(self) -> float | None:
         rate = self.steps_per_second()
         return (self.max_steps - self.step) / rate if rate > 0 and self.max_steps else None
+
+
+def show_event(view: DashboardView, dashboard: Dashboard | None, event: Event) -> None:
+    """A decision of the whole run (group -1) or of the first group, among the view's last decisions; the
+    anneal, once a run, also as a line where nothing redraws."""
+    if event.group <= 0:
+        view.decisions.append(f"step {event.step} {event.rule}/{event.action}: {event.reason}")
+    if event.rule == "anneal" and dashboard is not None:
+        dashboard.announce(f"step {event.step}: anneal: {event.reason}")
 
 
 def _number(value: float | None, digits: int = 4) -> str:
