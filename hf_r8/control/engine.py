@@ -15,8 +15,8 @@ the snapshots of the weights, its host's events) and hands the engine numbers; t
 One step, in the engine's calls (each adapter makes them at its host's moments, see `docs/architecture.md`):
 
     engine.lr(group, schedule_lr, step_index)   the LR to write: the range test's sweep, or schedule x gain
-    engine.rollback.guard / .observe(step, loss) what the step's loss and gradient norm say (skip, roll back)
-    engine.roll_back(action, ...) / skip_step    what follows: the controller's brake, low-loss batches, events
+    engine.check(step, loss, grad_norm)        the step's verdict: apply (snapshot?), drop, pass, roll back, stop
+    engine.roll_back(action, ...) / stop        after a rollback: the controller's brake, low-loss batches, events
     engine.observe(observation)                 the controller learns from the finished step
 
 `state_dict()` holds the decisions' state as plain, JSON-safe data: the controller, the rollback policy, whether
@@ -28,6 +28,7 @@ torch, no transformers.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -38,7 +39,7 @@ from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, GroupSpec, Observation
 from hf_r8.control.events import Event, event_log
 from hf_r8.control.range_test import LRRangeTest, no_range_test_reason, range_test_length
-from hf_r8.control.rollback import RollbackAction, RollbackPolicy
+from hf_r8.control.rollback import RollbackAction, RollbackPolicy, Verdict
 
 
 class DataPlan(Protocol):
@@ -87,11 +88,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------ each step
     def lr(self, index: int, schedule_lr: float, step_index: int) -> float:
-        """The LR of group `index` at optimizer step `step_index + 1`: during the range test, the schedule's LR
-        times the sweep's gain; after it, the controller's `schedule_lr x gain` within bounds, annealed at the
-        end of a run whose schedule stays high (decided, and recorded, when the anneal would start)."""
+        """The LR of group `index` at optimizer step `step_index + 1`: during the range test, the group's base LR
+        (the LR the user set) times the sweep's gain, whatever the schedule says (a warmup's first values would
+        shift the sweep); after it, the controller's `schedule_lr x gain` within bounds, annealed at the end of a
+        run whose schedule stays high (decided, and recorded, when the anneal would start)."""
         if self.range_test is not None:
-            return schedule_lr * self.range_test.gain(step_index)
+            return self.specs[index].base_lr * self.range_test.gain(step_index)
         if index == 0:
             base_lr = self.specs[0].base_lr
             started = self.anneal.decide(step_index, schedule_lr / base_lr if base_lr > 0 else 1.0)
@@ -109,17 +111,71 @@ class Engine:
             self.record(event)
 
     # ------------------------------------------------------------------------------- rollback
-    def skip_step(self, step: int, why: str) -> None:
-        """The guard's verdict carried out: step `step` was not applied (`why` says what was non-finite, and who
-        skipped it)."""
+    def check(self, step: int, loss: float | None, grad_norm: float | None = None, *,
+              weights_finite: Callable[[], bool] | None = None, skipped_by: Callable[[], str | None] | None = None,
+              scaler_owns_overflow: bool = False) -> Verdict:
+        """Judge step `step` from its loss and gradient norm (all processes'): before it is applied, or right after
+        on a host that applies it first (`applied_before_check`). The adapter carries the verdict out.
+
+        Args:
+            weights_finite: whether every weight is finite, asked only after a non-finite loss; None: the host
+                cannot tell, and an applied non-finite step is taken as damage when rollback is on.
+            skipped_by: on a host that applies a step before its check, who skipped a non-finite one itself
+                ("the DeepSpeed engine"), or None when it was applied; asked only after a non-finite value.
+            scaler_owns_overflow: an fp16 grad scaler will skip a step with non-finite gradients (and lower its
+                scale): with a finite loss that is its overflow handling, not a fault.
+        """
+        config = self.config.rollback
+        if not (config.enabled or config.guard_nonfinite):
+            return Verdict("apply")  # nothing is checked, as the stock Trainer checks nothing
+        fault = self.rollback.guard(loss, grad_norm)
+        if fault is not None:
+            return self._non_finite(step, loss, fault, weights_finite, skipped_by, scaler_owns_overflow)
+        action = self.rollback.observe(step, loss)
+        if action is None:
+            return Verdict("apply", snapshot=self.rollback.should_snapshot(step))
+        if action.kind in ("skip", "record"):  # a first spike: skipped, or already applied and recorded
+            applied = action.kind == "record"
+            self.record(Event(step, -1, "rollback", "spike" if applied else "skip_step", 1.0,
+                              1.0 if applied else 0.0, action.reason, quantity="step_applied"))
+            return Verdict("pass" if applied else "drop", action.reason, action)
+        return Verdict("stop" if action.kind == "stop" else "roll_back", action.reason, action)
+
+    def _non_finite(self, step: int, loss: float | None, fault: str, weights_finite: Callable[[], bool] | None,
+                    skipped_by: Callable[[], str | None] | None, scaler_owns_overflow: bool) -> Verdict:
+        """The guard's verdict on a step with a non-finite loss or gradient norm (`fault` says which)."""
+        loss_finite = loss is not None and math.isfinite(loss)
+        if scaler_owns_overflow and loss_finite:
+            return Verdict("pass", f"{fault}: the grad scaler skips the step")
+        if not self.rollback.applied_before_check:
+            self._skipped(step, f"{fault}: optimizer step skipped")
+            if not loss_finite and weights_finite is not None and not weights_finite():
+                return self._damage(step, "non-finite weights")
+            return Verdict("drop", fault)
+        who = skipped_by() if skipped_by is not None else None
+        if who is not None:
+            self._skipped(step, f"{fault}: {who} skipped the step")
+            return Verdict("pass", fault)
+        self.rollback.last_anomaly_step = step
+        if weights_finite is not None:
+            if not weights_finite():
+                return self._damage(step, f"{fault} applied: non-finite weights")
+            why = "its step was applied and left the weights finite"
+        elif self.config.rollback.enabled:
+            return self._damage(step, f"{fault} applied")
+        else:
+            why = "its step was already applied (rollback is off: no state to go back to)"
+        self.record(Event(step, -1, "guard", "nonfinite_loss", 1.0, 1.0, f"{fault}: kept from the controller; {why}",
+                          quantity="step_applied"))
+        return Verdict("pass", fault)
+
+    def _skipped(self, step: int, why: str) -> None:
         self.rollback.record_skip(step)
         self.record(Event(step, -1, "guard", "skip_step", 1.0, 0.0, why, quantity="step_applied"))
 
-    def spike_handled(self, action: RollbackAction) -> None:
-        """A first spike: its step skipped ("skip"), or, already applied, recorded ("record")."""
-        applied = action.kind == "record"
-        self.record(Event(action.step, -1, "rollback", "spike" if applied else "skip_step", 1.0,
-                          1.0 if applied else 0.0, action.reason, quantity="step_applied"))
+    def _damage(self, step: int, reason: str) -> Verdict:
+        action = self.rollback.damage(step, reason)
+        return Verdict("stop" if action.kind == "stop" else "roll_back", action.reason, action)
 
     def snapshot_state(self) -> dict[str, Any]:
         """What a snapshot of the weights carries of the engine: the controller, and the spike detector's level

@@ -43,6 +43,31 @@ class RollbackAction:
     attempt: int = 0
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """`Engine.check`'s judgement of one step, which the adapter carries out.
+
+    kind:
+        "apply": the step is applied and the controller learns from it; with `snapshot`, the weights are
+            healthy and due for a snapshot (those the step starts from, or, on a host that applies a step
+            before its check, those it left).
+        "drop": the step must not be applied: the adapter drops its gradients.
+        "pass": nothing to carry out, and the controller does not learn from the step: the host skipped it
+            (the fp16 grad scaler, DeepSpeed's overflow check) or had applied it already (recorded).
+        "roll_back", "stop": restore a snapshot (`action.attempt` snapshots back) and go on from it, or stop.
+    """
+
+    kind: str
+    reason: str = ""
+    action: RollbackAction | None = None
+    snapshot: bool = False
+
+    @property
+    def observed(self) -> bool:
+        """Whether the controller learns from the step's signals (a step not applied says nothing of the LR)."""
+        return self.kind == "apply"
+
+
 class SpikeDetector:
     """Is a loss far above the current level of the recent healthy losses?
 

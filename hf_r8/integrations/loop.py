@@ -192,27 +192,14 @@ class R8Loop:
             if engine.range_test.finished:
                 self._finish_range_test()
             return
-        rollback = self.config.rollback
-        if not math.isfinite(loss) and rollback.enabled:  # the step that made it is applied: the weights are damaged
-            action = engine.rollback.damage(step, f"non-finite loss {loss}")
-        elif rollback.enabled or rollback.guard_nonfinite:  # with both off, as under R8Callback, nothing is checked
-            action = engine.rollback.observe(step, loss)
-        else:
-            action = None
-        if action is not None and action.kind == "record":
-            engine.spike_handled(action)
-        elif action is not None:
-            self._roll_back(action)
+        verdict = engine.check(step, loss)  # the step is applied: a spike is recorded, damage rolled back
+        if verdict.kind in ("roll_back", "stop"):
+            self._roll_back(verdict.action)
             return
-        if not math.isfinite(loss) and rollback.guard_nonfinite:
-            engine.record(Event(step, -1, "guard", "nonfinite_loss", 1.0, 1.0, f"non-finite loss {loss}: kept from the "
-                                "controller; its step was already applied (rollback is off: no state to go back to)",
-                                quantity="step_applied"))
-            self._update_view(loss)
-            return
-        engine.observe(Observation(step=step, loss=loss))
-        if self.save is not None and math.isfinite(loss) and engine.rollback.should_snapshot(step):
-            self.snapshot(self.save())
+        if verdict.observed:
+            engine.observe(Observation(step=step, loss=loss))
+            if verdict.snapshot and self.save is not None:
+                self.snapshot(self.save())
         self._update_view(loss)
 
     def _roll_back(self, action: RollbackAction) -> None:

@@ -1,8 +1,8 @@
 """Rollback in a Trainer run: the guard before each optimizer step, the CPU-RAM snapshots, the restore.
 
-The engine's rollback policy (`control/rollback.py`) decides (skip, roll back, stop) from numbers, and the
-engine carries out what is not tensors (the controller's brake, low-loss batches, events); this module acts
-on the Trainer's model and optimizer. In `on_pre_optimizer_step` the step's loss and gradient norm are read
+The engine judges each step from numbers (`Engine.check`: apply, drop, roll back, stop, with its reason) and
+carries out what is not tensors (the controller's brake, low-loss batches, events); this module carries the
+verdict out on the Trainer's model and optimizer. In `on_pre_optimizer_step` the step's loss and gradient norm are read
 on the host (one sync; the stock Trainer's NaN filter already syncs on the loss). A non-finite value skips the step (its
 gradients dropped); a spike, or non-finite weights, restore the last healthy snapshot (weights, optimizer
 state, controller, RNG, grad scaler, frozen set), cut the LR gain, drop the step in flight and ask
@@ -22,7 +22,6 @@ and the weights after the checked step, whose loss and gradient norm passed the 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
@@ -69,8 +68,7 @@ class RollbackManager:
 
     def __init__(self, config: RollbackConfig, trainer: Any, optimizer: torch.optim.Optimizer, engine: Engine) -> None:
         self.config, self.engine = config, engine
-        self.policy = engine.rollback
-        self.applied_before_check = self.policy.applied_before_check
+        self.applied_before_check = engine.rollback.applied_before_check
         """DeepSpeed: the engine applied the step before R8 sees its signals (see the module docstring)."""
         self.trainer, self.model, self.optimizer = trainer, trainer.model, optimizer
         self.checks_steps, self.snapshots_allowed = supported_scope(config, trainer)
@@ -82,7 +80,7 @@ class RollbackManager:
         """Set once the run's parameter actions exist: its frozen set is part of each snapshot."""
 
     def counts(self) -> dict[str, int]:
-        policy = self.policy
+        policy = self.engine.rollback
         return {"skipped_steps": policy.skipped_steps, "rollbacks": policy.rollbacks,
                 "wasted_steps": policy.wasted_steps}
 
@@ -91,50 +89,27 @@ class RollbackManager:
         self.checks_steps = self.snapshots_allowed = False
 
     def before_step(self, step: int, signals: StepSignals, args: TrainingArguments, control: TrainerControl) -> None:
-        """Check step `step` before it is applied; skip it, roll back, or snapshot the weights it starts from."""
-        action = self._check(step, signals, args.device)
-        if action is not None:
-            self._roll_back(action, step, signals, args, control)
-        # Otherwise the weights are still those after step - 1, and this step's loss, computed on them,
-        # has just passed the check: a snapshot taken now is never of a damaged model. Under DeepSpeed they
-        # are those after this step, whose loss and gradient norm have just passed it.
-        elif (self.snapshots_allowed and self.policy.should_snapshot(step)
-              and self.take_snapshot(self.weights_step(step), args.device)):
-            self.policy.snapshot_taken(step)
+        """Read step `step`'s loss and gradient norm (all processes) before it is applied (one sync), and carry out
+        the engine's verdict: apply it (taking a due snapshot), drop it, roll back or stop."""
+        observed = signals.read_now(step)
+        verdict = self.engine.check(
+            step, observed.loss, observed.grad_norm, weights_finite=lambda: self._weights_finite(args.device),
+            skipped_by=lambda: "the DeepSpeed engine" if deepspeed_step_skipped(self.trainer) else None,
+            scaler_owns_overflow=grad_scaler(self.trainer) is not None)
+        signals.dropped = not verdict.observed  # a step not applied is not evidence about the LR
+        if verdict.kind == "drop":
+            self.optimizer.zero_grad(set_to_none=True)
+        elif verdict.kind in ("roll_back", "stop"):
+            self.optimizer.zero_grad(set_to_none=True)  # the step in flight: damaged weights, or a spike's batch
+            self._roll_back(verdict.action, step, args, control)
+        # A snapshot taken now is of the weights after step - 1, on which this step's loss has just passed the
+        # check: never of a damaged model. Under DeepSpeed they are those after this step, checked likewise.
+        elif verdict.snapshot and self.snapshots_allowed and self.take_snapshot(self.weights_step(step), args.device):
+            self.engine.snapshot_taken(step)
 
     def weights_step(self, step: int) -> int:
         """The updates the weights hold when step `step` is checked."""
         return step if self.applied_before_check else step - 1
-
-    def _check(self, step: int, signals: StepSignals, device: torch.device) -> RollbackAction | None:
-        """Read this step's loss and gradient norm (all processes) before it is applied; skip or ask for a rollback."""
-        observed = signals.read_now(step)
-        loss, grad_norm = observed.loss, observed.grad_norm
-        reason = self.policy.guard(loss, grad_norm)
-        if reason is None:
-            return self.policy.observe(step, loss)
-        signals.dropped = True  # a skipped step is not evidence about the LR: the controller never sees it
-        if grad_scaler(self.trainer) is not None and loss is not None and math.isfinite(loss):
-            # An fp16 overflow in the gradients: the grad scaler skips the step and lowers its scale. Not applied,
-            # so, as for a step the guard skips, the controller never sees it and no dither follows it.
-            return None
-        if self.applied_before_check:
-            return self._check_engine_step(step, reason, device)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.engine.skip_step(step, f"{reason}: optimizer step skipped")
-        if loss is not None and not math.isfinite(loss) and not self._weights_finite(device):
-            return self.policy.damage(step, "non-finite weights")
-        return None
-
-    def _check_engine_step(self, step: int, reason: str, device: torch.device) -> RollbackAction | None:
-        """A non-finite step under DeepSpeed, already taken by the engine: its own skip, or damage to undo."""
-        if deepspeed_step_skipped(self.trainer):
-            self.engine.skip_step(step, f"{reason}: the DeepSpeed engine skipped the step")
-            return None
-        self.policy.last_anomaly_step = step
-        if not self._weights_finite(device):
-            return self.policy.damage(step, f"{reason} applied by the DeepSpeed engine: non-finite weights")
-        return None
 
     def _weights_finite(self, device: torch.device) -> bool:
         """Whether every trainable parameter is finite on every process (read only after a non-finite loss)."""
@@ -148,15 +123,9 @@ class RollbackManager:
         partition = zero3_partition(param)
         return partition if partition is not None else local_part(param)
 
-    def _roll_back(self, action: RollbackAction, step: int, signals: StepSignals, args: TrainingArguments,
-                   control: TrainerControl) -> None:
-        """Skip this step; for damage, also restore a snapshot, restart the LR lower and stabilize the data."""
-        self.optimizer.zero_grad(set_to_none=True)  # the step in flight: a spike's batch, or damaged weights
-        signals.dropped = True
-        if action.kind in ("record", "skip"):  # a first spike: skipped, or (DeepSpeed) already applied
-            self.engine.spike_handled(action)
-            return
-        # The n-th rollback in a row goes n snapshots back, as far as `rollback.keep` allows.
+    def _roll_back(self, action: RollbackAction, step: int, args: TrainingArguments, control: TrainerControl) -> None:
+        """Restore a snapshot (the n-th rollback in a row goes n snapshots back, as far as `rollback.keep` allows),
+        then restart the LR lower and stabilize the data, or stop."""
         kept = self.snapshots
         snapshot = kept[-min(max(action.attempt, 1), len(kept))] if kept else None
         if snapshot is not None:

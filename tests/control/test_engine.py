@@ -38,8 +38,7 @@ def _drive(engine: Engine, steps: range) -> list[tuple[float, float, float | Non
     written = []
     for step in steps:
         written.append((engine.lr(0, 1e-3, step - 1), engine.lr(1, 1e-4, step - 1), engine.momentum(0)))
-        action = engine.rollback.observe(step, _loss(step))
-        assert action is None
+        assert engine.check(step, _loss(step)).kind == "apply"
         engine.observe(Observation(step=step, loss=_loss(step), grad_norm=1.0 + 0.1 * math.cos(step)))
     return written
 
@@ -57,16 +56,55 @@ def test_a_state_dict_through_json_continues_the_same_run():
     assert resumed.state_dict() == straight.state_dict()
 
 
-def test_a_first_spike_is_skipped_before_its_step_and_only_recorded_after_it():
-    for applied_before_check, first_kind, first_action in ((False, "skip", "skip_step"), (True, "record", "spike")):
+def test_a_first_spike_is_dropped_before_its_step_and_only_recorded_after_it():
+    for applied_before_check, first_kind, first_action in ((False, "drop", "skip_step"), (True, "pass", "spike")):
         engine = _engine(applied_before_check=applied_before_check)
         _drive(engine, range(1, 41))
-        action = engine.rollback.observe(41, 50.0)
-        assert action.kind == first_kind
-        engine.spike_handled(action)
+        verdict = engine.check(41, 50.0)
+        assert verdict.kind == first_kind and not verdict.observed
         assert engine.events[-1].action == first_action
         assert engine.rollback.skipped_steps == (0 if applied_before_check else 1)
-        assert engine.rollback.observe(42, 50.0).kind == "rollback"  # a second spike in a row: damage
+        second = engine.check(42, 50.0)  # a second spike in a row: damage
+        assert second.kind == "roll_back" and second.action.attempt == 1
+
+
+def test_a_non_finite_step_is_dropped_and_rolled_back_only_if_the_weights_are_damaged():
+    engine = _engine()
+    _drive(engine, range(1, 41))
+    assert engine.check(41, math.nan, weights_finite=lambda: True).kind == "drop"
+    assert engine.check(42, 2.5, math.inf).kind == "drop"  # a non-finite gradient norm alone
+    assert engine.rollback.skipped_steps == 2 and [event.action for event in engine.events][-2:] == ["skip_step"] * 2
+    damaged = engine.check(43, math.nan, weights_finite=lambda: False)
+    assert damaged.kind == "roll_back" and "non-finite weights" in damaged.reason
+    # A grad scaler's overflow (finite loss, non-finite gradients) is its own to skip: nothing recorded.
+    events = len(engine.events)
+    assert engine.check(44, 2.5, math.inf, scaler_owns_overflow=True).kind == "pass"
+    assert len(engine.events) == events and engine.rollback.skipped_steps == 3  # 43 was dropped too
+
+
+def test_a_non_finite_step_already_applied_is_the_hosts_skip_damage_or_kept_from_the_controller():
+    engine = _engine(applied_before_check=True)
+    _drive(engine, range(1, 41))
+    assert engine.check(41, math.nan, skipped_by=lambda: "the DeepSpeed engine").kind == "pass"
+    assert "the DeepSpeed engine skipped the step" in engine.events[-1].reason
+    assert engine.check(42, math.nan, weights_finite=lambda: True).kind == "pass"
+    assert engine.events[-1].action == "nonfinite_loss"
+    assert engine.check(43, math.nan).kind == "roll_back"  # the weights unknown, rollback on: taken as damaged
+    engine.config.rollback.enabled = False
+    assert engine.check(44, math.nan).kind == "pass" and "rollback is off" in engine.events[-1].reason
+    engine.config.rollback.guard_nonfinite = False
+    assert engine.check(45, math.nan).kind == "apply"  # nothing is checked: the controller's brake sees it
+
+
+def test_a_healthy_step_is_due_for_a_snapshot_every_every_steps():
+    engine = _engine()
+    every = engine.config.rollback.every_steps
+    due = []
+    for step in range(1, 4 * every + engine.config.rollback.healthy_steps):
+        if engine.check(step, _loss(step)).snapshot:
+            due.append(step)
+            engine.snapshot_taken(step)
+    assert len(due) >= 3 and all(after - before == every for before, after in zip(due, due[1:], strict=False))
 
 
 def test_a_rollback_restores_the_engine_brakes_the_lr_and_asks_the_plan_for_low_loss_batches():
@@ -77,8 +115,8 @@ def test_a_rollback_restores_the_engine_brakes_the_lr_and_asks_the_plan_for_low_
     gain_at_snapshot = engine.controller.lr_gain(0)
     _drive(engine, range(31, 41))
 
-    engine.rollback.observe(41, 50.0)
-    action = engine.rollback.observe(42, 50.0)
+    engine.check(41, 50.0)
+    action = engine.check(42, 50.0).action
     engine.restore(snapshot)
     reason = engine.roll_back(action, restored_step=30, weights_step=42)
 
@@ -101,6 +139,8 @@ def test_the_range_test_sweeps_then_rebases_the_controller_on_its_choice():
     engine.start_range_test(length)
     test = engine.range_test
     assert engine.lr(0, 1e-3, 0) == 1e-3 * test.gain(0) and engine.momentum(0) is None
+    # The sweep multiplies the LR the user set, not a schedule's value (a warmup's first one is ~0).
+    assert engine.lr(0, 1e-6, 3) == 1e-3 * test.gain(3) and engine.lr(1, 0.0, 3) == 1e-4 * test.gain(3)
 
     step_index = 0  # the loss falls as the gain grows, then blows up past x100
     while not engine.range_test_loss(step_index, 3.0 - 0.1 * math.log(test.gain(step_index))
@@ -131,5 +171,5 @@ def test_events_reach_the_listener_once_each():
     heard = []
     engine = _engine(listener=heard.append)
     _drive(engine, range(1, 61))
-    engine.skip_step(61, "non-finite loss nan: optimizer step skipped")
+    engine.check(61, math.nan)
     assert heard == list(engine.events) and heard[-1].rule == "guard"
