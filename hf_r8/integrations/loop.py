@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_r8.control.controller import Controller, GroupSpec, Observation
+from hf_r8.control.controller import Controller, GroupSpec
 from hf_r8.control.engine import Engine
 from hf_r8.control.events import Event
 from hf_r8.control.resolve import ConfigLike, resolve_config
@@ -48,7 +48,8 @@ from hf_r8.data.catalog import LossCatalog
 from hf_r8.data.sampler import BalancedQuartileSampler
 from hf_r8.integrations.scheduler import one_value
 from hf_r8.runtime.host_copy import HostCopy
-from hf_r8.runtime.signal_packing import pack_signals, unpack_signals
+from hf_r8.runtime.signal_packing import pack_signals
+from hf_r8.runtime.signal_stage import SignalStage
 from hf_r8.ui.dashboard import Dashboard, DashboardView, show_event
 
 STATE_VERSION = 1
@@ -105,7 +106,9 @@ class R8Loop:
         self._epoch = 0  # the epoch under way
         self._batches_taken = 0  # of its plan, so far
         self._batch: np.ndarray | None = None
-        self._staged: tuple[int, np.ndarray, HostCopy, HostCopy | None] | None = None
+        self._stage = SignalStage()
+        self._staged_batch: tuple[np.ndarray, HostCopy | None] | None = None
+        """The reported batch's indices and per-example losses (on their way to the host), with the stage."""
         self._snapshot: tuple[int, Any, dict[str, Any]] | None = None
         """(step, the state save() returned, what the engine needs with it) to roll back to."""
         self._view = DashboardView(max_steps=self.total_steps)
@@ -167,7 +170,8 @@ class R8Loop:
                 raise ValueError(f"per_example_losses has {losses.numel()} values for a batch of {len(self._batch)}")
             losses = HostCopy(losses)
         loss = one_value("loss", loss)  # per-example losses: their mean
-        self._staged = (self.step, self._batch, HostCopy(pack_signals(None, loss=loss)), losses)
+        self._stage.stage(self.step, pack_signals(None, loss=loss))
+        self._staged_batch = (self._batch, losses)
         self._batch = None
 
     def snapshot(self, state: Any) -> None:
@@ -177,11 +181,12 @@ class R8Loop:
 
     # ------------------------------------------------------------------------------- the wiring
     def _consume(self) -> None:
-        if self._staged is None:
+        observation = self._stage.take()
+        if observation is None:
             return
-        step, indices, signals_copy, losses_copy = self._staged
-        self._staged = None
-        loss = unpack_signals(step, signals_copy.result().tolist()).loss
+        step, loss = observation.step, observation.loss
+        indices, losses_copy = self._staged_batch
+        self._staged_batch = None
         if losses_copy is not None:
             self.catalog.update_exact(indices, losses_copy.result().numpy(), step)
         elif math.isfinite(loss):
@@ -197,7 +202,7 @@ class R8Loop:
             self._roll_back(verdict.action)
             return
         if verdict.observed:
-            engine.observe(Observation(step=step, loss=loss))
+            engine.observe(observation)
             if verdict.snapshot and self.save is not None:
                 self.snapshot(self.save())
         self._update_view(loss)
@@ -266,7 +271,8 @@ class R8Loop:
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.stopped = state["step"], state["stopped"]
         self._epoch, self._batches_taken = state["epoch"], state["batches_taken"]
-        self._batch = self._staged = self._snapshot = None
+        self._batch = self._staged_batch = self._snapshot = None
+        self._stage.discard()
 
     # ------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:

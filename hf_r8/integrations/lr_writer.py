@@ -23,7 +23,7 @@ from transformers.optimization import GreedyLR
 
 from hf_r8.control.anneal import ScheduleAhead
 from hf_r8.integrations.compat import set_logged_lr
-from hf_r8.runtime.param_groups import write_lr, write_momentum
+from hf_r8.runtime.param_groups import write_lr, write_lrs
 
 _METRIC_SCHEDULERS = (ReduceLROnPlateau, GreedyLR)
 
@@ -58,17 +58,8 @@ class LRWriter:
     def write(self, optimizer: torch.optim.Optimizer, lr_scheduler: Any, step: int,
               lr_of: Callable[[int, float], float], momentum_of: Callable[[int], float | None]) -> None:
         """Give group i the LR `lr_of(i, schedule_lr)` and, where not None, the momentum `momentum_of(i)`."""
-        self._schedule_lrs = []
-        used = []
-        for index, group in enumerate(optimizer.param_groups):
-            schedule_lr = float(group["lr"])
-            self._schedule_lrs.append(schedule_lr)
-            lr = lr_of(index, schedule_lr)
-            momentum = momentum_of(index)
-            if momentum is not None:
-                write_momentum(group, momentum)
-            write_lr(group, lr)
-            used.append(lr)
+        self._schedule_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        used = write_lrs(optimizer, self._schedule_lrs, lr_of, momentum_of)
         self.applied = (step, used[0], self._schedule_lrs[0],
                         used[0] / self._schedule_lrs[0] if self._schedule_lrs[0] else None)
         self._used = used

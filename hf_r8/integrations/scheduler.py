@@ -39,12 +39,12 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.hooks import RemovableHandle
 
-from hf_r8.control.controller import Controller, Observation
+from hf_r8.control.controller import Controller
 from hf_r8.control.engine import Engine
 from hf_r8.control.resolve import ConfigLike, resolve_config
-from hf_r8.runtime.host_copy import HostCopy
-from hf_r8.runtime.param_groups import group_specs, write_lr, write_momentum
-from hf_r8.runtime.signal_packing import pack_signals, unpack_signals
+from hf_r8.runtime.param_groups import group_specs, write_lrs
+from hf_r8.runtime.signal_packing import SIGNAL_NAMES, pack_signals
+from hf_r8.runtime.signal_stage import SignalStage
 from hf_r8.runtime.snapshot import StateSnapshot, optimizer_parameters
 
 
@@ -98,7 +98,7 @@ class AdaptiveScheduler(LRScheduler):
         self.engine = Engine(self.config, group_specs(optimizer), total_steps, warmup_steps)
         self.events = self.engine.events
         self._metrics: tuple[Any, Any, Any] | None = None
-        self._staged: tuple[int, HostCopy] | None = None
+        self._stage = SignalStage()
         self._updates = 0
         self._schedule_lrs: list[float] | None = None
         """Each group's LR without the gain at the hook's last write; None: the group's LR as the hook finds it."""
@@ -155,7 +155,7 @@ class AdaptiveScheduler(LRScheduler):
         super().step(epoch)
         if self._metrics is not None:
             loss, reward, grad_norm = self._metrics
-            self._staged = (self._updates, HostCopy(pack_signals(None, loss=loss, grad_norm=grad_norm, reward=reward)))
+            self._stage.stage(self._updates, pack_signals(None, loss=loss, grad_norm=grad_norm, reward=reward))
             self._metrics = None
 
     def get_lr(self) -> list[float]:
@@ -187,7 +187,7 @@ class AdaptiveScheduler(LRScheduler):
             return  # not started (SequentialLR before its milestone) or not stepped since: not its LR to set
         self._applied_at = applied_at
         schedule = self._schedule(optimizer)
-        observation = self._take_staged()
+        observation = self._stage.take()  # staged by the last step(), a copy started one step ago: landed by now
         engine = self.engine
         if engine.range_test is not None:
             if self._snapshot is None:  # the test's first step: what its end restores
@@ -199,13 +199,11 @@ class AdaptiveScheduler(LRScheduler):
                 self._finish_range_test(optimizer)
         elif observation is not None:
             engine.observe(observation)
-        for index, group in enumerate(optimizer.param_groups):
-            write_lr(group, engine.lr(index, schedule[index], self._updates))
-            momentum = engine.momentum(index)
-            if momentum is not None:
-                write_momentum(group, momentum)
+        updates = self._updates
+        write_lrs(optimizer, schedule, lambda index, lr: engine.lr(index, lr, updates), engine.momentum)
         self._updates += 1
         self._schedule_lrs = schedule
+        # As the groups hold them (a tensor LR may round): an LR that differs later was moved by another scheduler.
         self._written_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self._last_lr = list(self._written_lrs)
 
@@ -216,14 +214,6 @@ class AdaptiveScheduler(LRScheduler):
             return lrs
         return [_followed(schedule, lr, written)
                 for schedule, lr, written in zip(self._schedule_lrs, lrs, self._written_lrs, strict=True)]
-
-    def _take_staged(self) -> Observation | None:
-        """The signals staged by the last `step()` (a copy started one step ago: landed by now), or None."""
-        if self._staged is None:
-            return None
-        step, copy = self._staged
-        self._staged = None
-        return unpack_signals(step, copy.result().tolist())
 
     def _finish_range_test(self, optimizer: torch.optim.Optimizer) -> None:
         """Restore parameters and optimizer state from before the test, drop the step in flight, and rebase the
@@ -240,13 +230,10 @@ class AdaptiveScheduler(LRScheduler):
         signals, the schedule, the events. Not in it: the construction arguments, signals given but not yet
         stepped, and a range test under way, whose snapshot of the optimizer's parameters lives in RAM only: a
         state saved during the test resumes without it (at gain 1), as R8Callback does."""
-        staged = None
-        if self._staged is not None:
-            step, copy = self._staged
-            staged = {"step": step, "values": copy.result().tolist()}
         return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "base_lrs": self.base_lrs,
-                "_last_lr": self._last_lr, **self.engine.state_dict(), "staged": staged, "updates": self._updates,
-                "schedule_lrs": self._schedule_lrs, "written_lrs": self._written_lrs, "applied_at": self._applied_at}
+                "_last_lr": self._last_lr, **self.engine.state_dict(), "staged": self._stage.state_dict(),
+                "updates": self._updates, "schedule_lrs": self._schedule_lrs, "written_lrs": self._written_lrs,
+                "applied_at": self._applied_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a `state_dict()`; one from before the schedule was kept resumes on `base_lrs`, its schedule then."""
@@ -258,11 +245,10 @@ class AdaptiveScheduler(LRScheduler):
         self.engine.specs = group_specs(self.optimizer)  # as the optimizer holds them now (its state may be loaded)
         self.engine.load_state_dict(state_dict)
         staged = state_dict.get("staged")
-        if staged is not None and len(staged["values"]) == 6:  # saved before one packing: loss, reward, grad norm
-            loss, has_loss, reward, has_reward, grad_norm, has_grad_norm = staged["values"]
-            staged = {"step": staged["step"], "values": [loss, has_loss, grad_norm, has_grad_norm, reward, has_reward,
-                                                         0.0, 0.0]}
-        self._staged = None if staged is None else (staged["step"], HostCopy(torch.tensor(staged["values"])))
+        # Unversioned: hf_r8 <= 0.1 packed (loss, reward, gradient norm), later ones all four in today's order.
+        old_layout = ("loss", "reward", "grad_norm") if staged is not None and len(staged["values"]) == 6 else \
+            SIGNAL_NAMES
+        self._stage.load_state_dict(staged, unversioned_layout=old_layout)
         self._schedule_lrs = state_dict.get("schedule_lrs", [float(base_lr) for base_lr in self.base_lrs])
         self._written_lrs = list(state_dict.get("written_lrs", self._last_lr))
         applied_at = state_dict.get("applied_at")

@@ -3,7 +3,8 @@
 A step's loss and gradient norm (`taps.py`), the reward scored for it (`rewards.py`) and the MoE router
 aux loss are packed into one small tensor of (sum, count) pairs (`runtime/signal_packing.py`) and summed
 across processes. At the step's end its copy to the host starts without waiting (`HostCopy`); the
-controller reads it at the next step, by which time it has landed. Where a step must be judged before
+controller reads it at the next step, by which time it has landed (`runtime/signal_stage.py`, the stage every
+adapter uses). Where a step must be judged before
 it is applied (the guard, rollback), `read_now` reads it on the host at once and the same values are
 staged; the LR range test's sweep, before the first step, reads its loss with `loss_now`.
 """
@@ -16,8 +17,8 @@ from hf_r8.control.controller import Observation
 from hf_r8.integrations.rewards import RewardTracker
 from hf_r8.integrations.taps import TrainerTaps
 from hf_r8.runtime.distributed import sum_across_processes
-from hf_r8.runtime.host_copy import HostCopy
-from hf_r8.runtime.signal_packing import SIGNAL_COUNT, pack_signals, unpack_signals
+from hf_r8.runtime.signal_packing import pack_signals, unpack_signals
+from hf_r8.runtime.signal_stage import SignalStage
 
 
 class StepSignals:
@@ -31,8 +32,8 @@ class StepSignals:
         """This step's signals, already read on the host (by the guard)."""
         self.dropped = False
         """Whether this step was skipped or rolled back: the controller never sees its signals."""
-        self._pending: HostCopy | None = None
-        self._pending_step = 0
+        self.stage = SignalStage()
+        """The last finished step's signals, on their way to the host (saved with the run's state)."""
 
     def read_now(self, step: int) -> Observation:
         """This step's signals, read on the host now (one sync), before the step is applied."""
@@ -51,36 +52,17 @@ class StepSignals:
             dropped = unpack_signals(step, self.checked)
             self.dropped, self.checked = False, None
             return dropped
-        self._pending_step = step
-        values = torch.tensor(self.checked, dtype=torch.float32) if self.checked is not None else self._reduced()
-        self._pending = HostCopy(values)
+        self.stage.stage(step, torch.tensor(self.checked, dtype=torch.float32) if self.checked is not None
+                         else self._reduced())
         self.checked = None
         return None
 
     def take_pending(self) -> Observation | None:
         """The last finished step's signals (with the KL logged since), once; None when there are none."""
-        if self._pending is None:
-            return None
-        pending = unpack_signals(self._pending_step, self._pending.result().tolist())
-        pending.kl = self.rewards.take_kl()
-        self._pending = None
+        pending = self.stage.take()
+        if pending is not None:
+            pending.kl = self.rewards.take_kl()
         return pending
-
-    def discard_pending(self) -> None:
-        self._pending = None
-
-    def state_dict(self) -> dict[str, object] | None:
-        if self._pending is None:
-            return None
-        return {"step": self._pending_step, "values": self._pending.result().tolist()}
-
-    def load_state_dict(self, pending: dict[str, object] | None) -> None:
-        if pending is None:
-            return
-        self._pending_step = pending["step"]
-        # Checkpoints saved before rewards (4 values) or router aux losses (6) were signals.
-        values = pending["values"] + [0.0] * (SIGNAL_COUNT - len(pending["values"]))
-        self._pending = HostCopy(torch.tensor(values, dtype=torch.float32))
 
     def _reduced(self) -> torch.Tensor:
         """The packed signals summed over processes, on device (a NaN anywhere is NaN). The rewards recorded

@@ -283,7 +283,7 @@ class TrainerRun:
         freezer = self.actions.freezer if self.actions is not None else None
         return {
             **self.engine.state_dict(),
-            "pending": self.signals.state_dict(),
+            "pending": self.signals.stage.state_dict(),
             "freezing": freezer.policy.state_dict() if freezer is not None else None,
             "applied": list(self.lr.applied) if self.lr.applied is not None else None,
             "schedule_lrs": self.lr.schedule_lrs,
@@ -298,6 +298,6 @@ class TrainerRun:
             return
         if saved.get("freezing") is not None and self.rollback.freezer is not None:
             self.rollback.freezer.load_state_dict(saved["freezing"])
-        self.signals.load_state_dict(saved.get("pending"))
+        self.signals.stage.load_state_dict(saved.get("pending"))
         if saved.get("applied"):
             self.lr.applied = tuple(saved["applied"])

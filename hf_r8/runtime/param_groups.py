@@ -6,7 +6,7 @@ neither has none, and nothing is written. A tensor LR (capturable / fused optimi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +35,21 @@ def write_lr(group: dict[str, Any], lr: float) -> None:
         group["lr"].fill_(lr)
     else:
         group["lr"] = lr
+
+
+def write_lrs(optimizer: torch.optim.Optimizer, schedule_lrs: Sequence[float], lr_of: Callable[[int, float], float],
+              momentum_of: Callable[[int], float | None]) -> list[float]:
+    """One step's write, the same in every adapter that holds the optimizer: group i gets the LR
+    `lr_of(i, schedule_lrs[i])` and, where `momentum_of(i)` is not None, that momentum. Returns the LRs written."""
+    written = []
+    for index, (group, schedule_lr) in enumerate(zip(optimizer.param_groups, schedule_lrs, strict=True)):
+        lr = lr_of(index, schedule_lr)
+        write_lr(group, lr)
+        momentum = momentum_of(index)
+        if momentum is not None:
+            write_momentum(group, momentum)
+        written.append(lr)
+    return written
 
 
 def group_specs(optimizer: torch.optim.Optimizer, initial_gains: list[float] | None = None,

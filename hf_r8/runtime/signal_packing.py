@@ -14,7 +14,8 @@ import torch
 
 from hf_r8.control.controller import Observation
 
-SIGNAL_COUNT = 8
+SIGNAL_NAMES = ("loss", "grad_norm", "reward", "router_aux_loss")
+"""The signals a packing holds, in order: each is a (sum, count) pair."""
 
 
 def pack_signals(device: torch.device | None, loss: Any = None, grad_norm: Any = None, reward: Any = None,

@@ -1,0 +1,71 @@
+"""One finished step's signals on their way to the controller, staged the same way by every adapter.
+
+A step's packed signals (`signal_packing.py`) are staged when the step ends: their copy to the host starts
+without waiting for the device (`HostCopy`), and the adapter takes them just before the next step's LR is
+written, by which time they have landed. So the LR of step t+1 answers step t and nothing forces a device
+sync. What is staged and not yet taken is part of a checkpoint, in one versioned shape for every adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hf_r8.control.controller import Observation
+from hf_r8.runtime.host_copy import HostCopy
+from hf_r8.runtime.signal_packing import SIGNAL_NAMES, unpack_signals
+
+STAGE_VERSION = 1
+"""The version of `SignalStage.state_dict()`; a newer one is refused with a message naming it."""
+
+
+class SignalStage:
+    """The packed signals of the last finished step, staged once and taken once."""
+
+    def __init__(self) -> None:
+        self._copy: HostCopy | None = None
+        self._step = 0
+
+    @property
+    def pending(self) -> bool:
+        return self._copy is not None
+
+    def stage(self, step: int, packed: torch.Tensor) -> None:
+        """Start the copy of step `step`'s packed signals to the host (replacing any not taken)."""
+        self._step, self._copy = step, HostCopy(packed)
+
+    def take(self) -> Observation | None:
+        """The staged step's signals (waiting for their copy only), once; None when none is staged."""
+        if self._copy is None:
+            return None
+        observation = unpack_signals(self._step, self._copy.result().tolist())
+        self._copy = None
+        return observation
+
+    def discard(self) -> None:
+        self._copy = None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The staged step and its packed values, as plain data; None when nothing is staged."""
+        if self._copy is None:
+            return None
+        return {"version": STAGE_VERSION, "step": self._step, "values": self._copy.result().tolist()}
+
+    def load_state_dict(self, state: dict[str, Any] | None, unversioned_layout: tuple[str, ...] = SIGNAL_NAMES) -> None:
+        """Stage `state_dict()`'s output again. A state saved before this shape had no version: its values are
+        (sum, count) pairs of the signals `unversioned_layout` names, in that order (the adapter that saved it
+        knows which); a signal it lacks is missing (0, 0)."""
+        if state is None:
+            self._copy = None
+            return
+        version = state.get("version")
+        if version is not None and version > STAGE_VERSION:
+            raise ValueError(f"the staged signals were saved in version {version}, newer than this hf_r8 reads "
+                             f"({STAGE_VERSION}): upgrade hf_r8 to resume them")
+        values = list(state["values"])
+        if version is None:
+            pairs = {name: values[2 * index:2 * index + 2] for index, name in enumerate(unversioned_layout)
+                     if 2 * index + 2 <= len(values)}
+            values = [value for name in SIGNAL_NAMES for value in pairs.get(name, [0.0, 0.0])]
+        self.stage(state["step"], torch.tensor(values, dtype=torch.float32))
