@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 from hf_r8 import R8Callback, R8Config
 from hf_r8.control.config import RollbackConfig
 from hf_r8.ui.run_log import METRICS_FILE, RUN_DIR, read_jsonl
-from tests.trainer_setup import ScriptedLossModel, training_args
+from tests.trainer_setup import ScriptedLossModel, as_saved_by_version_2, training_args
 
 pytestmark = pytest.mark.integration
 
@@ -302,7 +302,7 @@ def test_a_trainer_with_its_own_update_loop_trains_at_the_controllers_lr(model, 
     chosen = r8.controller.specs[0].initial_gain
     assert [event.action for event in r8.events if event.rule == "range_test"] == ["rebase"]
     assert len(used) == 160 and max(used) <= 1e-3 * chosen * 20  # within the bounds: never a sweep gain
-    assert r8.state()["attributes"]["r8_state"]["range_test_running"] is False
+    assert r8.state()["attributes"]["r8_state"]["engine"]["range_test_running"] is False
 
 
 def test_bad_config_fails_at_construction():
@@ -341,7 +341,7 @@ def test_resuming_a_stock_checkpoint_with_r8_added_saves_the_next_checkpoint(mod
                       train_dataset=lm_dataset, callbacks=[r8])
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
     saved = json.loads((tmp_path / "checkpoint-20" / "trainer_state.json").read_text())
-    assert saved["stateful_callbacks"]["R8Callback"]["attributes"]["r8_state"]["controller"] is not None
+    assert saved["stateful_callbacks"]["R8Callback"]["attributes"]["r8_state"]["engine"]["controller"] is not None
     assert resumed.state.global_step == 20 and r8.controller.step == 19  # it sees a step's signals at the next
 
 
@@ -373,7 +373,8 @@ def test_a_state_saved_before_keys_and_events_resumes_and_a_newer_version_is_ref
     train(model, lm_dataset, tmp_path / "a", [R8Callback("aggressive")], **common)
     state_file = tmp_path / "a" / "checkpoint-8" / "trainer_state.json"
     saved = json.loads(state_file.read_text())
-    r8_state = saved["stateful_callbacks"]["R8Callback"]["attributes"]["r8_state"]
+    attributes = saved["stateful_callbacks"]["R8Callback"]["attributes"]
+    r8_state = attributes["r8_state"] = as_saved_by_version_2(attributes["r8_state"])
     del r8_state["state_key"], r8_state["events"]  # as hf_r8 wrote version 2 before it keyed its states
     state_file.write_text(json.dumps(saved))
 
@@ -383,11 +384,11 @@ def test_a_state_saved_before_keys_and_events_resumes_and_a_newer_version_is_ref
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
     assert r8.controller.loss.ema.count == 15  # the checkpoint's 8 losses, then 7
 
-    r8_state["version"] = 3
+    r8_state["version"] = 4
     state_file.write_text(json.dumps(saved))
     newer = Trainer(model=model, args=training_args(tmp_path / "c", **common), train_dataset=lm_dataset,
                     callbacks=[R8Callback("aggressive")])
-    with pytest.raises(ValueError, match="R8Callback state is version 3, newer than this hf_r8 reads"):
+    with pytest.raises(ValueError, match=r"R8Callback state is version 4, newer than this hf_r8 reads \(3\)"):
         newer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +68,19 @@ def test_save_and_load_round_trip_without_pickle(tmp_path):
     assert path.name == "r8_catalog.npz"
     restored = LossCatalog.load(tmp_path)
     assert restored.equals(catalog) and restored.alpha == 0.2
+
+
+def test_an_unversioned_catalog_file_loads_and_a_newer_one_is_refused(tmp_path):
+    catalog = LossCatalog(5, alpha=0.2)
+    catalog.update_exact([1, 3], [0.5, math.nan], step=7)
+    state = catalog.state_dict()
+    old = {key: state[key] for key in ("ema_loss", "last_loss", "usage", "last_step", "seen")}
+    np.savez(tmp_path / "r8_catalog.npz", **old, meta=np.array([0.2, 1.0]))  # hf_r8 <= 0.3: positional meta
+    restored = LossCatalog.load(tmp_path)
+    assert restored.equals(catalog) and restored.alpha == 0.2 and restored.nonfinite_updates == 1
+    np.savez(tmp_path / "r8_catalog.npz", **{**state, "version": np.array(5)})
+    with pytest.raises(ValueError, match="loss catalog state is version 5, newer than this hf_r8 reads"):
+        LossCatalog.load(tmp_path)
 
 
 @pytest.mark.parametrize(("size", "alpha", "message"), [(0, 0.3, "empty dataset"), (5, 0.0, "alpha=0.0")])

@@ -13,7 +13,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
 from hf_r8 import R8Callback, R8Config
 from hf_r8.demo.offline import tiny_gpt2
-from tests.trainer_setup import training_args
+from tests.trainer_setup import as_saved_by_version_2, training_args
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +94,8 @@ def test_a_checkpoint_saved_inside_an_old_sweep_is_refused(model, lm_dataset, tm
     checkpoint = tmp_path / "checkpoint-3"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     entry = state["stateful_callbacks"]["R8Callback"]  # one instance: its entry itself, not a list
-    entry["attributes"]["r8_state"]["range_test_running"] = True  # what hf_r8 0.1 saved inside its sweep
+    old_entry = as_saved_by_version_2(entry["attributes"]["r8_state"])
+    entry["attributes"]["r8_state"] = {**old_entry, "range_test_running": True}  # hf_r8 0.1, inside its sweep
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
     def resumed(config):

@@ -81,13 +81,20 @@ def test_stabilize_switches_to_q1_inside_the_epoch_under_way():
     assert sampler.current_epoch_plan[1][8:32].tolist() == rest[:24]  # a checkpoint replays what was served
 
 
-def test_a_stabilization_longer_than_the_epoch_left_carries_the_rest_into_the_next_epoch():
-    catalog = cataloged()  # 8 batches of 8 per epoch
+def stabilizing(catalog, batches_served, batches_asked):
+    """A sampler in epoch 1 of `catalog` (batches of 8), asked for `batches_asked` low-loss batches after serving
+    `batches_served`; with its iterator and what it served."""
     sampler = BalancedQuartileSampler(catalog, batch_size=8)
     sampler.set_epoch(1)
     order = iter(sampler)
-    served = [next(order) for _ in range(4 * 8)]
-    sampler.stabilize(6)  # 4 batches left in this epoch: 2 are owed to the next
+    served = [next(order) for _ in range(batches_served * 8)]
+    sampler.stabilize(batches_asked)
+    return sampler, order, served
+
+
+def test_a_stabilization_longer_than_the_epoch_left_carries_the_rest_into_the_next_epoch():
+    catalog = cataloged()  # 8 batches of 8 per epoch
+    sampler, order, served = stabilizing(catalog, 4, 6)  # 4 batches left in this epoch: 2 are owed to the next
     served += list(order)
     assert sampler.stabilize_batches == 2
     sampler.set_epoch(2)
@@ -180,3 +187,30 @@ def test_register_sampler_mode_refuses_taken_names_and_non_modes(user_modes, nam
     with pytest.raises(error, match=message):
         register_sampler_mode(name, mode)
     assert "mine" not in registered_sampler_modes()
+
+
+def test_a_resumed_sampler_replayed_from_the_start_serves_a_pending_stabilization_where_the_saved_one_would():
+    catalog = cataloged()  # 8 batches of 8 per epoch
+    # Requested, not reached yet: the next batch the sampler draws is the first of it.
+    straight, order, served = stabilizing(catalog, 3, 2)
+    saved = {key: np.copy(value) if isinstance(value, np.ndarray) else value
+             for key, value in straight.state_dict().items()}
+    served += list(order)
+
+    resumed = BalancedQuartileSampler(catalog, batch_size=8)
+    resumed.load_state_dict(saved)
+    replayed = list(resumed)  # Accelerate skips the first 3 batches of this replay: they were trained on
+    assert replayed == served and resumed.stabilize_batches == 0
+    assert (catalog.quartiles()[replayed[24:40]] == 0).all()
+
+
+def test_an_unversioned_plan_file_loads_and_a_newer_one_is_refused():
+    catalog = cataloged()
+    sampler = BalancedQuartileSampler(catalog, batch_size=8)
+    sampler.set_epoch(1)
+    plan = sampler.plan()
+    old = BalancedQuartileSampler(catalog, batch_size=8)
+    old.load_state_dict({"epoch": np.array(1), "plan": plan, "loss_weights": np.ones(64)})  # hf_r8 <= 0.3
+    assert list(old) == plan.tolist()
+    with pytest.raises(ValueError, match="sampler plan state is version 9"):
+        old.load_state_dict({**sampler.state_dict(), "version": 9})

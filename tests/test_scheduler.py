@@ -334,12 +334,14 @@ def test_close_removes_the_optimizer_hook_and_refuses_later_steps():
     scheduler.close()
 
 
-def test_a_state_saved_with_the_old_six_value_packing_resumes_with_its_signals():
+def test_a_state_saved_by_hf_r8_0_1_with_its_six_value_packing_resumes_with_its_signals():
     config = _quiet(R8Config.from_preset("aggressive"))
     optimizer, scheduler = _sgd_with_scheduler(config)
     optimizer.step()
     scheduler.step_loss(2.5, reward=0.75, grad_norm=1.25)
     state = scheduler.state_dict()
+    engine = {key: value for key, value in state.pop("engine").items() if key != "version"}
+    state = {**{key: value for key, value in state.items() if key != "version"}, **engine}  # unversioned: flat
     loss, has_loss, grad_norm, has_grad_norm, reward, has_reward = state["staged"]["values"][:6]
     state["staged"] = {"step": state["staged"]["step"],  # hf_r8 <= 0.1: no version, its own order
                        "values": [loss, has_loss, reward, has_reward, grad_norm, has_grad_norm]}

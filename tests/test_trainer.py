@@ -10,7 +10,7 @@ from transformers import Trainer
 from hf_r8 import R8Config, R8Trainer, with_r8
 from hf_r8.control.config import SamplerConfig
 from hf_r8.demo.offline import tiny_gpt2
-from tests.trainer_setup import training_args
+from tests.trainer_setup import ScriptedLossModel, training_args
 
 pytestmark = pytest.mark.integration
 IDENTITY = {"rules": [], "anneal": {"enabled": False}}  # the LR stays the schedule's: these tests are about data
@@ -246,3 +246,33 @@ def test_outputs_with_more_rows_than_examples_use_the_surprise_estimate(lm_datas
     trainer.train()
     assert trainer.r8_catalog.seen.sum() == 16 and np.isnan(trainer.r8_catalog.last_loss).all()
     assert "surprise estimate" in caplog.text
+
+
+def test_a_checkpoint_inside_a_stabilization_resumes_with_the_low_loss_batches_still_owed(tokenizer, lm_dataset,
+                                                                                        tmp_path):
+    def spikes_twice(step):  # a rollback at step 21, in epoch 2 (8 steps of 4 examples per epoch)
+        return 20.0 if step in (20, 21) else 6.0 - 0.01 * step + 0.05 * (step % 3)
+
+    dataset = lm_dataset.select(range(32))
+    config = {**IDENTITY, "range_test": {"enabled": False},
+              "rollback": {"every_steps": 10, "healthy_steps": 5, "window": 20, "min_history": 10,
+                           "stabilize_steps": 6}}
+    common = dict(max_steps=32, per_device_train_batch_size=4, save_strategy="steps", save_steps=22)
+
+    def run(output_dir, resume=None):
+        model = make_model(tokenizer)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # a plain module is saved
+        trainer = RecordingR8Trainer(model=ScriptedLossModel(model, spikes_twice),
+                                     args=training_args(output_dir, **common), train_dataset=dataset,
+                                     r8=R8Config.from_dict(config))
+        if resume is not None:
+            trainer.model.training_forwards = 22  # the script goes on where the checkpoint was taken
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    whole = run(tmp_path / "a")
+    assert whole.r8_callback._run.engine.rollback.rollbacks == 1
+    owed = whole.seen_indices[24:28]  # epoch 3's first batches: the stabilization's share left for it
+    assert len({index for batch in owed for index in batch}) <= 8  # drawn from one quartile of 32 examples
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-22"))
+    assert resumed.seen_indices == whole.seen_indices[22:]  # the owed batches too (a checkpoint once lost them)

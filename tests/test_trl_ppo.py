@@ -119,7 +119,7 @@ def test_checkpoints_carry_the_controller_state(tokenizer, tmp_path):
     r8 = R8Callback(R8Config.from_preset("reward_rl"))
     _ppo_run(tokenizer, tmp_path, [r8], save_steps=4)
     saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
-    r8_state = saved["stateful_callbacks"]["R8Callback"]["attributes"]["r8_state"]
+    r8_state = saved["stateful_callbacks"]["R8Callback"]["attributes"]["r8_state"]["engine"]
     assert r8_state["controller"]["step"] == 4 and r8_state["controller"]["reward"]["ema"]["count"] == 4
 
 

@@ -45,3 +45,10 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
     )
     values.update(overrides)
     return TrainingArguments(**values)
+
+
+def as_saved_by_version_2(r8_state: dict) -> dict:
+    """An R8Callback checkpoint entry as hf_r8 wrote it before version 3: the engine's state flattened into it."""
+    rest = {key: value for key, value in r8_state.items() if key not in ("engine", "version")}
+    engine = {key: value for key, value in r8_state["engine"].items() if key != "version"}
+    return {"version": 2, **engine, **rest}

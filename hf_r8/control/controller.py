@@ -22,6 +22,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from hf_r8.control import state_versions
 from hf_r8.control.config import R8Config
 from hf_r8.control.decision import Decision
 from hf_r8.control.events import Event
@@ -29,9 +30,6 @@ from hf_r8.control.laws import next_momentum, next_sigma
 from hf_r8.control.rule_registry import build_rules, version_1_rule_states
 from hf_r8.control.rules import Proposal, Rule, StepStatistics, blend
 from hf_r8.control.signals import Ema, LossStatistics, LossStep, RewardStatistics, WindowSummary, is_finite_number
-
-STATE_VERSION = 2
-"""2: each group's rule states under "rules", by rule name; 1 kept them as flat keys of the group (still loaded)."""
 
 
 @dataclass
@@ -308,7 +306,7 @@ class Controller:
     def state_dict(self) -> dict[str, Any]:
         """Everything that evolves, as JSON-safe plain data."""
         return {
-            "version": STATE_VERSION,
+            "version": state_versions.CONTROLLER,
             "step": self.step,
             "window": self.window,
             "warmup_steps": self.warmup_steps,
@@ -327,9 +325,9 @@ class Controller:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`'s output, or a version-1 state; a rule the saved run did not run starts fresh."""
-        version = state.get("version")
-        if version not in (1, STATE_VERSION):
-            raise ValueError(f"controller state version {version!r}: expected {STATE_VERSION} (or 1)")
+        version = state_versions.saved_version("controller", state, state_versions.CONTROLLER)
+        if version < 1:
+            raise ValueError(f"controller state without a version: expected {state_versions.CONTROLLER} (or 1)")
         if len(state["groups"]) != len(self.groups):
             raise ValueError(f"controller state has {len(state['groups'])} parameter groups, "
                              f"the optimizer has {len(self.groups)}")
@@ -351,7 +349,7 @@ class Controller:
         for group, rules, saved in zip(self.groups, self.group_rules, state["groups"], strict=True):
             for name in (spec.name for spec in fields(GroupState) if spec.name in saved):  # older states lack some
                 setattr(group, name, saved[name])
-            rule_states = saved["rules"] if version == STATE_VERSION else version_1_rule_states(saved)
+            rule_states = saved["rules"] if version == state_versions.CONTROLLER else version_1_rule_states(saved)
             for name, rule in rules.items():
                 if name in rule_states:
                     rule.load_state_dict(rule_states[name])

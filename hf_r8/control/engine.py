@@ -19,11 +19,11 @@ One step, in the engine's calls (each adapter makes them at its host's moments, 
     engine.roll_back(action, ...) / stop        after a rollback: the controller's brake, low-loss batches, events
     engine.observe(observation)                 the controller learns from the finished step
 
-`state_dict()` holds the decisions' state as plain, JSON-safe data: the controller, the rollback policy, whether
-a range test was under way (a resumed run does without it: its weights to return to were in RAM), the events.
-Not in it: the snapshots of the weights (the adapter's, in RAM) and the data plan's arrays (one row per example:
-R8Trainer writes them into each checkpoint as `.npz`, R8Loop into its own `state_dict()`). Pure Python: no
-torch, no transformers.
+`state_dict()` holds the decisions' state as plain, JSON-safe data, versioned (`state_versions.py`): the
+controller, the rollback policy, whether a range test was under way (a resumed run does without it: its weights
+to return to were in RAM), the events. Not in it: the snapshots of the weights (the adapter's, in RAM) and the
+data plan's arrays (one row per example: R8Trainer writes them into each checkpoint as `.npz`, R8Loop into its
+own `state_dict()`). Pure Python: no torch, no transformers.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any, Protocol
 
+from hf_r8.control import state_versions
 from hf_r8.control.anneal import EndAnneal, ScheduleAhead
 from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, GroupSpec, Observation
@@ -270,7 +271,8 @@ class Engine:
         return {**self.controller.metrics(), **self.rollback.metrics()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"controller": self.controller.state_dict(), "initial_gains": [spec.initial_gain for spec in self.specs],
+        return {"version": state_versions.ENGINE, "controller": self.controller.state_dict(),
+                "initial_gains": [spec.initial_gain for spec in self.specs],
                 "range_test_running": self.range_test is not None, "rollback": self.rollback.state_dict(),
                 "anneal": self.anneal.state_dict(),
                 "events": [asdict(event) for event in self.events]}
@@ -278,6 +280,7 @@ class Engine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`'s output. A state saved during a range test resumes at gain 1 without it (its
         weights to return to were in RAM only); parts an older state lacks start fresh."""
+        state_versions.saved_version("engine", state, state_versions.ENGINE)
         self.range_test = None
         if "events" in state:
             self.events.clear()

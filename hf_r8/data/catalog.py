@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hf_r8.control import state_versions
+
 UNSEEN = -1
 FILE_NAME = "r8_catalog.npz"
 
@@ -124,18 +126,22 @@ class LossCatalog:
 
     # ------------------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, np.ndarray]:
-        """A copy of every array, and (alpha, non-finite updates) as `meta`: what `r8_catalog.npz` holds."""
-        return {"ema_loss": self.ema_loss.copy(), "last_loss": self.last_loss.copy(), "usage": self.usage.copy(),
-                "last_step": self.last_step.copy(), "seen": self.seen.copy(),
-                "meta": np.array([self.alpha, self.nonfinite_updates], dtype=np.float64)}
+        """A copy of every array, with the version, `alpha` and the non-finite updates as 0-d arrays: what
+        `r8_catalog.npz` holds."""
+        return {"version": np.array(state_versions.CATALOG), "ema_loss": self.ema_loss.copy(),
+                "last_loss": self.last_loss.copy(), "usage": self.usage.copy(), "last_step": self.last_step.copy(),
+                "seen": self.seen.copy(), "alpha": np.array(self.alpha),
+                "nonfinite_updates": np.array(self.nonfinite_updates)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """The saved arrays, into this catalog of the same size (its `alpha` stays this one's)."""
+        version = state_versions.saved_version("loss catalog", state, state_versions.CATALOG)
         if len(state["ema_loss"]) != self.size:
             raise ValueError(f"the saved catalog holds {len(state['ema_loss'])} examples, this one {self.size}")
         for name in ("ema_loss", "last_loss", "usage", "last_step", "seen"):
             getattr(self, name)[:] = state[name]
-        self.nonfinite_updates = int(state["meta"][1])
+        # Unversioned: (alpha, non-finite updates) as one positional `meta` array.
+        self.nonfinite_updates = int(state["nonfinite_updates"] if version else state["meta"][1])
 
     def save(self, folder: str | Path) -> Path:
         """Write `r8_catalog.npz` (no pickle) into `folder`."""
@@ -146,7 +152,7 @@ class LossCatalog:
     @classmethod
     def load(cls, folder: str | Path) -> LossCatalog:
         with np.load(Path(folder) / FILE_NAME, allow_pickle=False) as data:
-            catalog = cls(len(data["ema_loss"]), alpha=float(data["meta"][0]))
+            catalog = cls(len(data["ema_loss"]), alpha=float(data["alpha"] if "alpha" in data else data["meta"][0]))
             catalog.load_state_dict(dict(data))
         return catalog
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
+from hf_r8.control import state_versions
 from hf_r8.data.catalog import LossCatalog
 from hf_r8.data.sampler_modes import SAMPLER_MODES, draw_least_used, quartiles_and_usage
 
@@ -74,6 +75,7 @@ class BalancedQuartileSampler(Sampler[int]):
         """Called with (epoch, what kind of plan) when a new epoch plan is made (the trainer logs it)."""
         self._stabilized_until = 0  # the end of the stretch of the plan under way already rewritten by stabilize
         self._resume_position = 0  # where the next iteration starts in the epoch's plan (see resume_at)
+        self._position = 0  # the next position of the epoch's plan to yield
         self.current_epoch_plan: tuple[int, np.ndarray] | None = None
         """(epoch, plan) of the epoch under way: saved with checkpoints (with `loss_weights`), so a resumed
         epoch replays its plan."""
@@ -100,32 +102,41 @@ class BalancedQuartileSampler(Sampler[int]):
         saved = self.current_epoch_plan
         if saved is None or saved[0] != self.epoch:
             self.current_epoch_plan = (self.epoch, self.plan().astype(np.int64))
+            self._stabilized_until = 0
             if self.on_plan is not None:
                 self.on_plan(self.epoch, self.describe_plan())
         plan = self.current_epoch_plan[1]
         start, self._resume_position = self._resume_position, 0
-        if start == 0:
-            self._stabilized_until = 0
+        # A pass over the same plan again (a resumed run's replay, the range test's pass) leaves the stretch
+        # already rewritten as it is: a stabilization still to come starts past it.
         for position in range(start, len(plan)):
             if self.stabilize_batches and position % self.batch_size == 0 and position >= self._stabilized_until:
                 self._stabilized_until = self._stabilize_from(plan, position)
+            self._position = position + 1
             yield int(plan[position])
 
     def state_dict(self) -> dict[str, Any]:
-        """The epoch, its plan (as rewritten by stabilizations so far), its loss weights and any stabilization
-        still to come: with `resume_at`, a resumed run takes the same batches."""
+        """The epoch, its plan (as rewritten by stabilizations so far), its loss weights, how far into it the
+        sampler has yielded and any stabilization still to come: a resumed run takes the same batches, whether it
+        starts at its position (`resume_at`) or replays the plan from its start (Accelerate's skipped batches)."""
         plan_epoch, plan = self.current_epoch_plan if self.current_epoch_plan is not None else (-1, None)
-        return {"epoch": self.epoch, "plan_epoch": plan_epoch, "plan": None if plan is None else plan.copy(),
-                "loss_weights": self.loss_weights.copy(), "stabilize_batches": self.stabilize_batches,
-                "stabilized_until": self._stabilized_until}
+        return {"version": state_versions.SAMPLER, "epoch": self.epoch, "plan_epoch": plan_epoch,
+                "plan": None if plan is None else plan.copy(), "loss_weights": self.loss_weights.copy(),
+                "stabilize_batches": self.stabilize_batches, "stabilized_until": self._stabilized_until,
+                "position": self._position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from `state_dict()`'s output (or an unversioned plan file's: epoch, plan and loss weights). A
+        stabilization still to come starts where the saved sampler had got to, as it would have gone on."""
+        state_versions.saved_version("sampler plan", state, state_versions.SAMPLER)
         self.epoch = int(state["epoch"])
-        plan = state["plan"]
-        self.current_epoch_plan = None if plan is None else (int(state["plan_epoch"]), np.array(plan, dtype=np.int64))
+        plan = state.get("plan")
+        plan_epoch = int(state.get("plan_epoch", self.epoch))
+        self.current_epoch_plan = None if plan is None else (plan_epoch, np.array(plan, dtype=np.int64))
         self.loss_weights[:] = state["loss_weights"]
-        self.stabilize_batches = int(state["stabilize_batches"])
-        self._stabilized_until = int(state["stabilized_until"])
+        self.stabilize_batches = int(state.get("stabilize_batches", 0))
+        self._position = int(state.get("position", 0))
+        self._stabilized_until = max(int(state.get("stabilized_until", 0)), self._position)
 
     def describe_plan(self) -> str:
         """What the current epoch's plan is, in words."""

@@ -32,6 +32,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from hf_r8.control import state_versions
 from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller
 from hf_r8.control.events import Event, event_log
@@ -50,7 +51,6 @@ from hf_r8.integrations.trainer_run import TrainerRun
 logger = logging.getLogger(__name__)
 
 # The version of the state R8Callback saves in checkpoints; a checkpoint without one is version 1.
-STATE_VERSION = 2
 # The R8Callback each Trainer was built with (or bound to): the one to keep live when transformers'
 # `restore_callback_states_from_checkpoint` swaps in a copy rebuilt from the checkpoint. Weak both ways: the
 # callback refers to its Trainer, so a strong value would keep both alive for ever.
@@ -245,7 +245,8 @@ class R8Callback(TrainerCallback, ExportableState):
 
     def _state_entry(self, run_state: dict[str, Any] | None) -> dict[str, Any]:
         """The constructor's arguments and, once a run has started, its state, versioned and keyed."""
-        r8_state = None if run_state is None else {"version": STATE_VERSION, "state_key": self.state_key, **run_state}
+        r8_state = None if run_state is None else {"version": state_versions.CALLBACK, "state_key": self.state_key,
+                                                **run_state}
         return {"args": {"config": self.config.to_dict(), "name": self.name}, "attributes": {"r8_state": r8_state}}
 
     def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
@@ -263,10 +264,7 @@ class R8Callback(TrainerCallback, ExportableState):
             logger.warning("Resuming at step %d without saved state for %s%s: the controller starts fresh.",
                            state.global_step, self.state_key, held)
             return None
-        version = r8_state.get("version", 1)
-        if version > STATE_VERSION:
-            raise ValueError(f"the checkpoint's R8Callback state is version {version}, newer than this hf_r8 reads "
-                             f"({STATE_VERSION}): upgrade hf_r8 to resume it")
+        state_versions.saved_version("R8Callback", r8_state, state_versions.CALLBACK)
         return r8_state
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_r8.control import state_versions
 from hf_r8.control.controller import Controller, GroupSpec
 from hf_r8.control.engine import Engine
 from hf_r8.control.events import Event
@@ -51,9 +52,6 @@ from hf_r8.runtime.host_copy import HostCopy
 from hf_r8.runtime.signal_packing import pack_signals
 from hf_r8.runtime.signal_stage import SignalStage
 from hf_r8.ui.dashboard import Dashboard, DashboardView, show_event
-
-STATE_VERSION = 1
-"""The version of `R8Loop.state_dict()`; a newer one is refused with a message naming it."""
 
 
 class R8Loop:
@@ -249,7 +247,7 @@ class R8Loop:
         state `save()` returned, which your own checkpoint holds; a resumed loop rolls back to the snapshots it
         takes from then on."""
         self._consume()
-        return {"version": STATE_VERSION, "num_samples": self.catalog.size, "batch_size": self.batch_size,
+        return {"version": state_versions.LOOP, "num_samples": self.catalog.size, "batch_size": self.batch_size,
                 "step": self.step, "stopped": self.stopped, "epoch": self._epoch, "batches_taken": self._batches_taken,
                 "engine": self.engine.state_dict(), "catalog": _as_tensors(self.catalog.state_dict()),
                 "sampler": _as_tensors(self.sampler.state_dict())}
@@ -257,9 +255,7 @@ class R8Loop:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Go on from `state_dict()`'s output: `epochs()` starts at the epoch under way and `batches()` at the
         batch after the last one reported (a loop of the same dataset size and batch size)."""
-        if state.get("version", STATE_VERSION) > STATE_VERSION:
-            raise ValueError(f"the R8Loop state is version {state['version']}, newer than this hf_r8 reads "
-                             f"({STATE_VERSION}): upgrade hf_r8 to resume it")
+        state_versions.saved_version("R8Loop", state, state_versions.LOOP)
         if state["num_samples"] != self.catalog.size:
             raise ValueError(f"the state was saved by a loop over {state['num_samples']} examples; this one has "
                              f"num_samples={self.catalog.size}")

@@ -39,6 +39,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.hooks import RemovableHandle
 
+from hf_r8.control import state_versions
 from hf_r8.control.controller import Controller
 from hf_r8.control.engine import Engine
 from hf_r8.control.resolve import ConfigLike, resolve_config
@@ -231,7 +232,8 @@ class AdaptiveScheduler(LRScheduler):
         stepped, and a range test under way, whose snapshot of the optimizer's parameters lives in RAM only: a
         state saved during the test resumes without it (at gain 1), as R8Callback does."""
         return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "base_lrs": self.base_lrs,
-                "_last_lr": self._last_lr, **self.engine.state_dict(), "staged": self._stage.state_dict(),
+                "_last_lr": self._last_lr, "version": state_versions.SCHEDULER, "engine": self.engine.state_dict(),
+                "staged": self._stage.state_dict(),
                 "updates": self._updates, "schedule_lrs": self._schedule_lrs, "written_lrs": self._written_lrs,
                 "applied_at": self._applied_at}
 
@@ -243,7 +245,9 @@ class AdaptiveScheduler(LRScheduler):
         self._updates = state_dict.get("updates", self.last_epoch)
         self._snapshot = None
         self.engine.specs = group_specs(self.optimizer)  # as the optimizer holds them now (its state may be loaded)
-        self.engine.load_state_dict(state_dict)
+        # Unversioned: the engine's state flattened into the scheduler's.
+        self.engine.load_state_dict(state_dict["engine"] if state_versions.saved_version(
+            "AdaptiveScheduler", state_dict, state_versions.SCHEDULER) else state_dict)
         staged = state_dict.get("staged")
         # Unversioned: hf_r8 <= 0.1 packed (loss, reward, gradient norm), later ones all four in today's order.
         old_layout = ("loss", "reward", "grad_norm") if staged is not None and len(staged["values"]) == 6 else \

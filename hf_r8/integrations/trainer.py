@@ -107,7 +107,8 @@ class R8TrainerMixin(R8CallbackMixin):
         self._r8_updates: CatalogUpdateQueue | None = None
         self._r8_fallback_logged = False
         self._r8_loss_agreement = LossAgreement()
-        self._r8_resumed_plan: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._r8_resumed_plan: dict[str, np.ndarray] | None = None
+        """The sampler's state in the checkpoint resumed from (`r8_epoch_plan.npz`), until the sampler exists."""
         self._r8_weights: tuple[int, torch.Tensor] | None = None
         self._r8_saved_into: str | None = None
         self._r8_catalog_paused = False
@@ -150,11 +151,9 @@ class R8TrainerMixin(R8CallbackMixin):
             prune_ratio=sampler_config.prune_ratio, full_data_fraction=sampler_config.full_data_fraction,
             total_epochs=self._r8_planned_epochs())
         if self._r8_resumed_plan is not None:
-            # Accelerate's skip-batches wrapper hides the sampler from set_epoch: set the epoch being replayed here.
-            epoch, plan, loss_weights = self._r8_resumed_plan
-            self.r8_sampler.set_epoch(epoch)
-            self.r8_sampler.current_epoch_plan = (epoch, plan)
-            self.r8_sampler.loss_weights[:] = loss_weights
+            # Its epoch too: Accelerate's skip-batches wrapper hides the sampler from set_epoch. The replay of the
+            # epoch's first batches, which Accelerate skips, leaves a stabilization still to come for later ones.
+            self.r8_sampler.load_state_dict(self._r8_resumed_plan)
             self._r8_resumed_plan = None
         if not isinstance(self.data_collator, IndexCarryingCollator):
             self.data_collator = IndexCarryingCollator(self.data_collator)
@@ -330,9 +329,7 @@ class R8TrainerMixin(R8CallbackMixin):
         if self.args.should_save:
             self.r8_catalog.save(folder)
             if self.r8_sampler is not None and self.r8_sampler.current_epoch_plan is not None:
-                epoch, plan = self.r8_sampler.current_epoch_plan
-                np.savez(os.path.join(folder, PLAN_FILE_NAME), epoch=np.array(epoch), plan=plan,
-                         loss_weights=self.r8_sampler.loss_weights)
+                np.savez(os.path.join(folder, PLAN_FILE_NAME), **self.r8_sampler.state_dict())
         self._r8_saved_into = folder
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -345,7 +342,7 @@ class R8TrainerMixin(R8CallbackMixin):
             plan_path = os.path.join(checkpoint, PLAN_FILE_NAME)
             if os.path.isfile(plan_path):
                 with np.load(plan_path, allow_pickle=False) as saved:
-                    self._r8_resumed_plan = (int(saved["epoch"]), saved["plan"], saved["loss_weights"])
+                    self._r8_resumed_plan = dict(saved)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._r8_apply_all_updates()  # the last micro-batches of the run
         return output

@@ -282,7 +282,7 @@ class TrainerRun:
         """The engine's state and what the run's parts need to go on exactly (see `load_state_dict`)."""
         freezer = self.actions.freezer if self.actions is not None else None
         return {
-            **self.engine.state_dict(),
+            "engine": self.engine.state_dict(),
             "pending": self.signals.stage.state_dict(),
             "freezing": freezer.policy.state_dict() if freezer is not None else None,
             "applied": list(self.lr.applied) if self.lr.applied is not None else None,
@@ -291,10 +291,13 @@ class TrainerRun:
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        if saved.get("range_test_running"):
+        """Go on from `state_dict()`'s output (in `R8Callback`'s entry, whose version 2 and older hold the
+        engine's state flattened into it)."""
+        engine_state = saved.get("engine") or {key: value for key, value in saved.items() if key != "version"}
+        if engine_state.get("range_test_running"):
             self.refuse_sweep_checkpoint()
-        self.engine.load_state_dict(saved)
-        if saved.get("range_test_running"):
+        self.engine.load_state_dict(engine_state)
+        if engine_state.get("range_test_running"):
             return
         if saved.get("freezing") is not None and self.rollback.freezer is not None:
             self.rollback.freezer.load_state_dict(saved["freezing"])

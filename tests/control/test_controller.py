@@ -465,5 +465,7 @@ def test_a_version_1_state_with_flat_rule_keys_resumes_exactly():
 
 def test_a_state_of_an_unknown_version_is_refused():
     state = make([]).state_dict()
-    with pytest.raises(ValueError, match="controller state version 7: expected 2"):
+    with pytest.raises(ValueError, match=r"controller state is version 7, newer than this hf_r8 reads \(2\)"):
         make([]).load_state_dict({**state, "version": 7})
+    with pytest.raises(ValueError, match="controller state without a version"):
+        make([]).load_state_dict({key: value for key, value in state.items() if key != "version"})

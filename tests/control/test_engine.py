@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from hf_r8.control.config import R8Config
 from hf_r8.control.controller import GroupSpec, Observation
 from hf_r8.control.engine import Engine
@@ -173,3 +175,15 @@ def test_events_reach_the_listener_once_each():
     _drive(engine, range(1, 61))
     engine.check(61, math.nan)
     assert heard == list(engine.events) and heard[-1].rule == "guard"
+
+
+def test_the_engine_state_carries_its_version_and_an_unversioned_one_loads():
+    engine = _engine()
+    _drive(engine, range(1, 31))
+    saved = engine.state_dict()
+    assert saved["version"] == 1
+    resumed = _engine()
+    resumed.load_state_dict({key: value for key, value in saved.items() if key != "version"})  # hf_r8 <= 0.3
+    assert resumed.state_dict() == saved
+    with pytest.raises(ValueError, match="engine state is version 2, newer than this hf_r8 reads"):
+        _engine().load_state_dict({**saved, "version": 2})
