@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from hf_r8.control.events import Event
     from hf_r8.control.rule_registry import register_rule
     from hf_r8.control.rules import Proposal, Rule, StepStatistics
-    from hf_r8.data.sampler_modes import SamplerMode, register_sampler_mode
+    from hf_r8.data.sampler_modes import EpochPlan, PlanContext, SamplerMode, register_sampler_mode
     from hf_r8.integrations.callback import R8Callback
     from hf_r8.integrations.loop import R8Loop
     from hf_r8.integrations.scheduler import AdaptiveScheduler
@@ -27,9 +27,11 @@ _LAZY = {
     "AdaptiveScheduler": "hf_r8.integrations.scheduler",
     "Controller": "hf_r8.control.controller",
     "Decision": "hf_r8.control.decision",
+    "EpochPlan": "hf_r8.data.sampler_modes",
     "Event": "hf_r8.control.events",
     "GroupSpec": "hf_r8.control.controller",
     "Observation": "hf_r8.control.controller",
+    "PlanContext": "hf_r8.data.sampler_modes",
     "Proposal": "hf_r8.control.rules",
     "Rule": "hf_r8.control.rules",
     "SamplerMode": "hf_r8.data.sampler_modes",
@@ -46,9 +48,11 @@ __all__ = [
     "AdaptiveScheduler",
     "Controller",
     "Decision",
+    "EpochPlan",
     "Event",
     "GroupSpec",
     "Observation",
+    "PlanContext",
     "Proposal",
     "R8Callback",
     "R8Config",

@@ -7,7 +7,13 @@ import pytest
 
 from hf_r8.data.catalog import LossCatalog
 from hf_r8.data.sampler import BalancedQuartileSampler, batch_counts
-from hf_r8.data.sampler_modes import SAMPLER_MODES, SamplerMode, register_sampler_mode, registered_sampler_modes
+from hf_r8.data.sampler_modes import (
+    SAMPLER_MODES,
+    EpochPlan,
+    SamplerMode,
+    register_sampler_mode,
+    registered_sampler_modes,
+)
 
 
 def cataloged(size=64, seed=0):
@@ -140,13 +146,24 @@ def test_uniform_mode_is_a_fresh_permutation_every_epoch():
 class HardestFirst(SamplerMode):
     """A user's mode: the highest EMA loss first, and those examples count double."""
 
-    def plan(self, sampler, rng):
-        order = np.argsort(-sampler.catalog.ema_loss, kind="stable")
-        sampler.loss_weights[order[: sampler.batch_size]] = 2.0
-        return order
+    def plan(self, context, rng):
+        order = np.argsort(-context.catalog.ema_loss, kind="stable")
+        loss_weights = np.ones(context.catalog.size)
+        loss_weights[order[: context.batch_size]] = 2.0
+        return EpochPlan(order, loss_weights)
 
-    def describe(self, sampler):
-        return f"hardest first, the first {sampler.batch_size} weighted x2"
+    def describe(self, context):
+        return f"hardest first, the first {context.batch_size} weighted x2"
+
+
+class HalfAnEpoch(SamplerMode):
+    """A user's mode that forgets half the examples."""
+
+    def plan(self, context, rng):
+        return EpochPlan(np.arange(context.catalog.size // 2))
+
+    def describe(self, context):
+        return "half"
 
 
 @pytest.fixture
@@ -154,6 +171,7 @@ def user_modes(monkeypatch):
     """`hardest_first` registered for one test."""
     monkeypatch.setattr(SAMPLER_MODES, "_classes", dict(SAMPLER_MODES._classes))
     register_sampler_mode("hardest_first", HardestFirst)
+    register_sampler_mode("half", HalfAnEpoch)
 
 
 def test_a_registered_sampler_mode_plans_the_epochs_after_the_cataloging_one(user_modes):
@@ -169,12 +187,19 @@ def test_a_registered_sampler_mode_plans_the_epochs_after_the_cataloging_one(use
     assert (sampler.loss_weights[planned[:8]] == 2.0).all() and (sampler.loss_weights[planned[8:]] == 1.0).all()
     assert plans == [(0, "cataloging epoch, every example once in a seeded order"),
                      (1, "hardest first, the first 8 weighted x2")]
-    assert registered_sampler_modes() == ("balanced", "infobatch", "uniform", "hardest_first")
+    assert registered_sampler_modes() == ("balanced", "infobatch", "uniform", "hardest_first", "half")
+
+
+def test_a_mode_whose_plan_misses_examples_is_refused_by_name(user_modes):
+    sampler = BalancedQuartileSampler(cataloged(), batch_size=8, mode="half")
+    sampler.set_epoch(1)
+    with pytest.raises(ValueError, match="sampler mode 'half' planned 32 indices for 64 examples"):
+        list(sampler)
 
 
 def test_an_unknown_sampler_mode_is_refused_naming_the_registered_ones(user_modes):
     with pytest.raises(ValueError, match=r"sampler.mode: 'hardest' is not registered: must be one of \['balanced', "
-                                         r"'infobatch', 'uniform', 'hardest_first'\] \(add one with "
+                                         r"'infobatch', 'uniform', 'hardest_first', 'half'\] \(add one with "
                                          r"hf_r8.data.sampler_modes.register_sampler_mode\)"):
         BalancedQuartileSampler(cataloged(), batch_size=8, mode="hardest")
 

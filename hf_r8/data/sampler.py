@@ -24,7 +24,7 @@ from torch.utils.data import Sampler
 
 from hf_r8.control import state_versions
 from hf_r8.data.catalog import LossCatalog
-from hf_r8.data.sampler_modes import SAMPLER_MODES, draw_least_used, quartiles_and_usage
+from hf_r8.data.sampler_modes import SAMPLER_MODES, PlanContext, draw_least_used, quartiles_and_usage
 
 PLAN_FILE_NAME = "r8_epoch_plan.npz"
 
@@ -142,7 +142,7 @@ class BalancedQuartileSampler(Sampler[int]):
         """What the current epoch's plan is, in words."""
         if self.epoch == 0:
             return "cataloging epoch, every example once in a seeded order"
-        return self.planner.describe(self)
+        return self.planner.describe(self.plan_context())
 
     def _stabilize_from(self, plan: np.ndarray, position: int) -> int:
         """Overwrite the plan from `position` on with Q1 examples (deterministic: same on every process); returns
@@ -167,4 +167,16 @@ class BalancedQuartileSampler(Sampler[int]):
         self.loss_weights[:] = 1.0
         if self.epoch == 0:
             return rng.permutation(self.catalog.size)
-        return self.planner.plan(self, rng)
+        planned = self.planner.plan(self.plan_context(), rng)
+        if len(planned.order) != self.catalog.size:
+            raise ValueError(f"sampler mode {self.mode!r} planned {len(planned.order)} indices for "
+                             f"{self.catalog.size} examples: a plan orders every example once (or cycles to that "
+                             "length)")
+        if planned.loss_weights is not None:
+            self.loss_weights[:] = planned.loss_weights
+        return planned.order
+
+    def plan_context(self) -> PlanContext:
+        """What the mode reads to plan (and describe) the epoch under way."""
+        return PlanContext(self.catalog, self.batch_size, self.counts, self.epoch, self.total_epochs,
+                           self.prune_ratio, self.full_data_fraction)

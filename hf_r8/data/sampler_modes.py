@@ -1,7 +1,8 @@
 """Sampler modes by name: how `BalancedQuartileSampler` orders an epoch after the cataloging epoch.
 
-A mode is a small class with two methods: `plan` (the epoch's order of example indices) and `describe`
-(that plan in words, for the log). The built-ins:
+A mode is a small class with two methods: `plan` (the epoch's order of example indices, and any loss weights)
+and `describe` (that plan in words, for the log). Both read a `PlanContext`, what the sampler knows of the epoch,
+and return; the sampler applies the plan. The built-ins:
 
 * "balanced": each batch takes `counts[q]` examples from loss quartile q (Q1 lowest loss ... Q4 highest;
   examples never seen count as Q4, the least known), the least-used first (`draw_least_used`);
@@ -18,31 +19,49 @@ the same global order. Numpy only.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
 from hf_r8.control.registry import Registry
 from hf_r8.data.catalog import UNSEEN, LossCatalog
 
-if TYPE_CHECKING:
-    from hf_r8.data.sampler import BalancedQuartileSampler
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a mode may read to plan an epoch (the catalog is the sampler's: read it, never write it)."""
+
+    catalog: LossCatalog
+    batch_size: int
+    counts: np.ndarray
+    """Examples per loss quartile in one batch (from `sampler.proportions`)."""
+    epoch: int
+    total_epochs: int
+    prune_ratio: float
+    full_data_fraction: float
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """An epoch's order of example indices (as many as the dataset has) and, where not all 1, each example's
+    loss weight for the epoch."""
+
+    order: np.ndarray
+    loss_weights: np.ndarray | None = None
 
 
 class SamplerMode(ABC):
     """One way of ordering an epoch: subclass it, implement `plan` and `describe`, register it by name.
 
-    One instance serves one sampler; it reads what it needs from the sampler it is handed (`catalog`,
-    `batch_size`, `counts`, `epoch`, `prune_ratio`, ...).
+    One instance serves one sampler, and reads what it needs from the `PlanContext` it is handed.
     """
 
     @abstractmethod
-    def plan(self, sampler: BalancedQuartileSampler, rng: np.random.Generator) -> np.ndarray:
-        """The epoch's order of example indices (as many as the dataset has), drawn with `rng` (seeded by seed and
-        epoch). It may set `sampler.loss_weights`, which the sampler has reset to 1."""
+    def plan(self, context: PlanContext, rng: np.random.Generator) -> EpochPlan:
+        """The epoch's plan, drawn with `rng` (seeded by seed and epoch)."""
 
     @abstractmethod
-    def describe(self, sampler: BalancedQuartileSampler) -> str:
+    def describe(self, context: PlanContext) -> str:
         """What this epoch's plan is, in words."""
 
 
@@ -72,21 +91,21 @@ class BalancedMode(SamplerMode):
     """Every batch mixes the loss quartiles in the sampler's fixed `counts`; within a quartile the least used come
     first, ties broken at random; a quartile asked for more than it holds cycles through its order."""
 
-    def plan(self, sampler: BalancedQuartileSampler, rng: np.random.Generator) -> np.ndarray:
-        size = sampler.catalog.size
-        quartiles, usage = quartiles_and_usage(sampler.catalog)
-        batches = -(-size // sampler.batch_size)
+    def plan(self, context: PlanContext, rng: np.random.Generator) -> EpochPlan:
+        size = context.catalog.size
+        quartiles, usage = quartiles_and_usage(context.catalog)
+        batches = -(-size // context.batch_size)
         columns = []
-        for quartile, count in enumerate(sampler.counts):
+        for quartile, count in enumerate(context.counts):
             if count == 0:
                 continue
             columns.append(draw_least_used(quartile, quartiles, usage, rng, count * batches).reshape(batches, count))
         plan = np.concatenate(columns, axis=1)
         # shuffle inside each batch so quartiles are not in fixed positions
-        return rng.permuted(plan, axis=1).reshape(-1)[:size]
+        return EpochPlan(rng.permuted(plan, axis=1).reshape(-1)[:size])
 
-    def describe(self, sampler: BalancedQuartileSampler) -> str:
-        return f"balanced quartiles, {sampler.counts.tolist()} examples of Q1..Q4 per batch"
+    def describe(self, context: PlanContext) -> str:
+        return f"balanced quartiles, {context.counts.tolist()} examples of Q1..Q4 per batch"
 
 
 class InfoBatchMode(SamplerMode):
@@ -95,33 +114,34 @@ class InfoBatchMode(SamplerMode):
     The plan keeps the dataset's length by cycling through the kept examples.
     """
 
-    def plan(self, sampler: BalancedQuartileSampler, rng: np.random.Generator) -> np.ndarray:
-        size, catalog = sampler.catalog.size, sampler.catalog
-        if self._full_data(sampler) or not catalog.seen.any():
-            return rng.permutation(size)
+    def plan(self, context: PlanContext, rng: np.random.Generator) -> EpochPlan:
+        size, catalog = context.catalog.size, context.catalog
+        if self._full_data(context) or not catalog.seen.any():
+            return EpochPlan(rng.permutation(size))
         well_learned = catalog.seen & (catalog.ema_loss < catalog.ema_loss[catalog.seen].mean())
-        pruned = well_learned & (rng.random(size) < sampler.prune_ratio)
-        sampler.loss_weights[well_learned & ~pruned] = 1.0 / (1.0 - sampler.prune_ratio)
-        return np.resize(rng.permutation(np.flatnonzero(~pruned)), size)
+        pruned = well_learned & (rng.random(size) < context.prune_ratio)
+        loss_weights = np.ones(size, dtype=np.float32)
+        loss_weights[well_learned & ~pruned] = 1.0 / (1.0 - context.prune_ratio)
+        return EpochPlan(np.resize(rng.permutation(np.flatnonzero(~pruned)), size), loss_weights)
 
-    def describe(self, sampler: BalancedQuartileSampler) -> str:
-        if self._full_data(sampler):
+    def describe(self, context: PlanContext) -> str:
+        if self._full_data(context):
             return "InfoBatch's full-data epochs, a seeded permutation"
-        return f"InfoBatch, below-mean examples left out with probability {sampler.prune_ratio}"
+        return f"InfoBatch, below-mean examples left out with probability {context.prune_ratio}"
 
     @staticmethod
-    def _full_data(sampler: BalancedQuartileSampler) -> bool:
+    def _full_data(context: PlanContext) -> bool:
         """Whether the epoch is one of the last `full_data_fraction` of the planned epochs."""
-        return sampler.epoch >= sampler.total_epochs * (1.0 - sampler.full_data_fraction)
+        return context.epoch >= context.total_epochs * (1.0 - context.full_data_fraction)
 
 
 class UniformMode(SamplerMode):
     """A fresh seeded permutation every epoch."""
 
-    def plan(self, sampler: BalancedQuartileSampler, rng: np.random.Generator) -> np.ndarray:
-        return rng.permutation(sampler.catalog.size)
+    def plan(self, context: PlanContext, rng: np.random.Generator) -> EpochPlan:
+        return EpochPlan(rng.permutation(context.catalog.size))
 
-    def describe(self, sampler: BalancedQuartileSampler) -> str:
+    def describe(self, context: PlanContext) -> str:
         return "uniform shuffle"
 
 
