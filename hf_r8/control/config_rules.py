@@ -20,18 +20,6 @@ REWARD_RULES = ("scaling", "trend", "variance")
 MOMENTUM_RULES = ("none", "inverse", "exp", "relative", "normalized", "reward")
 
 
-def known_rule_names() -> tuple[str, ...]:
-    """The LR rule names a config may list in `rules` (and weigh in `blend.weights`).
-
-    The built-in rules and those registered with `register_rule` (`rule_registry.py`); every rule-name check
-    asks this function.
-    """
-    # Imported here: the rule classes import these config sections.
-    from hf_r8.control.rule_registry import registered_rules
-
-    return registered_rules()
-
-
 @dataclass
 class SignalConfig(ValidatedConfig):
     """How raw per-step numbers become statistics."""

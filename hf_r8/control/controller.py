@@ -216,10 +216,11 @@ class Controller:
         config, group = self.config, self.groups[index]
         step_proposals: list[Proposal] = []
         level_proposals: list[Proposal] = []
-        for rule in self.group_rules[index].values():
+        for name, rule in self.group_rules[index].items():
             proposal = rule.propose(statistics)
             if proposal is None:
                 continue
+            proposal.rule = name  # what blend.weights and the events know it by, whatever the rule wrote
             if rule.kind == "level":
                 level_proposals.append(proposal)
             else:

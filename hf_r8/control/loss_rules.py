@@ -37,7 +37,7 @@ class DecisionRule(Rule):
         factor = self._factor(verdict.decision)
         if factor == 1.0:
             return None
-        return Proposal("decision", factor, verdict.decision.value, verdict.reason,
+        return self.proposal(factor, verdict.decision.value, verdict.reason,
                         blendable=verdict.decision is not Decision.SPIKE_DECREASE)
 
     def _factor(self, decision: Decision) -> float:
@@ -80,7 +80,7 @@ class TrendRule(Rule):
         action = "" if direction == self.trend_direction else f"trend_{'up' if direction > 0 else 'down'}"
         reason = f"loss EMA {'improving' if direction > 0 else 'not improving'} ({loss_step.ema:.4g})"
         self.trend_direction = direction
-        return Proposal("trend", factor, action, reason)
+        return self.proposal(factor, action, reason)
 
 
 class GradNormRule(Rule):
@@ -102,9 +102,9 @@ class GradNormRule(Rule):
         self.steps_since_grad_rule = 0
         slow = statistics.grad_slow.value
         if statistics.grad_jump:
-            return Proposal("grad_norm", config.shrink_factor, "grad_norm_jump",
+            return self.proposal(config.shrink_factor, "grad_norm_jump",
                             f"norm > {config.jump_ratio} x EMA {slow:.4g}")
-        return Proposal("grad_norm", config.grow_factor, "grad_norm_collapse",
+        return self.proposal(config.grow_factor, "grad_norm_collapse",
                         f"fast EMA {statistics.grad_fast.value:.4g} < {config.collapse_ratio} x slow EMA {slow:.4g}")
 
 
@@ -138,7 +138,7 @@ class PlateauRule(Rule):
             return None
         self.plateau_steps = 0
         self.plateau_cooldown = config.cooldown
-        return Proposal("plateau", config.big_drop, "plateau_drop",
+        return self.proposal(config.big_drop, "plateau_drop",
                         f"no new best loss EMA ({self.plateau_best:.4g}) for {config.patience} steps")
 
 
@@ -151,7 +151,7 @@ class VarianceRule(Rule):
     def propose(self, statistics: StepStatistics) -> Proposal:
         config = self.config.variance
         cv = statistics.loss.rolling_cv()
-        return Proposal("variance", 1.0 / (config.base + config.scale * cv * cv))
+        return self.proposal(1.0 / (config.base + config.scale * cv * cv))
 
 
 class LossDecayRule(Rule):
@@ -163,7 +163,7 @@ class LossDecayRule(Rule):
         loss_ema = statistics.loss.ema.value
         if loss_ema is None:
             return None
-        return Proposal("loss_decay", 1.0 / (1.0 + self.config.loss_decay.k * max(0.0, loss_ema)))
+        return self.proposal(1.0 / (1.0 + self.config.loss_decay.k * max(0.0, loss_ema)))
 
 
 class CyclicalRule(Rule):
@@ -189,4 +189,4 @@ class CyclicalRule(Rule):
         if self.cycle_position >= self.cycle_length:
             self.cycle_position = 0
             self.cycle_length *= config.T_mult
-        return Proposal("cyclical", level)
+        return self.proposal(level)

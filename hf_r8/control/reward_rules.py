@@ -36,7 +36,7 @@ class KlBrakeRule(Rule):
         over_limit = over_kl_limit(statistics.kl, config)
         proposal = None
         if over_limit:
-            proposal = Proposal("reward_kl", config.down_factor, "" if self.kl_braking else "kl_brake",
+            proposal = self.proposal(config.down_factor, "" if self.kl_braking else "kl_brake",
                                 f"KL {statistics.kl:.4g} above reward.kl_limit={config.kl_limit:g}", blendable=False)
         if statistics.kl is not None:  # a step that logged no KL leaves the stretch as it was
             self.kl_braking = over_limit
@@ -65,7 +65,7 @@ class RewardTrendRule(Rule):
             reason = (f"reward slope {abs(reward.trend_t()):.1f} standard errors "
                       f"{'above' if direction > 0 else 'below'} flat over the last {len(reward.recent)} "
                       f"rewards (EMA {reward.ema.value:.4g})")
-            proposal = Proposal("reward_trend", config.up_factor if direction > 0 else config.down_factor, action,
+            proposal = self.proposal(config.up_factor if direction > 0 else config.down_factor, action,
                                 reason)
         if direction is not None:  # a step without a new reward changes nothing
             self.reward_direction = direction
@@ -82,7 +82,7 @@ class RewardScalingRule(Rule):
         reward_ema, config = statistics.reward.ema.value, self.config.reward
         if reward_ema is None:
             return None
-        return Proposal("reward_scaling", 1.0 + max(-1.0, min(1.0, (reward_ema - config.center) / config.span)))
+        return self.proposal(1.0 + max(-1.0, min(1.0, (reward_ema - config.center) / config.span)))
 
 
 class RewardVarianceRule(Rule):
@@ -94,7 +94,7 @@ class RewardVarianceRule(Rule):
         if statistics.reward.ema.value is None:
             return None
         config, variance = self.config.reward, statistics.reward.variance()
-        return Proposal("reward_variance", 1.0 / (1.0 + config.variance_scale * variance / (config.span * config.span)))
+        return self.proposal(1.0 / (1.0 + config.variance_scale * variance / (config.span * config.span)))
 
 
 REWARD_RULE_CLASSES: dict[str, type[Rule]] = {

@@ -68,9 +68,26 @@ def registered_rules() -> tuple[str, ...]:
     return RULES.names()
 
 
+def check_rule_names(config: R8Config) -> None:
+    """Resolve every rule name `config` holds (`rules`, `blend.weights`, `rule_settings`) in the registry, as it
+    is now: an unknown one raises the registry's ValueError, which lists the registered names. Adapters call it
+    when they take a config, so a YAML may name a rule registered after it was loaded, never after training
+    starts."""
+    for name in config.rules:
+        RULES.get(name)
+    blendable = (*RULES.names(), *(f"reward_{name}" for name in REWARD_RULE_CLASSES))
+    unknown = [name for name in config.blend.weights if name not in blendable]
+    if unknown:
+        raise ValueError(f"blend.weights names {unknown}: each must be a rule name from {list(blendable)} (add one "
+                         f"with {RULES.register_with})")
+    for name in config.rule_settings:
+        RULES.get(name)
+
+
 def build_rules(config: R8Config, router: bool) -> dict[str, Rule]:
     """Fresh instances of the rules one parameter group runs, in their fixed order, keyed by the name their
-    state is saved under. An unknown name in `config.rules` raises a ValueError listing the registered ones."""
+    state is saved under, which each rule also knows as `name`. An unknown name in `config.rules` raises a
+    ValueError listing the registered ones."""
     chosen = {name: RULES.get(name) for name in config.rules}
     rules = {name: chosen[name](config, router) for name in RULES.names() if name in chosen}
     if config.reward.kl_limit is not None:
@@ -78,6 +95,8 @@ def build_rules(config: R8Config, router: bool) -> dict[str, Rule]:
     for name, rule in REWARD_RULE_CLASSES.items():
         if name in config.reward.rules:
             rules[f"reward_{name}"] = rule(config, router)
+    for name, rule in rules.items():
+        rule.name = name
     return rules
 
 

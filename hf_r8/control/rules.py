@@ -34,7 +34,8 @@ class Proposal:
     """One rule's multiplicative proposal for this step."""
 
     rule: str
-    """The rule's registered name: `blend.weights` and the events know it by this name."""
+    """The rule's registered name, which `blend.weights` and the events know it by: the controller sets it to the
+    name the rule was built under (`Rule.proposal` fills it in)."""
     factor: float
     action: str = ""
     """Name of a discrete decision (e.g. "increase", "grad_norm_jump"), which becomes an event; empty for
@@ -73,8 +74,11 @@ class Rule(ABC):
     """One LR rule of one parameter group: subclass it, implement `propose`, register it by name.
 
     Args:
-        config: the full `R8Config`; a rule reads its own section (a user rule its own settings).
+        config: the full `R8Config`; a built-in rule reads its own section, a user rule its `settings`.
         router: whether the group gets the mixture-of-experts router profile (gentler factors).
+
+    Once built, a rule knows the name it was registered under (`name`) and its entry of `config.rule_settings`
+    (`settings`); read them in `propose`.
 
     Example:
         ```python
@@ -83,10 +87,11 @@ class Rule(ABC):
 
             def propose(self, statistics):
                 ema = statistics.loss.ema.value
-                return Proposal("cool_down", 0.99) if ema is not None and ema < 1.0 else None
+                below = self.settings.get("below", 1.0)
+                return self.proposal(0.99) if ema is not None and ema < below else None
 
         register_rule("cool_down", CoolDownBelowOne)   # hf_r8.control.rule_registry
-        config = R8Config(rules=["decision", "cool_down"])
+        config = R8Config(rules=["decision", "cool_down"], rule_settings={"cool_down": {"below": 0.5}})
         ```
     """
 
@@ -99,6 +104,17 @@ class Rule(ABC):
     def __init__(self, config: R8Config, router: bool = False) -> None:
         self.config = config
         self.router = router
+        self.name = ""
+        """The name the rule is registered under, set when the controller builds it."""
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """This rule's entry of `config.rule_settings` (empty when it has none)."""
+        return self.config.rule_settings.get(self.name, {})
+
+    def proposal(self, factor: float, action: str = "", reason: str = "", blendable: bool = True) -> Proposal:
+        """A proposal of `factor` under this rule's name (see `Proposal`)."""
+        return Proposal(self.name, factor, action, reason, blendable)
 
     @abstractmethod
     def propose(self, statistics: StepStatistics) -> Proposal | None:

@@ -36,7 +36,7 @@ from hf_r8.control import state_versions
 from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller
 from hf_r8.control.events import Event, event_log
-from hf_r8.control.resolve import ConfigLike, resolve_config
+from hf_r8.control.resolve import ConfigLike, resolve_config, revalidate
 from hf_r8.integrations.compat import (
     find_trainer,
     give_stateful_entry,
@@ -177,7 +177,7 @@ class R8Callback(TrainerCallback, ExportableState):
                            "reward_rl preset (the reward drives the LR; no LR range test, no loss-spike brakes). "
                            "Pass a config to choose another.", type(trainer).__name__)
             self.config = R8Config.from_preset("reward_rl")
-        self.config.validate()  # fields may have been assigned since the callback was built
+        revalidate(self.config)  # fields may have been assigned since the callback was built
         _refuse_other_instances(trainer)
         guard_train(trainer, self._end_by_exception)  # added after the Trainer was built: from its next train()
         if optimizer is None or not getattr(optimizer, "param_groups", None):

@@ -34,7 +34,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from hf_r8.control.events import Event
-from hf_r8.control.resolve import ConfigLike
+from hf_r8.control.resolve import ConfigLike, revalidate
 from hf_r8.data.catalog import FILE_NAME, LossCatalog
 from hf_r8.data.catalog_updates import CatalogUpdateQueue
 from hf_r8.data.indexed_data import BATCH_KEY, INDEX_KEY, IndexCarryingCollator, IndexedDataset
@@ -85,7 +85,7 @@ class R8CallbackMixin:
         self.r8_callback.bind(self)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        self.r8_config.validate()  # read here (moe) before on_train_begin checks it: fields may have been assigned
+        revalidate(self.r8_config)  # read here (moe) before on_train_begin checks it: fields may have been assigned
         created_here = self.optimizer is None  # a user's optimizer (and its scheduler) is left as it is
         optimizer = super().create_optimizer(*args, **kwargs)
         model = self.model
@@ -333,7 +333,7 @@ class R8TrainerMixin(R8CallbackMixin):
         self._r8_saved_into = folder
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        self.r8_config.validate()  # the dataloader reads it before on_train_begin: fields may have been assigned
+        revalidate(self.r8_config)  # the dataloader reads it before on_train_begin: fields may have been assigned
         # True means "the last checkpoint"; when there is none, the stock Trainer raises: leave that to it.
         checkpoint = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else \
             resume_from_checkpoint

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import yaml
 
-from hf_r8.control import config_rules
 from hf_r8.control.config import SECTIONS, DecisionConfig, MomentumConfig, R8Config, available_presets
 
 
@@ -54,10 +53,11 @@ def test_yaml_with_base_preset_overrides_only_what_it_names(tmp_path):
         ({"momentum": {"max": 1.0}}, r"momentum.max=1.0: must be in \[0.0, 1.0\)"),
         ({"bounds": {"lr_min": 1e-3, "lr_max": 1e-4}}, r"bounds.lr_max=0.0001: must be > bounds.lr_min"),
         ({"reward": {"rules": ["bogus"]}}, r"reward.rules=\['bogus'\]"),
-        ({"rules": ["decision", "warp"]}, r"rules=\['decision', 'warp'\]: must be a list of distinct names"),
+        ({"rules": ["decision", "decision"]}, r"rules=\['decision', 'decision'\]: must be a list of distinct rule"),
         ({"decision": {"patience_windows": 0}}, r"decision.patience_windows=0: must be an integer >= 1"),
         ({"exploration": {"sigma_init": 1.0}}, r"exploration.sigma_init=1.0: must be in"),
-        ({"blend": {"weights": {"nope": 1.0}}}, r"blend.weights='nope'"),
+        ({"blend": {"weights": {"trend": -1.0}}}, r"blend.weights.trend=-1.0: must be >= 0"),
+        ({"rule_settings": {"mine": 3}}, r"rule_settings=\{'mine': 3\}: must be a mapping of rule name -> mapping"),
         ({"decision": {"stability_threshold": 0.6}}, r"decision.instability_threshold=0.5: must be > stability"),
     ],
 )
@@ -122,12 +122,12 @@ def test_validate_checks_fields_assigned_after_construction():
 
 def test_validate_catches_in_place_changes_and_replaced_sections():
     config = R8Config()
-    config.rules.append("warp")  # no assignment at all: only a check when the config is used can see this
-    with pytest.raises(ValueError, match=re.escape("rules=['decision', 'grad_norm', 'warp']: must be a list")):
+    config.rules.append("decision")  # no assignment at all: only a check when the config is used can see this
+    with pytest.raises(ValueError, match=re.escape("rules=['decision', 'grad_norm', 'decision']: must be a list")):
         config.validate()
     config = R8Config()
-    config.blend.weights["nope"] = 1.0
-    with pytest.raises(ValueError, match="blend.weights='nope': must be a rule name"):
+    config.blend.weights["trend"] = math.nan
+    with pytest.raises(ValueError, match="blend.weights.trend=nan: must be >= 0"):
         config.validate()
     config = R8Config()
     config.rollback = {"enabled": False}
@@ -149,7 +149,9 @@ def test_cross_field_checks_see_the_fields_together_whatever_the_assignment_orde
         config.validate()
 
 
-def test_a_registered_rule_passes_every_rule_name_check(monkeypatch):
+def test_rule_names_are_resolved_when_hf_r8_takes_the_config_so_a_yaml_may_name_a_rule_registered_later(
+        monkeypatch, tmp_path):
+    from hf_r8.control.resolve import resolve_config
     from hf_r8.control.rule_registry import RULES, register_rule
     from hf_r8.control.rules import Rule
 
@@ -157,12 +159,18 @@ def test_a_registered_rule_passes_every_rule_name_check(monkeypatch):
         def propose(self, statistics):
             return None
 
-    with pytest.raises(ValueError, match="rules="):
-        R8Config(rules=["decision", "mine"])  # else the test below proves nothing
+    path = tmp_path / "mine.yaml"
+    path.write_text("rules: [decision, mine]\nblend:\n  weights: {mine: 2.0}\nrule_settings:\n  mine: {below: 0.5}\n")
+    config = R8Config.from_yaml(path)  # loads before the rule is registered
+    with pytest.raises(ValueError, match=r"rules: 'mine' is not registered: must be one of \['decision', .*\] \(add "
+                                         r"one with hf_r8.control.rule_registry.register_rule\)"):
+        resolve_config(config)  # what an adapter does when it takes the config
     monkeypatch.setattr(RULES, "_classes", dict(RULES._classes))  # the registration ends with the test
     register_rule("mine", Mine)
-    config = R8Config.from_dict({"rules": ["decision", "mine"], "blend": {"weights": {"mine": 2.0}}})
-    assert config_rules.known_rule_names()[-1] == "mine" and config.blend.weights == {"mine": 2.0}
+    assert resolve_config(path).blend.weights == {"mine": 2.0}
+    config.blend.weights["theirs"] = 1.0
+    with pytest.raises(ValueError, match=r"blend.weights names \['theirs'\]: each must be a rule name from"):
+        resolve_config(config)
 
 
 def _fields_of_type(*annotations: str) -> list[tuple[str, str]]:

@@ -41,6 +41,15 @@ class InverseLoss(Rule):
         return None if ema is None else Proposal("inverse_loss", 1.0 / ema)
 
 
+class Scaled(Rule):
+    """A level rule with a setting of its own (`factor`), proposed under whatever name it was registered as."""
+
+    kind = "level"
+
+    def propose(self, statistics: StepStatistics) -> Proposal | None:
+        return self.proposal(self.settings.get("factor", 1.0), "scaled", f"x{self.settings.get('factor', 1.0)}")
+
+
 class ForgetsToRestore(InverseLoss):
     """Overrides state_dict to save a counter, but not load_state_dict to restore it."""
 
@@ -55,13 +64,12 @@ def user_rules(monkeypatch):
     register_rule("every_third", EveryThirdStep)
     register_rule("inverse_loss", InverseLoss)
     register_rule("forgets_to_restore", ForgetsToRestore)
+    register_rule("scaled", Scaled)
 
 
-def controller_running(*rules: str) -> Controller:
-    config = R8Config(rules=[], signals=SignalConfig(window=5), blend=BlendConfig(stability_shift=0.0))
-    # Assigned after construction: config.py still checks `rules` against the built-in names only; once it asks
-    # registered_rules() (see hf_r8/control/rule_registry.py), R8Config(rules=[...]) takes them directly.
-    config.rules = list(rules)
+def controller_running(*rules: str, **settings: dict) -> Controller:
+    config = R8Config(rules=list(rules), signals=SignalConfig(window=5), blend=BlendConfig(stability_shift=0.0),
+                      rule_settings=settings)
     return Controller(config, [GroupSpec(1e-3)], total_steps=100)
 
 
@@ -115,7 +123,7 @@ def test_rules_run_in_registration_order_whatever_order_the_config_lists_them():
 
 
 def test_built_in_names_stay_what_configs_list_and_user_names_follow():
-    assert registered_rules() == (*BUILT_IN_RULES, "every_third", "inverse_loss", "forgets_to_restore")
+    assert registered_rules() == (*BUILT_IN_RULES, "every_third", "inverse_loss", "forgets_to_restore", "scaled")
 
 
 def test_an_unknown_rule_name_is_refused_naming_the_registered_ones():
@@ -145,3 +153,23 @@ def test_registering_a_user_name_again_replaces_it_in_place():
     register_rule("every_third", InverseLoss)  # a notebook cell run again
     assert registered_rules().index("every_third") == len(BUILT_IN_RULES)
     assert type(controller_running("every_third").group_rules[0]["every_third"]) is InverseLoss
+
+
+def test_a_user_rule_reads_its_own_settings_and_proposes_under_its_registered_name():
+    controller = controller_running("scaled", scaled={"factor": 1.5})
+    gains, events = feed(controller, [2.0] * 8)
+    assert gains[-1] == pytest.approx(1.5) and {event.rule for event in events} == {"scaled"}
+    register_rule("scaled_again", Scaled)  # the same class under a second name: its own settings, its own name
+    controller = controller_running("scaled_again", scaled={"factor": 1.5}, scaled_again={"factor": 0.5})
+    gains, events = feed(controller, [2.0] * 8)
+    assert gains[-1] == pytest.approx(0.5) and {event.rule for event in events} == {"scaled_again"}
+
+
+def test_the_controller_names_a_proposal_after_the_rule_that_made_it():
+    class Misnamed(Rule):
+        def propose(self, statistics):
+            return Proposal("someone_else", 1.1, "nudge", "a copied example")
+
+    register_rule("misnamed", Misnamed)
+    _, events = feed(controller_running("misnamed"), [2.0] * 8)
+    assert events and {event.rule for event in events} == {"misnamed"}
