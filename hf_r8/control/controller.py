@@ -99,8 +99,6 @@ class Controller:
         self.sigma = config.exploration.sigma_init if config.exploration.enabled else 0.0
         self.step = 0
         self.last_window: WindowSummary | None = None
-        self.recovery: dict[str, float] | None = None
-        """After a rollback: {"start", "steps", "factor"}: the LR starts at factor x and returns to 1x, log-linearly."""
         no_router_group = not any(spec.is_router for spec in self.specs)
         # Router groups always get the MoE profile; with `moe.enabled` and no router group, every group does.
         self.router_profile = [spec.is_router or (config.moe.enabled and no_router_group) for spec in self.specs]
@@ -130,19 +128,17 @@ class Controller:
             gain_min, gain_max = max(gain_min, moe.gain_min * initial), min(gain_max, moe.gain_max * initial)
         return gain_min, max(gain_min, gain_max)
 
-    def compose_lr(self, index: int, schedule_lr: float, anneal: float = 1.0) -> float:
-        """LR to use: schedule_lr * lr_gain (* the recovery factor after a rollback, * the end-of-run `anneal`
-        factor), kept within [min(lr_min, schedule_lr), lr_max]. A read: it changes nothing."""
+    def compose_lr(self, index: int, schedule_lr: float, factor: float = 1.0) -> float:
+        """LR to use: schedule_lr * lr_gain * `factor` (the engine's: the recovery after a rollback, the end-of-run
+        anneal), kept within [min(lr_min, schedule_lr), lr_max]. A read: it changes nothing."""
         lr_min, lr_max = self.lr_bounds(index)
-        composed = schedule_lr * self.groups[index].lr_gain * self.recovery_factor() * anneal
+        composed = schedule_lr * self.groups[index].lr_gain * factor
         return min(lr_max, max(min(lr_min, schedule_lr), composed))
 
     # ---------------------------------------------------------------------------------- stepping
     def observe(self, observation: Observation) -> list[Event]:
         """Consume one step's signals; adapt every group once past warmup. Returns the decisions made."""
         self.step = observation.step
-        if self.recovery is not None and self.recovery_factor() == 1.0:
-            self.recovery = None
         loss_step = self.loss.update(observation.loss) if observation.loss is not None else None
         if loss_step is not None and loss_step.closed_window is not None:
             self.last_window = loss_step.closed_window
@@ -251,27 +247,16 @@ class Controller:
         self.sigma = new_sigma
         return [event]
 
-    def rollback_brake(self, lasting_factor: float, recovery_factor: float, recovery_steps: int, step: int,
-                       reason: str) -> list[Event]:
-        """After a rollback: multiply every group's gain by `lasting_factor` (within its bounds) and, on top,
-        start the LR at `recovery_factor` x, back to 1x over `recovery_steps` steps."""
+    def rollback_brake(self, lasting_factor: float, recovery_factor: float, step: int, reason: str) -> list[Event]:
+        """After a rollback: multiply every group's gain by `lasting_factor` (within its bounds); the events give
+        the LR's new multiplier with the recovery's `recovery_factor` on top (the engine's `RollbackRecovery`)."""
         events = []
         for index, group in enumerate(self.groups):
             low, high = self.gain_bounds[index]
             new_gain = min(high, max(low, group.lr_gain * lasting_factor))
             events.append(Event(step, index, "rollback", "cut", group.lr_gain, new_gain * recovery_factor, reason))
             group.lr_gain = group.running_gain = new_gain
-        self.recovery = {"start": step, "steps": max(1, recovery_steps), "factor": recovery_factor}
         return events
-
-    def recovery_factor(self) -> float:
-        """The LR multiplier of the recovery after a rollback (1 when none is under way)."""
-        if self.recovery is None:
-            return 1.0
-        progress = (self.step - self.recovery["start"]) / self.recovery["steps"]
-        if progress >= 1.0:
-            return 1.0
-        return self.recovery["factor"] ** (1.0 - max(0.0, progress))
 
     # ----------------------------------------------------------------------------------- queries
     def lr_gain(self, index: int = 0) -> float:
@@ -321,7 +306,6 @@ class Controller:
             "aux_slow": self.aux_slow.state_dict(),
             "groups": [{**asdict(group), "rules": {name: rule.state_dict() for name, rule in rules.items()}}
                        for group, rules in zip(self.groups, self.group_rules, strict=True)],
-            "recovery": self.recovery,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -336,7 +320,6 @@ class Controller:
         self.window = state["window"]
         self.warmup_steps = state["warmup_steps"]
         self.sigma = state["sigma"]
-        self.recovery = state.get("recovery")
         self.last_window = WindowSummary(**state["last_window"]) if state["last_window"] else None
         self.loss = LossStatistics(self.window, self.config.signals.ema_beta)
         self.loss.load_state_dict(state["loss"])

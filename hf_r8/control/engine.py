@@ -40,6 +40,7 @@ from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, GroupSpec, Observation
 from hf_r8.control.events import Event, event_log
 from hf_r8.control.range_test import LRRangeTest, no_range_test_reason, range_test_length
+from hf_r8.control.recovery import RollbackRecovery
 from hf_r8.control.rollback import RollbackAction, RollbackPolicy, Verdict
 
 
@@ -78,6 +79,7 @@ class Engine:
         self.rollback = RollbackPolicy(config.rollback, applied_before_check=applied_before_check)
         self.range_test: LRRangeTest | None = None
         self.anneal = EndAnneal(config, total_steps, schedule_ahead)
+        self.recovery = RollbackRecovery()
         self.plan, self.batches_per_step = plan, batches_per_step
         self.events = event_log() if events is None else events
         self.listener = listener
@@ -100,7 +102,12 @@ class Engine:
             started = self.anneal.decide(step_index, schedule_lr / base_lr if base_lr > 0 else 1.0)
             if started is not None:
                 self.record(started)
-        return self.controller.compose_lr(index, schedule_lr, self.anneal.factor(step_index))
+        return self.controller.compose_lr(index, schedule_lr, self.lr_factor(step_index))
+
+    def lr_factor(self, step_index: int) -> float:
+        """What multiplies schedule x gain at step `step_index + 1`: the recovery after a rollback (in the steps the
+        controller has seen) and the end-of-run anneal. A read."""
+        return self.recovery.factor(self.controller.step) * self.anneal.factor(step_index)
 
     def momentum(self, index: int) -> float | None:
         """The momentum to write into group `index`; None: leave it (the rule is off, or a range test runs)."""
@@ -110,6 +117,7 @@ class Engine:
         """A finished step's signals, for the controller (whose decisions are recorded)."""
         for event in self.controller.observe(observation):
             self.record(event)
+        self.recovery.end_if_done(self.controller.step)
 
     # ------------------------------------------------------------------------------- rollback
     def check(self, step: int, loss: float | None, grad_norm: float | None = None, *,
@@ -181,12 +189,14 @@ class Engine:
     def snapshot_state(self) -> dict[str, Any]:
         """What a snapshot of the weights carries of the engine: the controller, and the spike detector's level
         (restored weights are judged against the loss level they had, not the level reached since)."""
-        return {"controller": self.controller.state_dict(), "spike_detector": self.rollback.detector.state_dict()}
+        return {"controller": self.controller.state_dict(), "spike_detector": self.rollback.detector.state_dict(),
+                "recovery": self.recovery.state_dict()}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Back to a `snapshot_state()`, with the weights it was taken with."""
         self.controller.load_state_dict(state["controller"])
         self.rollback.detector.load_state_dict(state["spike_detector"])
+        self.recovery.load_state_dict(state["recovery"])
 
     def roll_back(self, action: RollbackAction, restored_step: int | None, weights_step: int) -> str:
         """After the weights went back to those of `restored_step` (None: there was no snapshot; the weights, of
@@ -204,9 +214,10 @@ class Engine:
         if self.plan is not None and action.stabilize_steps:
             self.plan.stabilize(action.stabilize_steps * self.batches_per_step)
             reason += f", the next {action.stabilize_steps} steps' batches from the lowest-loss quartile"
-        for event in self.controller.rollback_brake(action.lasting_lr_factor, action.recovery_lr_factor,
-                                                    action.stabilize_steps, action.step, reason):
+        for event in self.controller.rollback_brake(action.lasting_lr_factor, action.recovery_lr_factor, action.step,
+                                                    reason):
             self.record(event)
+        self.recovery.begin(action.step, action.stabilize_steps, action.recovery_lr_factor)
         return reason
 
     def stop(self, step: int, reason: str, lost_steps: int = 0) -> None:
@@ -274,7 +285,7 @@ class Engine:
         return {"version": state_versions.ENGINE, "controller": self.controller.state_dict(),
                 "initial_gains": [spec.initial_gain for spec in self.specs],
                 "range_test_running": self.range_test is not None, "rollback": self.rollback.state_dict(),
-                "anneal": self.anneal.state_dict(),
+                "anneal": self.anneal.state_dict(), "recovery": self.recovery.state_dict(),
                 "events": [asdict(event) for event in self.events]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -291,5 +302,6 @@ class Engine:
         self._build_controller(gains, self.warmup_steps)
         self.controller.load_state_dict(state["controller"])
         self.anneal.load_state_dict(state.get("anneal", state["controller"]))  # older: the controller's "annealing"
+        self.recovery.load_state_dict(state.get("recovery", state["controller"].get("recovery")))  # older: its too
         if state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"])

@@ -231,7 +231,7 @@ class R8Loop:
         view = self._view
         controller = self.controller
         view.step, view.loss, view.loss_ema = self.step, loss, controller.loss.ema.value
-        view.lr = controller.compose_lr(0, self.base_lr, self.engine.anneal.factor(self.step))
+        view.lr = controller.compose_lr(0, self.base_lr, self.engine.lr_factor(self.step))
         view.base_lr, view.gain = self.base_lr, controller.lr_gain(0)
         view.rollbacks, view.skipped_steps = self.rollback.rollbacks, self.rollback.skipped_steps
         view.losses.append(loss)

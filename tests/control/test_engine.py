@@ -130,7 +130,7 @@ def test_a_rollback_restores_the_engine_brakes_the_lr_and_asks_the_plan_for_low_
     assert [event.group for event in cuts] == [0, 1] and cuts[0].old_value == gain_at_snapshot
     # The LR restarts at lr_cut x and climbs back over the stabilization.
     engine.observe(Observation(step=43, loss=_loss(43)))
-    lr_factor = engine.controller.recovery_factor()
+    lr_factor = engine.recovery.factor(engine.controller.step)
     assert engine.config.rollback.lr_cut <= lr_factor < 1.0
 
 
@@ -187,3 +187,22 @@ def test_the_engine_state_carries_its_version_and_an_unversioned_one_loads():
     assert resumed.state_dict() == saved
     with pytest.raises(ValueError, match="engine state is version 2, newer than this hf_r8 reads"):
         _engine().load_state_dict({**saved, "version": 2})
+
+
+def test_a_recovery_under_way_survives_a_state_round_trip_and_an_older_state_keeps_it_in_the_controller():
+    engine = _engine(applied_before_check=True)
+    _drive(engine, range(1, 31))
+    engine.snapshot_taken(30)
+    engine.check(31, 50.0)
+    engine.roll_back(engine.check(32, 50.0).action, restored_step=30, weights_step=32)
+    engine.observe(Observation(step=33, loss=_loss(33)))
+    factor = engine.recovery.factor(engine.controller.step)
+    assert factor < 1.0
+    saved = json.loads(json.dumps(engine.state_dict()))
+    older = {key: value for key, value in saved.items() if key != "recovery"}  # hf_r8 <= 0.3: the controller's
+    older["controller"] = {**saved["controller"], "recovery": saved["recovery"]}
+    for state in (saved, older):
+        resumed = _engine(applied_before_check=True)
+        resumed.load_state_dict(state)
+        assert resumed.recovery.factor(resumed.controller.step) == factor
+        assert resumed.lr(0, 1e-3, 33) == engine.lr(0, 1e-3, 33)
