@@ -27,7 +27,7 @@ from hf_r8.control.config import R8Config
 from hf_r8.control.decision import Decision
 from hf_r8.control.events import Event
 from hf_r8.control.laws import next_momentum, next_sigma
-from hf_r8.control.rule_registry import build_rules, version_1_rule_states
+from hf_r8.control.rule_registry import build_rules, rule_states_kept_in_the_group, version_1_rule_states
 from hf_r8.control.rules import Proposal, Rule, StepStatistics, blend
 from hf_r8.control.signals import Ema, LossStatistics, LossStep, RewardStatistics, WindowSummary, is_finite_number
 
@@ -67,7 +67,6 @@ class GroupState:
     running_gain: float = 1.0
     lr_gain: float = 1.0
     momentum: float | None = None
-    steps_since_aux_rule: int = 0
 
 
 class Controller:
@@ -151,13 +150,11 @@ class Controller:
             return []
         statistics = StepStatistics(observation.step, loss_step, self.loss, self.reward,
                                     self._reward_direction() if reward_updated else None, self.grad_fast,
-                                    self.grad_slow, grad_jump, grad_collapse, observation.kl)
+                                    self.grad_slow, grad_jump, grad_collapse, observation.kl, aux_rise)
         instability = min(1.0, self.loss.rolling_cv() / self.config.decision.instability_threshold)
         events: list[Event] = []
         for index in range(len(self.groups)):
             events += self._adapt_group(index, statistics, instability)
-            if self.router_profile[index]:
-                events += self._damp_router_on_aux_rise(index, aux_rise)
         events += self._adapt_sigma(loss_step, events)
         return events
 
@@ -178,22 +175,6 @@ class Controller:
         if self.aux_slow.count < config.aux_loss_cooldown_steps or self.aux_slow.value <= 0:
             return None
         return self.aux_fast.value / self.aux_slow.value - 1.0
-
-    def _damp_router_on_aux_rise(self, index: int, aux_rise: float | None) -> list[Event]:
-        """Rising load-balancing loss (routing less balanced): x moe.decrease_factor on a router group's gain."""
-        config, group = self.config.moe, self.groups[index]
-        group.steps_since_aux_rule += 1
-        if aux_rise is None or aux_rise <= config.aux_loss_rise or \
-                group.steps_since_aux_rule < config.aux_loss_cooldown_steps:
-            return []
-        group.steps_since_aux_rule = 0
-        gain_min, gain_max = self.gain_bounds[index]
-        old_gain = group.lr_gain
-        group.running_gain = min(gain_max, max(gain_min, group.running_gain * config.decrease_factor))
-        group.lr_gain = min(gain_max, max(gain_min, group.lr_gain * config.decrease_factor))
-        reason = (f"router aux loss fast EMA {self.aux_fast.value:.4g} is {aux_rise:.1%} above its slow EMA "
-                  f"{self.aux_slow.value:.4g} (> moe.aux_loss_rise={config.aux_loss_rise:g})")
-        return [Event(self.step, index, "moe_aux_loss", "router_damp", old_gain, group.lr_gain, reason)]
 
     def _update_grad_norm(self, grad_norm: float | None) -> tuple[bool, bool]:
         if not is_finite_number(grad_norm) or grad_norm < 0:
@@ -334,6 +315,7 @@ class Controller:
             for name in (spec.name for spec in fields(GroupState) if spec.name in saved):  # older states lack some
                 setattr(group, name, saved[name])
             rule_states = saved["rules"] if version == state_versions.CONTROLLER else version_1_rule_states(saved)
+            rule_states = {**rule_states_kept_in_the_group(saved), **rule_states}
             for name, rule in rules.items():
                 if name in rule_states:
                     rule.load_state_dict(rule_states[name])

@@ -24,6 +24,7 @@ from hf_r8.control.loss_rules import (
     TrendRule,
     VarianceRule,
 )
+from hf_r8.control.moe_rules import MOE_AUX_LOSS, RouterAuxLossRule
 from hf_r8.control.registry import Registry
 from hf_r8.control.reward_rules import REWARD_RULE_CLASSES, KlBrakeRule
 from hf_r8.control.rules import Rule
@@ -40,7 +41,7 @@ RULES: Registry[Rule] = Registry(
      "grad_norm": GradNormRule, "cyclical": CyclicalRule, "plateau": PlateauRule},
     register_with="hf_r8.control.rule_registry.register_rule",
     # the names the reward rules and the KL brake go by in proposals, blend weights and saved state
-    reserved=(KL_BRAKE, *(f"reward_{name}" for name in REWARD_RULE_CLASSES)),
+    reserved=(KL_BRAKE, MOE_AUX_LOSS, *(f"reward_{name}" for name in REWARD_RULE_CLASSES)),
 )
 
 # Where version 1 of the controller state kept each built-in rule's state: flat in its group's dict.
@@ -53,6 +54,8 @@ _VERSION_1_KEYS = {
     KL_BRAKE: ("kl_braking",),
     "reward_trend": ("reward_direction",),
 }
+# Where version 2 kept the router rule's cooldown: in its group's dict, before the rule was one.
+_GROUP_KEYS = {MOE_AUX_LOSS: {"steps_since_damp": "steps_since_aux_rule"}}
 
 
 def register_rule(name: str, rule: type[Rule]) -> None:
@@ -95,6 +98,8 @@ def build_rules(config: R8Config, router: bool) -> dict[str, Rule]:
     for name, rule in REWARD_RULE_CLASSES.items():
         if name in config.reward.rules:
             rules[f"reward_{name}"] = rule(config, router)
+    if router and config.moe.aux_loss_rise is not None:
+        rules[MOE_AUX_LOSS] = RouterAuxLossRule(config, router)
     for name, rule in rules.items():
         rule.name = name
     return rules
@@ -105,3 +110,10 @@ def version_1_rule_states(saved_group: dict[str, Any]) -> dict[str, dict[str, An
     rule whose keys an older state lacks is left out, and starts fresh."""
     return {name: {key: saved_group[key] for key in keys} for name, keys in _VERSION_1_KEYS.items()
             if all(key in saved_group for key in keys)}
+
+
+def rule_states_kept_in_the_group(saved_group: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The states of rules that a saved group kept among its own fields before they were rules (the router rule's
+    cooldown, up to hf_r8 0.3)."""
+    return {name: {key: saved_group[old] for key, old in keys.items()} for name, keys in _GROUP_KEYS.items()
+            if all(old in saved_group for old in keys.values())}

@@ -68,6 +68,9 @@ class StepStatistics:
     """The fast gradient-norm EMA fell below grad_norm.collapse_ratio x the slow one."""
     kl: float | None
     """KL divergence to the reference model (RL fine-tuning), when the trainer logs it."""
+    router_aux_rise: float | None = None
+    """The MoE router aux loss's fast EMA over its slow EMA, minus 1, once the slow one has seen
+    `moe.aux_loss_cooldown_steps` values; None without an aux loss."""
 
 
 class Rule(ABC):

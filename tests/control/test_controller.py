@@ -430,6 +430,14 @@ def test_rising_router_aux_loss_damps_router_groups_only():
                     moe=MoEConfig(aux_loss_rise=0.05, aux_loss_cooldown_steps=5))
     restored.load_state_dict(controller.state_dict())
     assert restored.aux_slow.value == controller.aux_slow.value and restored.groups[1] == controller.groups[1]
+    assert restored.state_dict() == controller.state_dict()
+    # Up to hf_r8 0.3 the cooldown was a field of the group, not the state of a rule.
+    older = controller.state_dict()
+    rule_state = older["groups"][1]["rules"].pop("moe_aux_loss")
+    older["groups"][1]["steps_since_aux_rule"] = rule_state["steps_since_damp"]
+    restored.load_state_dict(older)
+    assert restored.group_rules[1]["moe_aux_loss"].steps_since_damp == rule_state["steps_since_damp"]
+    assert "moe_aux_loss" not in restored.group_rules[0]  # a router rule, in router groups only
 
 
 # The flat layout of a parameter group in version 1 of the controller state, before the rules were classes.
@@ -452,6 +460,7 @@ def test_a_version_1_state_with_flat_rule_keys_resumes_exactly():
     flat_groups = []
     for group in state["groups"]:
         flat = {key: value for key, value in group.items() if key != "rules"}
+        flat["steps_since_aux_rule"] = 0  # every group had the router rule's cooldown then
         for rule_state in group["rules"].values():
             flat.update(rule_state)
         flat_groups.append(flat)
