@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_r8 import R8Callback
 from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
-from hf_r8.integrations.compat import skip_deepspeed_shm_op
+from hf_r8.integrations.compat_deepspeed import skip_deepspeed_shm_op
 
 
 class UsedLR(TrainerCallback):

@@ -1,5 +1,6 @@
-"""The transformers internals hf_r8 relies on (`hf_r8/integrations/compat.py`), pinned against the installed version:
-an upgrade that renames one fails here first, and at run time a missing one is a warning, never a silent loss."""
+"""The transformers and torch internals hf_r8 relies on (`hf_r8/integrations/compat.py`, `compat_deepspeed.py`),
+pinned against the installed versions: an upgrade that renames one fails here first, and at run time a missing one
+is a warning, never a silent loss."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import inspect
 import logging
 
 import pytest
+import torch
 from transformers import Trainer, TrainerState
 from transformers.trainer_callback import ProgressCallback
 
@@ -104,3 +106,19 @@ def test_a_missing_attribute_or_last_lr_is_a_warning_naming_it(caplog):
     for name in compat.TRAINER_ATTRIBUTES:
         assert f"Trainer.{name}" in caplog.text
     assert "Bare has no _last_lr list" in caplog.text
+
+
+def test_the_torch_scheduler_fields_adaptive_scheduler_saves_are_torchs_own():
+    """AdaptiveScheduler saves torch's LRScheduler counters as torch's own `state_dict()` names them, reads
+    `_step_count` to tell a step of its own, and overrides `_get_closed_form_lr`, which `step(epoch)` calls."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    assert set(compat.TORCH_SCHEDULER_FIELDS) <= set(scheduler.state_dict())
+    steps = compat.scheduler_steps(scheduler)
+    optimizer.step()
+    scheduler.step()
+    assert compat.scheduler_steps(scheduler) == steps + 1
+    assert "_get_closed_form_lr" in inspect.getsource(torch.optim.lr_scheduler.LRScheduler.step)
+    restored = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    compat.load_scheduler_fields(restored, compat.scheduler_fields(scheduler))
+    assert restored.state_dict() == scheduler.state_dict()

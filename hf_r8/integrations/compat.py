@@ -9,14 +9,15 @@ checkpoint before it is pushed. hf_r8 reaches for these here, and only here:
   (see `taps.py` for why each);
 * `guard_train`: an instance-level wrapper on `train`, the one place every exception of a run passes through;
 * `set_logged_lr`: the scheduler's `_last_lr`, so the logged `learning_rate` is the LR used;
+* `scheduler_fields`, `load_scheduler_fields`, `scheduler_steps`: torch's `LRScheduler` counters, which
+  `AdaptiveScheduler` saves as torch's schedulers do and reads to tell a step of its own;
 * `mute_training_bar`: ProgressCallback's `training_bar`, silenced while the dashboard draws;
-* `grad_scaler`, `uses_deepspeed`, `uses_fsdp`: the accelerator's scaler and the parallelism in use;
+* `grad_scaler`, `uses_fsdp`: the accelerator's scaler and the parallelism in use;
 * `end_dataloader_pass`, `set_accumulated_batches`: a pass over the train dataloader left early, and the
   micro-batch count `training_step` scales by, for the LR range test's sweep;
 * `is_reward_trainer`: TRL's trainers that learn from rewards, whose loss does not measure the LR;
-* `deepspeed_step_skipped`, `deepspeed_peak_lrs`, `deepspeed_tensors`, `zero3_partition`,
-  `regather_zero3_parameters`, `skip_deepspeed_shm_op`: the DeepSpeed engine's skip flag and scheduler peaks,
-  the partitions a snapshot holds, and the CPU comm op a test need not compile;
+* DeepSpeed's engine (its skip flag, scheduler peaks, ZeRO partitions): `compat_deepspeed.py`, the same door
+  for that library;
 * `rebuilt_from_checkpoint`, `give_stateful_entry`: what `restore_callback_states_from_checkpoint` and a
   stock checkpoint do to a stateful callback;
 * `TRAINER_INTERNALS`: the private methods R8Trainer overrides or calls;
@@ -31,7 +32,7 @@ every name here against the installed transformers, so an upgrade that drops one
 
 from __future__ import annotations
 
-import importlib
+import copy
 import logging
 import sys
 from collections.abc import Callable
@@ -165,6 +166,28 @@ def set_logged_lr(scheduler: Any, lrs: list[float]) -> None:
                    "learning_rate is the schedule's, not the LR R8 used")
 
 
+# What torch's LRScheduler keeps besides its optimizer, by the names its own `state_dict()` gives them:
+# AdaptiveScheduler saves and restores these as torch's schedulers do.
+TORCH_SCHEDULER_FIELDS = ("last_epoch", "_step_count", "base_lrs", "_last_lr")
+
+
+def scheduler_fields(scheduler: Any) -> dict[str, Any]:
+    """A torch scheduler's own counters and LRs (`TORCH_SCHEDULER_FIELDS`), as plain data."""
+    return {name: copy.copy(getattr(scheduler, name)) for name in TORCH_SCHEDULER_FIELDS}
+
+
+def load_scheduler_fields(scheduler: Any, state: dict[str, Any]) -> None:
+    """Put `scheduler_fields()` back; a state that lacks `_step_count` (hf_r8 <= 0.1) keeps the scheduler's."""
+    for name in TORCH_SCHEDULER_FIELDS:
+        if name in state:
+            setattr(scheduler, name, copy.copy(state[name]))
+
+
+def scheduler_steps(scheduler: Any) -> int:
+    """How many times a torch scheduler's `step()` ran (`_step_count`, which its constructor's first step counts)."""
+    return scheduler._step_count
+
+
 def train_batch_size(trainer: Any) -> int:
     """The per-process train batch size: the Trainer's `_train_batch_size` (which `auto_find_batch_size` lowers),
     or, without it, `args.per_device_train_batch_size` (warned about once)."""
@@ -247,67 +270,6 @@ def mute_training_bar(callbacks: list[Any]) -> Callable[[], None] | None:
 def grad_scaler(trainer: Any) -> Any:
     """The fp16 gradient scaler of the Trainer's accelerator, or None."""
     return getattr(getattr(trainer, "accelerator", None), "scaler", None)
-
-
-def uses_deepspeed(trainer: Any) -> bool:
-    """Whether `trainer` runs under DeepSpeed: its engine then takes the real optimizer step inside
-    `accelerator.backward`, before `on_pre_optimizer_step` (the Trainer's own `optimizer.step()` is a no-op)."""
-    return bool(getattr(trainer, "is_deepspeed_enabled", False))
-
-
-def _deepspeed_engine(trainer: Any) -> Any:
-    engine = getattr(trainer, "deepspeed", None)
-    if engine is None:
-        raise RuntimeError("R8: the Trainer runs under DeepSpeed but has no `deepspeed` engine attribute "
-                           f"(transformers {transformers.__version__}): R8 cannot tell whether a step was skipped")
-    return engine
-
-
-def deepspeed_step_skipped(trainer: Any) -> bool:
-    """Whether the DeepSpeed engine skipped its last optimizer step (ZeRO's `overflow`: a non-finite gradient
-    norm, or an fp16 overflow); then neither the weights nor its LR scheduler moved. An engine without a ZeRO
-    optimizer (stage 0, fp32) has no such flag and never skips."""
-    return bool(getattr(_deepspeed_engine(trainer).optimizer, "overflow", False))
-
-
-def deepspeed_peak_lrs(trainer: Any) -> list[float] | None:
-    """Each group's peak LR under DeepSpeed's own scheduler (WarmupLR, WarmupDecayLR: `max_lrs`), which, unlike a
-    torch scheduler, records no `initial_lr` and starts the groups at `warmup_min_lr`; None for other schedulers."""
-    peaks = getattr(_deepspeed_engine(trainer).lr_scheduler, "max_lrs", None)
-    return [float(lr) for lr in peaks] if peaks is not None else None
-
-
-def zero3_partition(parameter: Any) -> Any:
-    """This process's partition of a ZeRO-3 parameter (`ds_tensor`), or None for any other tensor."""
-    return getattr(parameter, "ds_tensor", None)
-
-
-def deepspeed_tensors(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What a rollback snapshot must hold under DeepSpeed besides the optimizer state (`snapshot.EngineTensors`):
-    at ZeRO-3 each parameter's partition in its place (the parameter itself is empty between steps), and at every
-    stage the optimizer's own parameters, the fp32 master partitions ZeRO steps and copies into the model."""
-    partitions = {name: partition for name, param in model.named_parameters()
-                  if (partition := zero3_partition(param)) is not None}
-    masters = {f"optimizer_param:{index}": param
-               for index, param in enumerate(param for group in optimizer.param_groups for param in group["params"])}
-    return partitions, masters
-
-
-def regather_zero3_parameters(trainer: Any) -> None:
-    """After ZeRO-3 partitions were written in place: gather the persistent (small, always gathered) parameters
-    again from them, as the engine does after loading a checkpoint (release the gathered copies, which leaves
-    the partitions as they are, then gather). A collective: every process calls it. No-op before stage 3."""
-    persistent = getattr(_deepspeed_engine(trainer).optimizer, "persistent_parameters", None)
-    if persistent:
-        persistent[0].partition(persistent)
-        persistent[0].all_gather(persistent)
-
-
-def skip_deepspeed_shm_op() -> None:
-    """Keep DeepSpeed from compiling its CPU shared-memory comm op (minutes from an empty cache) when it sets up
-    its process group on CPU; gloo's all-reduce is used instead. Call before the Trainer is built. The module is
-    fetched by its name: `import deepspeed.comm.torch as m` binds the `torch` package, not DeepSpeed's module."""
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 # TRL's trainers whose training loss does not measure the LR (GRPO's is ~0 by construction): found by class name

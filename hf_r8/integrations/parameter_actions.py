@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from hf_r8.control.config import R8Config
 from hf_r8.control.events import Event
-from hf_r8.integrations.compat import uses_deepspeed
+from hf_r8.integrations.compat_deepspeed import uses_deepspeed
 from hf_r8.runtime.dither import Dither
 from hf_r8.runtime.freezing import ParameterFreezer, trainable_parameters
 

@@ -28,7 +28,8 @@ import torch
 from transformers import TrainingArguments
 
 from hf_r8.control.engine import Engine
-from hf_r8.integrations.compat import end_dataloader_pass, is_reward_trainer, set_accumulated_batches, uses_deepspeed
+from hf_r8.integrations.compat import end_dataloader_pass, is_reward_trainer, set_accumulated_batches
+from hf_r8.integrations.compat_deepspeed import uses_deepspeed
 from hf_r8.integrations.rollback_manager import RollbackManager
 from hf_r8.integrations.step_signals import StepSignals
 from hf_r8.runtime.rng import restore_rng_states, rng_states

@@ -33,12 +33,11 @@ from transformers import TrainerControl, TrainingArguments
 from hf_r8.control.config import RollbackConfig
 from hf_r8.control.engine import Engine
 from hf_r8.control.rollback import RollbackAction
-from hf_r8.integrations.compat import (
+from hf_r8.integrations.compat import grad_scaler, uses_fsdp
+from hf_r8.integrations.compat_deepspeed import (
     deepspeed_step_skipped,
     deepspeed_tensors,
-    grad_scaler,
     regather_zero3_parameters,
-    uses_fsdp,
     zero3_partition,
 )
 from hf_r8.integrations.step_signals import StepSignals

@@ -43,6 +43,7 @@ from hf_r8.control import state_versions
 from hf_r8.control.controller import Controller
 from hf_r8.control.engine import Engine
 from hf_r8.control.resolve import ConfigLike, resolve_config
+from hf_r8.integrations.compat import load_scheduler_fields, scheduler_fields, scheduler_steps, set_logged_lr
 from hf_r8.runtime.param_groups import group_specs, write_lrs
 from hf_r8.runtime.signal_packing import SIGNAL_NAMES, pack_signals
 from hf_r8.runtime.signal_stage import SignalStage
@@ -105,7 +106,7 @@ class AdaptiveScheduler(LRScheduler):
         """Each group's LR without the gain at the hook's last write; None: the group's LR as the hook finds it."""
         self._written_lrs: list[float] = []
         self._applied_at: tuple[int, int] | None = None
-        """(last_epoch, _step_count) when the hook last wrote: a step of this scheduler since changes one."""
+        """(last_epoch, steps) when the hook last wrote: a step of this scheduler since changes one."""
         self._closed = False
         length = self.engine.range_test_length() if last_epoch == -1 else None
         if length is not None:
@@ -183,7 +184,7 @@ class AdaptiveScheduler(LRScheduler):
 
     # ------------------------------------------------------------------------- applied in the hook
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        applied_at = (self.last_epoch, self._step_count)
+        applied_at = (self.last_epoch, scheduler_steps(self))
         if self.last_epoch < 0 or applied_at == self._applied_at:
             return  # not started (SequentialLR before its milestone) or not stepped since: not its LR to set
         self._applied_at = applied_at
@@ -206,7 +207,7 @@ class AdaptiveScheduler(LRScheduler):
         self._schedule_lrs = schedule
         # As the groups hold them (a tensor LR may round): an LR that differs later was moved by another scheduler.
         self._written_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-        self._last_lr = list(self._written_lrs)
+        set_logged_lr(self, list(self._written_lrs))
 
     def _schedule(self, optimizer: torch.optim.Optimizer) -> list[float]:
         """Each group's LR without the gain: the last schedule, scaled as other schedulers scaled the LR since."""
@@ -231,17 +232,14 @@ class AdaptiveScheduler(LRScheduler):
         signals, the schedule, the events. Not in it: the construction arguments, signals given but not yet
         stepped, and a range test under way, whose snapshot of the optimizer's parameters lives in RAM only: a
         state saved during the test resumes without it (at gain 1), as R8Callback does."""
-        return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "base_lrs": self.base_lrs,
-                "_last_lr": self._last_lr, "version": state_versions.SCHEDULER, "engine": self.engine.state_dict(),
+        return {**scheduler_fields(self), "version": state_versions.SCHEDULER, "engine": self.engine.state_dict(),
                 "staged": self._stage.state_dict(),
                 "updates": self._updates, "schedule_lrs": self._schedule_lrs, "written_lrs": self._written_lrs,
                 "applied_at": self._applied_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a `state_dict()`; one from before the schedule was kept resumes on `base_lrs`, its schedule then."""
-        self.last_epoch, self.base_lrs = state_dict["last_epoch"], list(state_dict["base_lrs"])
-        self._step_count = state_dict.get("_step_count", self._step_count)
-        self._last_lr = list(state_dict["_last_lr"])
+        load_scheduler_fields(self, state_dict)
         self._updates = state_dict.get("updates", self.last_epoch)
         self._snapshot = None
         self.engine.specs = group_specs(self.optimizer)  # as the optimizer holds them now (its state may be loaded)
@@ -254,7 +252,7 @@ class AdaptiveScheduler(LRScheduler):
             SIGNAL_NAMES
         self._stage.load_state_dict(staged, unversioned_layout=old_layout)
         self._schedule_lrs = state_dict.get("schedule_lrs", [float(base_lr) for base_lr in self.base_lrs])
-        self._written_lrs = list(state_dict.get("written_lrs", self._last_lr))
+        self._written_lrs = list(state_dict.get("written_lrs", state_dict["_last_lr"]))
         applied_at = state_dict.get("applied_at")
         self._applied_at = None if applied_at is None else tuple(applied_at)
 

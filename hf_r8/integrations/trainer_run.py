@@ -30,7 +30,7 @@ from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, Observation
 from hf_r8.control.engine import Engine
 from hf_r8.control.events import Event
-from hf_r8.integrations.compat import deepspeed_peak_lrs, deepspeed_step_skipped, uses_deepspeed
+from hf_r8.integrations.compat_deepspeed import deepspeed_peak_lrs, deepspeed_step_skipped, uses_deepspeed
 from hf_r8.integrations.lr_writer import LRWriter, schedule_ahead, steps_on_metrics
 from hf_r8.integrations.parameter_actions import ParameterActions
 from hf_r8.integrations.range_test_runner import RangeTestRunner

@@ -1,7 +1,7 @@
 """Reversible freezing of parameter tensors whose gradients went quiet.
 
-Every `check_every` steps the gradient norm of each trainable tensor is read (one fused
-`_foreach_norm`, one host read) into a per-tensor EMA. A tensor whose EMA stays below `threshold` x
+Every `check_every` steps the gradient norm of each trainable tensor is read (public `vector_norm`s,
+stacked: one host read) into a per-tensor EMA. A tensor whose EMA stays below `threshold` x
 the median EMA of the unfrozen tensors for `patience_steps` is frozen; every `probe_every` steps the
 frozen tensors get a gradient for one step, which is measured and dropped, and a tensor whose gradient
 exceeds `revive_threshold` x the median is unfrozen.
@@ -176,7 +176,7 @@ class ParameterFreezer:
         with_grad = [index for index, p in enumerate(self.parameters) if p.grad is not None]
         norms: list[float | None] = [None] * len(self.parameters)
         if with_grad:
-            values = torch._foreach_norm([self.parameters[index].grad for index in with_grad])
-            for index, value in zip(with_grad, torch.stack([v.float() for v in values]).tolist(), strict=True):
+            values = [torch.linalg.vector_norm(self.parameters[index].grad, dtype=torch.float32) for index in with_grad]
+            for index, value in zip(with_grad, torch.stack(values).tolist(), strict=True):
                 norms[index] = value
         return norms

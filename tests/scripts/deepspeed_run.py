@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_r8 import R8Callback, R8Config
 from hf_r8.control.config import RollbackConfig
 from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2
-from hf_r8.integrations.compat import deepspeed_tensors, skip_deepspeed_shm_op, zero3_partition
+from hf_r8.integrations.compat_deepspeed import deepspeed_tensors, skip_deepspeed_shm_op, zero3_partition
 
 NAN_STEP = 9
 SPIKE_STEPS = (24, 25)
