@@ -213,7 +213,7 @@ def test_with_r8_sft_trainer_catalogs_every_example(tokenizer, tmp_path):
     assert forwards.count(True) == 4  # one forward per micro-batch: the losses come from TRL's fused LM head
     catalog = trainer.r8_catalog
     assert catalog.seen.all() and catalog.usage.tolist() == [1] * 32  # the cataloging epoch, through TRL's collator
-    assert trainer._r8_loss_agreement.verdict is True  # the fused head's losses proven to be the model's own
+    assert trainer.r8_example_losses.agreement.verdict is True  # the fused head's losses proven to be the model's own
     first_loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][0]
     assert abs(float(catalog.ema_loss.mean()) - first_loss) < 0.2
 

@@ -153,7 +153,7 @@ def test_a_wrapped_language_model_falls_back_to_the_surprise_estimate_with_one_w
     assert np.isnan(catalog.last_loss).all()  # nothing cataloged as exact: the unshifted losses were wrong
     warnings = r8_warnings(caplog)
     assert len(warnings) == 1 and "model's own loss" in warnings[0] and "surprise estimate" in warnings[0]
-    assert trainer._r8_loss_agreement.verdict is False
+    assert trainer.r8_example_losses.agreement.verdict is False
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -163,7 +163,7 @@ def test_an_unwrapped_language_model_is_proven_exact_without_a_warning(tokenizer
                         per_device_train_batch_size=4, gradient_accumulation_steps=accumulation),
                         train_dataset=lm_dataset.select(range(32)), r8=r8_config())
     trainer.train()
-    assert trainer._r8_loss_agreement.verdict is True  # proven on the first batches (with num_items_in_batch)
+    assert trainer.r8_example_losses.agreement.verdict is True  # proven on the first batches (with num_items_in_batch)
     seen = trainer.r8_catalog.seen
     assert seen.sum() == 16 * accumulation and np.isfinite(trainer.r8_catalog.last_loss[seen]).all()
     assert r8_warnings(caplog) == []
@@ -178,7 +178,7 @@ def test_an_moe_model_adding_its_router_loss_is_proven_exact(lm_dataset, tmp_pat
     trainer = R8Trainer(model=model, args=training_args(tmp_path, max_steps=3, per_device_train_batch_size=8),
                         train_dataset=lm_dataset.select(range(24)), r8=r8_config())
     trainer.train()
-    assert trainer._r8_loss_agreement.verdict is True
+    assert trainer.r8_example_losses.agreement.verdict is True
     assert np.isfinite(trainer.r8_catalog.last_loss).all() and r8_warnings(caplog) == []
 
 

@@ -38,23 +38,12 @@ from hf_r8.control.resolve import ConfigLike, revalidate
 from hf_r8.data.catalog import FILE_NAME, LossCatalog
 from hf_r8.data.catalog_updates import CatalogUpdateQueue
 from hf_r8.data.indexed_data import BATCH_KEY, INDEX_KEY, IndexCarryingCollator, IndexedDataset
-from hf_r8.data.per_example import (
-    LossAgreement,
-    example_losses,
-    keep_first_training_output,
-    router_aux_term,
-    weighted_loss,
-)
+from hf_r8.data.per_example import keep_first_training_output
 from hf_r8.data.sampler import PLAN_FILE_NAME, BalancedQuartileSampler
 from hf_r8.data.sampler_modes import SAMPLER_MODES
 from hf_r8.integrations.callback import R8Callback
-from hf_r8.integrations.compat import (
-    check_trainer_internals,
-    is_causal_lm_loss,
-    keep_signature_column,
-    loss_scaled_across_processes,
-    train_batch_size,
-)
+from hf_r8.integrations.compat import check_trainer_internals, keep_signature_column, train_batch_size
+from hf_r8.integrations.example_losses import ExampleLosses
 from hf_r8.runtime.moe import is_moe_model, split_router_groups
 
 logger = logging.getLogger(__name__)
@@ -105,11 +94,9 @@ class R8TrainerMixin(R8CallbackMixin):
         self.r8_catalog: LossCatalog | None = None
         self.r8_sampler: BalancedQuartileSampler | None = None
         self._r8_updates: CatalogUpdateQueue | None = None
-        self._r8_fallback_logged = False
-        self._r8_loss_agreement = LossAgreement()
+        self.r8_example_losses = ExampleLosses(self)
         self._r8_resumed_plan: dict[str, np.ndarray] | None = None
         """The sampler's state in the checkpoint resumed from (`r8_epoch_plan.npz`), until the sampler exists."""
-        self._r8_weights: tuple[int, torch.Tensor] | None = None
         self._r8_saved_into: str | None = None
         self._r8_catalog_paused = False
 
@@ -190,42 +177,15 @@ class R8TrainerMixin(R8CallbackMixin):
         loss = result[0] if return_outputs else result
         losses = None
         if captured and isinstance(captured[0], Mapping):
-            losses = self._r8_example_losses(captured[0], labels, indices, num_items_in_batch)
+            losses = self.r8_example_losses.of(captured[0], labels, indices, num_items_in_batch)
             if losses is not None and self.r8_sampler is not None and self.r8_sampler.mode == "infobatch":
-                loss = self._r8_reweighted(loss, captured[0], labels, indices, num_items_in_batch)
+                loss = self.r8_example_losses.reweighted(loss, captured[0], labels, indices, num_items_in_batch,
+                                                         self.r8_sampler)
         if losses is None:
-            self._r8_warn_fallback("R8: per-example losses cannot be recomputed for this model; the catalog uses "
-                                   "the batch-loss surprise estimate.")
+            self.r8_example_losses.warn_fallback("R8: per-example losses cannot be recomputed for this model; the "
+                                                 "catalog uses the batch-loss surprise estimate.")
         self._r8_record(indices, losses, loss)
         return (loss, *result[1:]) if return_outputs else loss
-
-    def _r8_example_losses(self, outputs: Mapping[str, Any], labels: torch.Tensor | None, indices: torch.Tensor,
-                           num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | None:
-        """This micro-batch's per-example losses, where they are one per example and agree with the model's loss."""
-        agreement = self._r8_loss_agreement
-        if agreement.verdict is False:
-            return None  # refuted on the first batches: not recomputed again
-        recomputed = example_losses(outputs, labels, self._r8_shifts_labels(), num_items_in_batch)
-        if recomputed is None or recomputed.losses.numel() != indices.numel():
-            return None  # packed sequences (padding-free), paired rows (DPO): not one loss per example
-        if agreement.verdict is True:
-            return recomputed.losses  # proven: no comparison (and no sync) on later batches
-        model = self.accelerator.unwrap_model(self.model)
-        if agreement.accepts(recomputed, outputs.get("loss"), router_aux_term(model, outputs)):
-            return recomputed.losses
-        if agreement.disagreement is not None:
-            implied, model_loss = agreement.disagreement
-            self._r8_warn_fallback(
-                f"R8: the per-example losses R8 recomputes average to {implied:.4f} (token-weighted), but the "
-                f"model's own loss is {model_loss:.4f}: the model's loss is not the one R8 assumes (a model "
-                "wrapped in your own module hides its label shift and loss function). The catalog uses the "
-                "batch-loss surprise estimate.")
-        return None
-
-    def _r8_warn_fallback(self, message: str) -> None:
-        if not self._r8_fallback_logged:
-            logger.warning(message)
-            self._r8_fallback_logged = True
 
     @contextlib.contextmanager
     def r8_catalog_paused(self) -> Iterator[None]:
@@ -240,29 +200,6 @@ class R8TrainerMixin(R8CallbackMixin):
     def _r8_record(self, indices: torch.Tensor, losses: torch.Tensor | None, loss: torch.Tensor) -> None:
         if self._r8_updates is not None and not self._r8_catalog_paused:
             self._r8_updates.record(indices, losses, loss.detach().float().reshape(-1).mean(), self.state.global_step)
-
-    def _r8_reweighted(self, loss: torch.Tensor, outputs: Mapping[str, Any], labels: torch.Tensor | None,
-                       indices: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
-        """InfoBatch: the same loss, with the kept well-learned examples weighted 1/(1 - prune_ratio)."""
-        epoch, _ = self.r8_sampler.current_epoch_plan
-        if self._r8_weights is None or self._r8_weights[0] != epoch:
-            self._r8_weights = (epoch, torch.as_tensor(self.r8_sampler.loss_weights, device=loss.device))
-        weights = self._r8_weights[1][indices.to(loss.device)]
-        shifts = self._r8_shifts_labels()
-        weighted = weighted_loss(outputs, labels, weights, shifts, num_items_in_batch)
-        if weighted is None:
-            return loss
-        # Keep the stock loss (label smoothing, auxiliary terms) and add only what the weights change,
-        # scaled as the stock compute_loss scales a token-averaged loss across processes.
-        unweighted = weighted_loss(outputs, labels, torch.ones_like(weights), shifts, num_items_in_batch)
-        scale = self.accelerator.num_processes if loss_scaled_across_processes(self, num_items_in_batch) else 1
-        return loss + (weighted - unweighted) * scale
-
-    def _r8_shifts_labels(self) -> bool:
-        """Causal LMs predict token t+1 at position t: their per-example loss needs the label shift."""
-        model = self.accelerator.unwrap_model(self.model)
-        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-        return is_causal_lm_loss(model) and not encoder_decoder
 
     def training_step(self, model: torch.nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._r8_updates is not None and self.r8_catalog is not None:
@@ -286,9 +223,10 @@ class R8TrainerMixin(R8CallbackMixin):
             if recorded:
                 return result  # a second call inside the step: the micro-batch is in the catalog already
             recorded.append(True)
-            self._r8_warn_fallback("R8: the data collator returns a batch that is not a dict, so per-example "
-                                   "losses cannot be recomputed from it; the catalog uses the batch-loss surprise "
-                                   "estimate from the loss your compute_loss returns.")
+            self.r8_example_losses.warn_fallback(
+                "R8: the data collator returns a batch that is not a dict, so per-example losses cannot be "
+                "recomputed from it; the catalog uses the batch-loss surprise estimate from the loss your "
+                "compute_loss returns.")
             self._r8_record(indices, None, result[0] if isinstance(result, tuple) else result)
             return result
 
