@@ -108,11 +108,11 @@ def _quiet_worker() -> None:
     warnings.filterwarnings("ignore")
 
 
-def run_job(task_name: str, quick: bool, method_name: str, seeds: list[int]) -> list[Run]:
+def run_job(task_name: str, quick: bool, method_name: str, seeds: list[int], lrs: list[float]) -> list[Run]:
     """Every LR and seed of one (task, method): the unit of work of a worker process."""
     task = _task(task_name, quick)
     runs = []
-    for lr in LR_GRID:
+    for lr in lrs:
         for seed in seeds:
             run = run_one(task, METHODS[method_name], lr, seed, RESULTS / "tmp" / f"{os.getpid()}")
             runs.append(run)
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--lrs", nargs="*", type=float, default=LR_GRID,
+                        help="the LR grid (default: three decades around where these models train best; widen it to "
+                             "see a start far above or below the best LR)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes, one torch thread each (default: one per core)")
     parser.add_argument("--name", default=None, help="results file stem (default lr_sweep[_quick])")
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"_{options.steps}" if options.steps is not None else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    jobs = [(task, options.quick, method, seeds) for task in options.tasks for method in options.methods]
+    jobs = [(task, options.quick, method, seeds, options.lrs) for task in options.tasks for method in options.methods]
     with ProcessPoolExecutor(options.workers, initializer=_quiet_worker) as pool:
         runs = [run for batch in pool.map(run_job, *zip(*jobs, strict=True)) for run in batch]
     elapsed = time.perf_counter() - started
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {options.workers} worker process(es) with one "
                    f"torch thread each, torch {torch.__version__}",
-        "elapsed_s": elapsed, "quick": options.quick, "lr_grid": LR_GRID, "seeds": seeds,
+        "elapsed_s": elapsed, "quick": options.quick, "lr_grid": options.lrs, "seeds": seeds,
         "tasks": {task.name: task.description for task in ready_tasks},
         "methods": methods,
         "reused": f"{len(reused)} runs of {sorted({r.method for r in reused})} from {options.reuse.name}" if reused
