@@ -164,6 +164,8 @@ class Engine:
         who = skipped_by() if skipped_by is not None else None
         if who is not None:
             self._skipped(step, f"{fault}: {who} skipped the step")
+            if not loss_finite and weights_finite is not None and not weights_finite():
+                return self._damage(step, "non-finite weights")  # a skip cannot mend weights already damaged
             return Verdict("pass", fault)
         self.rollback.last_anomaly_step = step
         if weights_finite is not None:

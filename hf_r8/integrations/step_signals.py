@@ -2,11 +2,10 @@
 
 A step's loss and gradient norm (`taps.py`), the reward scored for it (`rewards.py`) and the MoE router
 aux loss are packed into one small tensor of (sum, count) pairs (`runtime/signal_packing.py`) and summed
-across processes. At the step's end its copy to the host starts without waiting (`HostCopy`); the
-controller reads it at the next step, by which time it has landed (`runtime/signal_stage.py`, the stage every
-adapter uses). Where a step must be judged before
-it is applied (the guard, rollback), `read_now` reads it on the host at once and the same values are
-staged; the LR range test's sweep, before the first step, reads its loss with `loss_now`.
+across processes. At the step's end its copy to the host starts without waiting; the controller reads it at
+the next step, by which time it has landed (`runtime/signal_stage.py`, the stage every adapter uses). Where a
+step must be judged before it is applied (the guard, rollback), `read_now` reads it on the host at once and
+the same values are staged; the LR range test's sweep, before the first step, reads its loss with `loss_now`.
 """
 
 from __future__ import annotations

@@ -89,6 +89,8 @@ def test_a_non_finite_step_already_applied_is_the_hosts_skip_damage_or_kept_from
     _drive(engine, range(1, 41))
     assert engine.check(41, math.nan, skipped_by=lambda: "the DeepSpeed engine").kind == "pass"
     assert "the DeepSpeed engine skipped the step" in engine.events[-1].reason
+    damaged = engine.check(41, math.nan, weights_finite=lambda: False, skipped_by=lambda: "the DeepSpeed engine")
+    assert damaged.kind == "roll_back"  # skipped, but the loss was non-finite because the weights already were
     assert engine.check(42, math.nan, weights_finite=lambda: True).kind == "pass"
     assert engine.events[-1].action == "nonfinite_loss"
     assert engine.check(43, math.nan).kind == "roll_back"  # the weights unknown, rollback on: taken as damaged
