@@ -8,12 +8,7 @@ state go by `moe_aux_loss`. No torch, no transformers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from hf_r8.control.rules import Proposal, Rule, StepStatistics
-
-if TYPE_CHECKING:
-    from hf_r8.control.config import R8Config
 
 MOE_AUX_LOSS = "moe_aux_loss"
 
@@ -23,10 +18,8 @@ class RouterAuxLossRule(Rule):
     above its slow EMA (routing grows less balanced), at most once per moe.aux_loss_cooldown_steps steps."""
 
     state_keys = ("steps_since_damp",)
-
-    def __init__(self, config: R8Config, router: bool = False) -> None:
-        super().__init__(config, router)
-        self.steps_since_damp = 0
+    steps_since_damp = 0
+    """Steps since the last damping (the cooldown), this group's own once it counts."""
 
     def propose(self, statistics: StepStatistics) -> Proposal | None:
         config, rise = self.config.moe, statistics.router_aux_rise
