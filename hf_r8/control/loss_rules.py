@@ -38,7 +38,7 @@ class DecisionRule(Rule):
         if factor == 1.0:
             return None
         return self.proposal(factor, verdict.decision.value, verdict.reason,
-                        blendable=verdict.decision is not Decision.SPIKE_DECREASE)
+                             blendable=verdict.decision is not Decision.SPIKE_DECREASE)
 
     def _factor(self, decision: Decision) -> float:
         config, moe = self.config.decision, self.config.moe
@@ -103,9 +103,10 @@ class GradNormRule(Rule):
         slow = statistics.grad_slow.value
         if statistics.grad_jump:
             return self.proposal(config.shrink_factor, "grad_norm_jump",
-                            f"norm > {config.jump_ratio} x EMA {slow:.4g}")
+                                 f"norm > {config.jump_ratio} x EMA {slow:.4g}")
+        fast = statistics.grad_fast.value
         return self.proposal(config.grow_factor, "grad_norm_collapse",
-                        f"fast EMA {statistics.grad_fast.value:.4g} < {config.collapse_ratio} x slow EMA {slow:.4g}")
+                             f"fast EMA {fast:.4g} < {config.collapse_ratio} x slow EMA {slow:.4g}")
 
 
 class PlateauRule(Rule):
@@ -139,7 +140,7 @@ class PlateauRule(Rule):
         self.plateau_steps = 0
         self.plateau_cooldown = config.cooldown
         return self.proposal(config.big_drop, "plateau_drop",
-                        f"no new best loss EMA ({self.plateau_best:.4g}) for {config.patience} steps")
+                             f"no new best loss EMA ({self.plateau_best:.4g}) for {config.patience} steps")
 
 
 class VarianceRule(Rule):

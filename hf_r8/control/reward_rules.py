@@ -37,7 +37,8 @@ class KlBrakeRule(Rule):
         proposal = None
         if over_limit:
             proposal = self.proposal(config.down_factor, "" if self.kl_braking else "kl_brake",
-                                f"KL {statistics.kl:.4g} above reward.kl_limit={config.kl_limit:g}", blendable=False)
+                                     f"KL {statistics.kl:.4g} above reward.kl_limit={config.kl_limit:g}",
+                                     blendable=False)
         if statistics.kl is not None:  # a step that logged no KL leaves the stretch as it was
             self.kl_braking = over_limit
         return proposal
@@ -66,7 +67,7 @@ class RewardTrendRule(Rule):
                       f"{'above' if direction > 0 else 'below'} flat over the last {len(reward.recent)} "
                       f"rewards (EMA {reward.ema.value:.4g})")
             proposal = self.proposal(config.up_factor if direction > 0 else config.down_factor, action,
-                                reason)
+                                     reason)
         if direction is not None:  # a step without a new reward changes nothing
             self.reward_direction = direction
         return proposal
