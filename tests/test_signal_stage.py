@@ -19,7 +19,7 @@ def test_a_staged_step_is_taken_once():
     stage = _staged(loss=torch.tensor(2.5), grad_norm=1.25)
     observation = stage.take()
     assert (observation.step, observation.loss, observation.grad_norm, observation.reward) == (7, 2.5, 1.25, None)
-    assert stage.take() is None and not stage.pending
+    assert stage.take() is None and stage.state_dict() is None
 
 
 def test_a_saved_stage_comes_back_as_it_was():

@@ -27,10 +27,6 @@ class SignalStage:
         self._copy: HostCopy | None = None
         self._step = 0
 
-    @property
-    def pending(self) -> bool:
-        return self._copy is not None
-
     def stage(self, step: int, packed: torch.Tensor) -> None:
         """Start the copy of step `step`'s packed signals to the host (replacing any not taken)."""
         self._step, self._copy = step, HostCopy(packed)
