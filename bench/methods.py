@@ -42,6 +42,15 @@ def _r8(preset: str) -> Callable[[], list[Any]]:
     return lambda: [R8Callback(R8Config.from_preset(preset))]
 
 
+def _r8_adding_rules(preset: str, *rules: str) -> Callable[[], list[Any]]:
+    def make_callbacks() -> list[Any]:
+        config = R8Config.from_preset(preset)
+        config.rules = [*config.rules, *rules]
+        return [R8Callback(config)]
+
+    return make_callbacks
+
+
 WARMUP = 0.1  # a fraction of the steps, as TrainingArguments reads warmup_steps < 1
 
 METHODS = {
@@ -62,6 +71,10 @@ METHODS = {
                         make_callbacks=_r8("default"), description="hf_r8 default preset (range test sized to the run, "
                                                        "online rules) on 10% warmup + cosine",
                         stock="cosine", test_off="r8_gentle"),
+    "r8_hypergradient": Method("r8_hypergradient", {"lr_scheduler_type": "cosine", "warmup_steps": WARMUP},
+                               make_callbacks=_r8_adding_rules("default", "hypergradient"),
+                               description="hf_r8 default preset plus the hypergradient rule (the gain follows the "
+                                           "sign of d loss / d LR) on 10% warmup + cosine", stock="cosine"),
     "r8_constant": Method("r8_constant", {"lr_scheduler_type": "constant"}, make_callbacks=_r8("default"),
                           description="hf_r8 default preset on a constant schedule (so its end-of-run anneal is on)",
                           stock="constant"),

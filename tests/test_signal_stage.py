@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_r8.control import state_versions
 from hf_r8.runtime.signal_packing import pack_signals
-from hf_r8.runtime.signal_stage import STAGE_VERSION, SignalStage
+from hf_r8.runtime.signal_stage import SignalStage
 
 
 def _staged(**signals) -> SignalStage:
@@ -23,13 +24,28 @@ def test_a_staged_step_is_taken_once():
 
 
 def test_a_saved_stage_comes_back_as_it_was():
-    saved = _staged(loss=2.5, reward=0.75, router_aux_loss=0.01).state_dict()
-    assert saved["version"] == STAGE_VERSION and len(saved["values"]) == 8
+    saved = _staged(loss=2.5, reward=0.75, router_aux_loss=0.01, update_alignment=-0.25).state_dict()
+    assert saved["version"] == state_versions.SIGNAL_STAGE and len(saved["values"]) == 10
     resumed = SignalStage()
     resumed.load_state_dict(saved)
     observation = resumed.take()
-    assert (observation.loss, observation.reward, observation.router_aux_loss) == pytest.approx((2.5, 0.75, 0.01))
+    assert (observation.loss, observation.reward, observation.router_aux_loss, observation.update_alignment) == \
+        pytest.approx((2.5, 0.75, 0.01, -0.25))
     assert SignalStage().state_dict() is None
+
+
+def test_a_version_1_stage_loads_without_an_alignment():
+    version_1 = {"version": 1, "step": 4, "values": [2.5, 1.0, 1.25, 1.0, 0.0, 0.0, 0.01, 1.0]}
+    stage = SignalStage()
+    stage.load_state_dict(version_1)
+    observation = stage.take()
+    assert (observation.step, observation.loss, observation.grad_norm, observation.reward) == (4, 2.5, 1.25, None)
+    assert observation.router_aux_loss == pytest.approx(0.01) and observation.update_alignment is None
+
+
+def test_packing_refuses_a_signal_it_does_not_hold():
+    with pytest.raises(TypeError, match="unknown signals \\['gradnorm'\\]"):
+        pack_signals(None, gradnorm=1.0)
 
 
 def test_unversioned_states_load_in_the_layout_their_adapter_wrote():
@@ -45,5 +61,5 @@ def test_unversioned_states_load_in_the_layout_their_adapter_wrote():
 
 
 def test_a_newer_stage_is_refused_by_name():
-    with pytest.raises(ValueError, match="staged signals were saved in version 99"):
-        SignalStage().load_state_dict({"version": 99, "step": 1, "values": [0.0] * 8})
+    with pytest.raises(ValueError, match="staged signals state is version 99"):
+        SignalStage().load_state_dict({"version": 99, "step": 1, "values": [0.0] * 10})

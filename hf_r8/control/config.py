@@ -30,6 +30,7 @@ from hf_r8.control.config_rules import (
     CyclicalConfig,
     DecisionConfig,
     GradNormConfig,
+    HypergradientConfig,
     LossDecayConfig,
     MomentumConfig,
     PlateauConfig,
@@ -59,6 +60,7 @@ __all__ = [
     "ExplorationConfig",
     "FreezingConfig",
     "GradNormConfig",
+    "HypergradientConfig",
     "LossDecayConfig",
     "MoEConfig",
     "MomentumConfig",
@@ -93,6 +95,7 @@ class R8Config(ValidatedConfig):
 
     rules: list[str] = field(default_factory=lambda: ["decision", "grad_norm"], metadata={
         "help": "Active LR rules, any of: decision, trend, variance, loss_decay, grad_norm, cyclical, plateau, "
+                "hypergradient, "
                 "or a name registered with register_rule (resolved when hf_r8 takes the config)."})
     rule_settings: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
         "help": "Settings of your own rules, by registered name (rule name -> mapping); a rule reads its own "
@@ -105,6 +108,7 @@ class R8Config(ValidatedConfig):
     variance: VarianceConfig = field(default_factory=VarianceConfig)
     loss_decay: LossDecayConfig = field(default_factory=LossDecayConfig)
     grad_norm: GradNormConfig = field(default_factory=GradNormConfig)
+    hypergradient: HypergradientConfig = field(default_factory=HypergradientConfig)
     cyclical: CyclicalConfig = field(default_factory=CyclicalConfig)
     plateau: PlateauConfig = field(default_factory=PlateauConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

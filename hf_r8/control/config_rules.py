@@ -159,6 +159,28 @@ class GradNormConfig(ValidatedConfig):
 
 
 @dataclass
+class HypergradientConfig(ValidatedConfig):
+    """Hypergradient rule: the gain follows the sign of d loss / d LR, read from how each step's gradient lines
+    up with the update before it (both ways, in small steps, only while a window of steps agrees)."""
+
+    SECTION: ClassVar[str] = "hypergradient"
+    window: int = field(default=20, metadata={
+        "help": "Steps of alignment (cosine of the gradient with the last update) each test reads."})
+    significance: float = field(default=3.0, metadata={
+        "help": "Standard errors the window's mean alignment must lie above (below) zero before the gain grows "
+                "(shrinks)."})
+    rate: float = field(default=0.02, metadata={
+        "help": "Relative change of the gain per step while the alignment is significant: x (1 + rate) or "
+                "/ (1 + rate)."})
+
+    def _check(self) -> None:
+        if self.window < 3:
+            reject(self.SECTION, "window", self.window, "an integer >= 3")
+        self._greater("significance", 0.0)
+        self._between("rate", 0.0, 1.0, open_low=True)
+
+
+@dataclass
 class CyclicalConfig(ValidatedConfig):
     """Cosine warm restarts overlay: level falls from 1 to eta_min_scale over T_i steps, then restarts."""
 

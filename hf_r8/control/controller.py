@@ -58,6 +58,8 @@ class Observation:
     """KL divergence to the reference model (RL fine-tuning), when the trainer logs it."""
     router_aux_loss: float | None = None
     """MoE router load-balancing loss, when the model returns it."""
+    update_alignment: float | None = None
+    """Cosine of the step's gradient with the optimizer's previous update, when the hypergradient rule runs."""
 
 
 @dataclass
@@ -150,7 +152,8 @@ class Controller:
             return []
         statistics = StepStatistics(observation.step, loss_step, self.loss, self.reward,
                                     self._reward_direction() if reward_updated else None, self.grad_fast,
-                                    self.grad_slow, grad_jump, grad_collapse, observation.kl, aux_rise)
+                                    self.grad_slow, grad_jump, grad_collapse, observation.kl, aux_rise,
+                                    observation.update_alignment)
         instability = min(1.0, self.loss.rolling_cv() / self.config.decision.instability_threshold)
         events: list[Event] = []
         for index in range(len(self.groups)):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hf_r8.control.hypergradient import HYPERGRADIENT, HypergradientRule
 from hf_r8.control.loss_rules import (
     CyclicalRule,
     DecisionRule,
@@ -38,7 +39,8 @@ RULES: Registry[Rule] = Registry(
     "rules",
     Rule,
     {"decision": DecisionRule, "trend": TrendRule, "variance": VarianceRule, "loss_decay": LossDecayRule,
-     "grad_norm": GradNormRule, "cyclical": CyclicalRule, "plateau": PlateauRule},
+     "grad_norm": GradNormRule, "cyclical": CyclicalRule, "plateau": PlateauRule,
+     HYPERGRADIENT: HypergradientRule},
     register_with="hf_r8.control.rule_registry.register_rule",
     # the names the reward rules and the KL brake go by in proposals, blend weights and saved state
     reserved=(KL_BRAKE, MOE_AUX_LOSS, *(f"reward_{name}" for name in REWARD_RULE_CLASSES)),

@@ -71,6 +71,9 @@ class StepStatistics:
     router_aux_rise: float | None = None
     """The MoE router aux loss's fast EMA over its slow EMA, minus 1, once the slow one has seen
     `moe.aux_loss_cooldown_steps` values; None without an aux loss."""
+    update_alignment: float | None = None
+    """The cosine of this step's gradient with the optimizer's previous update (hypergradient.py); None when it
+    was not measured."""
 
 
 class Rule(ABC):

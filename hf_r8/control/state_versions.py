@@ -23,7 +23,9 @@ CATALOG = 1
 """`r8_catalog.npz`: 1 names alpha and the non-finite count (unversioned: a positional `meta` array)."""
 SAMPLER = 1
 """The sampler's plan (`r8_epoch_plan.npz`, `R8Loop`'s "sampler"): 1 adds the stabilization under way."""
-SIGNAL_STAGE = 1
+SIGNAL_STAGE = 2
+"""The staged signals of a finished step: 2 adds the update alignment (1 held four signals, unversioned the layout
+its adapter wrote)."""
 
 
 def saved_version(component: str, state: Mapping[str, Any], current: int, unversioned: int = 0) -> int:

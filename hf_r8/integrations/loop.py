@@ -43,6 +43,7 @@ from hf_r8.control import state_versions
 from hf_r8.control.controller import Controller, GroupSpec
 from hf_r8.control.engine import Engine
 from hf_r8.control.events import Event
+from hf_r8.control.hypergradient import measures_update_alignment
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.control.rollback import RollbackAction, RollbackPolicy
 from hf_r8.data.catalog import LossCatalog
@@ -80,6 +81,9 @@ class R8Loop:
         if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
             raise ValueError(f"num_epochs={num_epochs!r}: must be an integer >= 1")
         self.config = resolve_config(config)
+        if measures_update_alignment(self.config):
+            raise ValueError("rules: 'hypergradient' reads the optimizer's last update, and R8Loop is given losses "
+                             "only: use AdaptiveScheduler or R8Callback for it, or leave it out of rules")
         sampler_config = self.config.sampler
         self.catalog = LossCatalog(num_samples, alpha=sampler_config.catalog_alpha)
         self.sampler = BalancedQuartileSampler(self.catalog, batch_size, seed=seed,

@@ -42,12 +42,14 @@ from torch.utils.hooks import RemovableHandle
 from hf_r8.control import state_versions
 from hf_r8.control.controller import Controller
 from hf_r8.control.engine import Engine
+from hf_r8.control.hypergradient import measures_update_alignment
 from hf_r8.control.resolve import ConfigLike, resolve_config
 from hf_r8.integrations.compat import load_scheduler_fields, scheduler_fields, scheduler_steps, set_logged_lr
 from hf_r8.runtime.param_groups import group_specs, write_lrs
-from hf_r8.runtime.signal_packing import SIGNAL_NAMES, pack_signals
-from hf_r8.runtime.signal_stage import SignalStage
+from hf_r8.runtime.signal_packing import pack_signals
+from hf_r8.runtime.signal_stage import VERSION_1_LAYOUT, SignalStage
 from hf_r8.runtime.snapshot import StateSnapshot, optimizer_parameters
+from hf_r8.runtime.update_alignment import AlignmentProbe
 
 
 class AdaptiveScheduler(LRScheduler):
@@ -100,6 +102,9 @@ class AdaptiveScheduler(LRScheduler):
         self.engine = Engine(self.config, group_specs(optimizer), total_steps, warmup_steps)
         self.events = self.engine.events
         self._metrics: tuple[Any, Any, Any] | None = None
+        self._alignment: torch.Tensor | None = None
+        self._alignment_probe = AlignmentProbe() if measures_update_alignment(self.config) else None
+        """The update alignment measured before the last optimizer step (the hypergradient rule's signal)."""
         self._stage = SignalStage()
         self._updates = 0
         self._schedule_lrs: list[float] | None = None
@@ -157,8 +162,10 @@ class AdaptiveScheduler(LRScheduler):
         super().step(epoch)
         if self._metrics is not None:
             loss, reward, grad_norm = self._metrics
-            self._stage.stage(self._updates, pack_signals(None, loss=loss, grad_norm=grad_norm, reward=reward))
+            self._stage.stage(self._updates, pack_signals(None, loss=loss, grad_norm=grad_norm, reward=reward,
+                                                          update_alignment=self._alignment))
             self._metrics = None
+        self._alignment = None
 
     def get_lr(self) -> list[float]:
         """Each group's LR as it is: at `step()` the signals just staged are still on their way to the host, so
@@ -201,6 +208,8 @@ class AdaptiveScheduler(LRScheduler):
                 self._finish_range_test(optimizer)
         elif observation is not None:
             engine.observe(observation)
+        if self._alignment_probe is not None:  # this step's gradient against the update before it
+            self._alignment = self._alignment_probe.measure(optimizer)
         updates = self._updates
         write_lrs(optimizer, schedule, lambda index, lr: engine.lr(index, lr, updates), engine.momentum)
         self._updates += 1
@@ -247,9 +256,9 @@ class AdaptiveScheduler(LRScheduler):
         self.engine.load_state_dict(state_dict["engine"] if state_versions.saved_version(
             "AdaptiveScheduler", state_dict, state_versions.SCHEDULER) else state_dict)
         staged = state_dict.get("staged")
-        # Unversioned: hf_r8 <= 0.1 packed (loss, reward, gradient norm), later ones all four in today's order.
+        # Unversioned: hf_r8 <= 0.1 packed (loss, reward, gradient norm), later ones the four of version 1.
         old_layout = ("loss", "reward", "grad_norm") if staged is not None and len(staged["values"]) == 6 else \
-            SIGNAL_NAMES
+            VERSION_1_LAYOUT
         self._stage.load_state_dict(staged, unversioned_layout=old_layout)
         self._schedule_lrs = state_dict.get("schedule_lrs", [float(base_lr) for base_lr in self.base_lrs])
         self._written_lrs = list(state_dict.get("written_lrs", state_dict["_last_lr"]))

@@ -1,8 +1,9 @@
 """One optimizer step's signals, from the Trainer to the controller, without stalling the device.
 
-A step's loss and gradient norm (`taps.py`), the reward scored for it (`rewards.py`) and the MoE router
-aux loss are packed into one small tensor of (sum, count) pairs (`runtime/signal_packing.py`) and summed
-across processes. At the step's end its copy to the host starts without waiting; the controller reads it at
+A step's loss and gradient norm (`taps.py`), the reward scored for it (`rewards.py`), the MoE router
+aux loss and, for the hypergradient rule, the update alignment (`runtime/update_alignment.py`) are packed
+into one small tensor of (sum, count) pairs (`runtime/signal_packing.py`) and summed across processes.
+At the step's end its copy to the host starts without waiting; the controller reads it at
 the next step, by which time it has landed (`runtime/signal_stage.py`, the stage every adapter uses). Where a
 step must be judged before it is applied (the guard, rollback), `read_now` reads it on the host at once and
 the same values are staged; the LR range test's sweep, before the first step, reads its loss with `loss_now`.
@@ -33,6 +34,8 @@ class StepSignals:
         """Whether this step was skipped or rolled back: the controller never sees its signals."""
         self.stage = SignalStage()
         """The last finished step's signals, on their way to the host (saved with the run's state)."""
+        self.alignment: torch.Tensor | None = None
+        """This step's update alignment (a device scalar), measured just before the optimizer steps."""
 
     def read_now(self, step: int) -> Observation:
         """This step's signals, read on the host now (one sync), before the step is applied."""
@@ -49,11 +52,11 @@ class StepSignals:
         only (it is not evidence about the LR)."""
         if self.dropped:
             dropped = unpack_signals(step, self.checked)
-            self.dropped, self.checked = False, None
+            self.dropped, self.checked, self.alignment = False, None, None
             return dropped
         self.stage.stage(step, torch.tensor(self.checked, dtype=torch.float32) if self.checked is not None
                          else self._reduced())
-        self.checked = None
+        self.checked = self.alignment = None
         return None
 
     def take_pending(self) -> Observation | None:
@@ -72,5 +75,6 @@ class StepSignals:
             grad_norm = torch.as_tensor(taps.grad_norm).to(device=self.device, dtype=torch.float32)
         reward, reward_count = self.rewards.take_step_reward()
         packed = pack_signals(self.device, loss=taps.step_loss, grad_norm=grad_norm,
-                              reward=reward if reward_count else None, router_aux_loss=taps.step_aux_loss())
+                              reward=reward if reward_count else None, router_aux_loss=taps.step_aux_loss(),
+                              update_alignment=self.alignment)
         return sum_across_processes(packed)

@@ -30,6 +30,7 @@ from hf_r8.control.config import R8Config
 from hf_r8.control.controller import Controller, Observation
 from hf_r8.control.engine import Engine
 from hf_r8.control.events import Event
+from hf_r8.control.hypergradient import measures_update_alignment
 from hf_r8.integrations.compat_deepspeed import deepspeed_peak_lrs, deepspeed_step_skipped, uses_deepspeed
 from hf_r8.integrations.lr_writer import LRWriter, schedule_ahead, steps_on_metrics
 from hf_r8.integrations.parameter_actions import ParameterActions
@@ -40,6 +41,7 @@ from hf_r8.integrations.run_outputs import RunOutputs
 from hf_r8.integrations.step_signals import StepSignals
 from hf_r8.integrations.taps import TrainerTaps
 from hf_r8.runtime.param_groups import group_specs
+from hf_r8.runtime.update_alignment import AlignmentProbe
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,10 @@ class TrainerRun:
         self.actions = ParameterActions.for_run(config, trainer, optimizer)
         self.rollback.freezer = self.actions.freezer if self.actions is not None else None
         self.signals = StepSignals(self.taps, rewards, args.device)
+        self.alignment = AlignmentProbe() if measures_update_alignment(config) else None
+        if self.alignment is not None and self.deepspeed_steps_in_backward:
+            logger.warning("hf_r8: the hypergradient rule holds the gain under DeepSpeed: its engine steps inside "
+                           "backward, before the update alignment could be measured")
         self.lr = LRWriter()
         self.found_gains: list[float] | None = None
         """The gains this run's LR range test chose (or reused): the next `train()` of the callback starts there."""
@@ -145,6 +151,8 @@ class TrainerRun:
                 self.rollback.before_step(step_index + 1, self.signals, args, control)
             return
         self.observe_pending()
+        if self.alignment is not None:  # the gradient against the last update, before the optimizer moves it
+            self.signals.alignment = self.alignment.measure(optimizer)
         if self.rollback.checks_steps:
             self.rollback.before_step(step_index + 1, self.signals, args, control)
         if self.actions is not None:  # also on a skipped step: ends its probe

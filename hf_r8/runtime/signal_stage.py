@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
+from hf_r8.control import state_versions
 from hf_r8.control.controller import Observation
 from hf_r8.runtime.host_copy import HostCopy
 from hf_r8.runtime.signal_packing import SIGNAL_NAMES, unpack_signals
 
-STAGE_VERSION = 1
-"""The version of `SignalStage.state_dict()`; a newer one is refused with a message naming it."""
+VERSION_1_LAYOUT = ("loss", "grad_norm", "reward", "router_aux_loss")
+"""The signals version 1 of the stage's state held (before the update alignment), in order."""
 
 
 class SignalStage:
@@ -46,22 +47,22 @@ class SignalStage:
         """The staged step and its packed values, as plain data; None when nothing is staged."""
         if self._copy is None:
             return None
-        return {"version": STAGE_VERSION, "step": self._step, "values": self._copy.result().tolist()}
+        return {"version": state_versions.SIGNAL_STAGE, "step": self._step, "values": self._copy.result().tolist()}
 
-    def load_state_dict(self, state: dict[str, Any] | None, unversioned_layout: tuple[str, ...] = SIGNAL_NAMES) -> None:
-        """Stage `state_dict()`'s output again. A state saved before this shape had no version: its values are
-        (sum, count) pairs of the signals `unversioned_layout` names, in that order (the adapter that saved it
-        knows which); a signal it lacks is missing (0, 0)."""
+    def load_state_dict(self, state: dict[str, Any] | None,
+                        unversioned_layout: tuple[str, ...] = VERSION_1_LAYOUT) -> None:
+        """Stage `state_dict()`'s output again. An older state's values are (sum, count) pairs of the signals its
+        version held: version 1's `VERSION_1_LAYOUT`; one saved before the stage had a version, those
+        `unversioned_layout` names, in that order (the adapter that saved it knows which). A signal it lacks is
+        missing (0, 0)."""
         if state is None:
             self._copy = None
             return
-        version = state.get("version")
-        if version is not None and version > STAGE_VERSION:
-            raise ValueError(f"the staged signals were saved in version {version}, newer than this hf_r8 reads "
-                             f"({STAGE_VERSION}): upgrade hf_r8 to resume them")
+        version = state_versions.saved_version("staged signals", state, state_versions.SIGNAL_STAGE)
         values = list(state["values"])
-        if version is None:
-            pairs = {name: values[2 * index:2 * index + 2] for index, name in enumerate(unversioned_layout)
+        if version < state_versions.SIGNAL_STAGE:
+            layout = VERSION_1_LAYOUT if version == 1 else unversioned_layout
+            pairs = {name: values[2 * index:2 * index + 2] for index, name in enumerate(layout)
                      if 2 * index + 2 <= len(values)}
             values = [value for name in SIGNAL_NAMES for value in pairs.get(name, [0.0, 0.0])]
         self.stage(state["step"], torch.tensor(values, dtype=torch.float32))

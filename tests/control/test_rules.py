@@ -12,7 +12,8 @@ from hf_r8.control.controller import Controller, GroupSpec, Observation
 from hf_r8.control.rule_registry import RULES, register_rule, registered_rules
 from hf_r8.control.rules import Proposal, Rule, StepStatistics
 
-BUILT_IN_RULES = ("decision", "trend", "variance", "loss_decay", "grad_norm", "cyclical", "plateau")
+BUILT_IN_RULES = ("decision", "trend", "variance", "loss_decay", "grad_norm", "cyclical", "plateau",
+                  "hypergradient")
 
 
 class EveryThirdStep(Rule):
@@ -130,7 +131,8 @@ def test_an_unknown_rule_name_is_refused_naming_the_registered_ones():
     config = R8Config()
     config.rules = ["decision", "warp"]  # past R8Config's own check of the names, to reach the controller's
     with pytest.raises(ValueError, match=r"rules: 'warp' is not registered: must be one of \['decision', .*"
-                                         r"'plateau', 'every_third', .*\] \(add one with .*register_rule\)"):
+                                         r"'plateau', 'hypergradient', 'every_third', .*\] "
+                                         r"\(add one with .*register_rule\)"):
         Controller(config, [GroupSpec(1e-3)])
 
 
