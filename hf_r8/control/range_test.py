@@ -19,10 +19,7 @@ a causal EMA is: at ~3x per step, two steps of EMA lag are a decade of LR).
 
 * A curve with a valley, its lowest mean more than `significance` noise deviations (of a mean of three)
   below the level (a model trained from scratch): the gain of the lowest mean / `backoff`, the usual
-  "minimum / 10" rule. The backoff steps back from the edge the minimum sits at: past it the loss turns.
-  Where the lowest mean is the curve's last point, with no fault on the way, the sweep ended before the loss
-  turned (an LR set 1,000x or more too low): the minimum marks where the sweep stopped, not an edge, so its
-  gain is taken as it is.
+  "minimum / 10" rule.
 * A curve flat within its noise until it blows up (a pre-trained model: the new data's loss barely moves
   before the LR breaks it; its minimum is noise): the gain from which every loss stays more than
   `significance` deviations above the level (or that began the run of faults that ended the test) /
@@ -185,14 +182,6 @@ class LRRangeTest:
         level, spread = noise
         return level - best[1] > self.config.significance * spread / math.sqrt(2 * _DENOISE_RADIUS + 1)
 
-    def still_falling_at_the_top(self) -> bool:
-        """Whether the denoised curve is lowest at its last point and no loss was left out: the sweep ended before
-        the loss turned, so its minimum marks where the sweep stopped, not the edge of the LRs that train."""
-        curve = self.denoised()
-        if not curve or self.faults:
-            return False
-        return min(range(len(curve)), key=lambda index: curve[index][1]) == len(curve) - 1
-
     def blow_up_gain(self) -> float | None:
         """The gain from which every loss stays clearly (`significance` deviations) above the level (a single
         noisy batch is not a blow-up), or that began the faults that ended the test; None if the curve never
@@ -213,9 +202,6 @@ class LRRangeTest:
         based on; gain 1 when the test cannot conclude."""
         if self.noise() is None:
             return 1.0, f"no conclusion from {len(self.history)} losses (3 are needed): the LR set is kept"
-        if self.has_valley() and self.still_falling_at_the_top():
-            return (min(self.config.gain_max, self.best()[0]),
-                    "the curve's lowest loss is its last (still falling at the sweep's top): that gain, no backoff")
         if self.has_valley():
             gain, basis = self.best()[0], "the valley's"
         else:
