@@ -173,7 +173,8 @@ def test_the_default_finds_its_way_up_from_an_lr_100x_too_low(tokenizer, lm_data
     assert len(probe.snapshot_ids) == 1
     assert probe.stored_gains[1] == pytest.approx(rebase.new_value)
     written = json.loads((tmp_path / "r8" / "r8" / "r8_range_test.json").read_text())
-    assert written["chosen_gain"] == pytest.approx(rebase.new_value) and len(written["curve"]) == 14
+    gains = [gain for gain, _ in written["curve"]]
+    assert written["chosen_gain"] == pytest.approx(rebase.new_value) and len(gains) >= 10 and gains == sorted(gains)
     # shown: a plot in the end-of-run report, and a line of the dashboard
     assert (tmp_path / "r8" / "r8" / "r8_report" / "range_test.png").stat().st_size > 0
     assert "LR range test: 15 steps" in (tmp_path / "r8" / "r8" / "r8_report" / "summary.md").read_text()
@@ -207,4 +208,4 @@ def test_a_lower_choice_keeps_the_users_lr_unless_the_sweep_blew_up_at_or_below_
     gain, reason = chosen[0.1]
     assert gain == 1.0 and "does not show the LR set too high (range_test.keep_unless_too_high): kept" in reason
     gain, reason = chosen[1.0]
-    assert gain < 0.2 and "the blow-up's gain / 10" in reason and "kept" not in reason
+    assert gain < 0.2 and "gain / 10" in reason and "kept" not in reason

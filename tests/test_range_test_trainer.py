@@ -70,7 +70,7 @@ def test_the_trainer_never_sees_the_sweep(tokenizer, lm_dataset, tmp_path):
     output = trainer.train()
     sweep = [event for event in r8.events if event.rule == "range_test"]
     assert [event.action for event in sweep] == ["rebase"], "this test would prove nothing without a sweep"
-    assert "15 sweep steps before training" in sweep[0].reason
+    assert re.search(r"\b1[0-5] sweep steps before training", sweep[0].reason)  # 15, or fewer where it blew up
 
     # No evaluation, save or early stop on sweep weights: the first is at step 5 of training, every loss sane.
     assert seen.evaluations[0][0] == 5 and seen.saves[0] == 5

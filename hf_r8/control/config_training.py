@@ -51,7 +51,7 @@ class RangeTestConfig(ValidatedConfig):
         "help": "An automatically sized test that would take more than this share of the run is skipped (short runs, "
                 "and runs of unknown length, keep the user's LR)."})
     gain_min: float = field(default=0.01, metadata={"help": "First gain of the sweep."})
-    gain_max: float = field(default=10_000.0, metadata={
+    gain_max: float = field(default=100_000.0, metadata={
         "help": "Last gain of the sweep (wide above the LR set: losses are credited to the step before, and a curve "
                 "still falling at the sweep's top gives too low an LR)."})
     smoothing: float = field(default=0.7, metadata={
