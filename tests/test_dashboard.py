@@ -197,7 +197,7 @@ def test_a_piped_run_says_what_the_range_test_does_and_decides(model, lm_dataset
             callbacks=[R8Callback(config)]).train()
     lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("r8")]
     assert lines[0] == "r8: training from step 0 to 20; a line every 30 s"
-    assert lines[1].startswith("r8: LR range test: sweeping gain x0.01..x10000 over 6 steps before training")
+    assert lines[1].startswith("r8: LR range test: sweeping gain x0.01..x100000 over 6 steps before training")
     assert lines[2].startswith("r8: LR range test: chose LR ")
     assert lines[-1].startswith("r8 step 20/20") and lines[-1].endswith("(end)")
 

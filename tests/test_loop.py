@@ -80,7 +80,9 @@ def test_with_save_and_load_the_loop_runs_the_range_test_and_restores_the_state(
                 # during the test: the loss falls once the LR passes 1e-2 (gain 100)
                 loop.report(1.0 if step < 15 and lr > 1e-2 else 1.5)
     assert saved[0] == 0 and loaded == ["state"], "saved before the first batch, loaded once at the test's end"
-    assert lrs[:14] == pytest.approx([1e-4 * 0.01 * 1e6 ** (i / 13) for i in range(14)])
+    sweep = config.range_test
+    assert lrs[:14] == pytest.approx([1e-4 * sweep.gain_min * (sweep.gain_max / sweep.gain_min) ** (i / 13)
+                                      for i in range(14)])
     rebase = next(event for event in loop.events if event.rule == "range_test")
     assert rebase.step == 15 and rebase.new_value > 3, rebase.reason
     assert lrs[15] == pytest.approx(1e-4 * rebase.new_value)
