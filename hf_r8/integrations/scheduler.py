@@ -103,8 +103,8 @@ class AdaptiveScheduler(LRScheduler):
         self.events = self.engine.events
         self._metrics: tuple[Any, Any, Any] | None = None
         self._alignment: torch.Tensor | None = None
-        self._alignment_probe = AlignmentProbe() if measures_update_alignment(self.config) else None
         """The update alignment measured before the last optimizer step (the hypergradient rule's signal)."""
+        self._alignment_probe = AlignmentProbe() if measures_update_alignment(self.config) else None
         self._stage = SignalStage()
         self._updates = 0
         self._schedule_lrs: list[float] | None = None
