@@ -27,16 +27,16 @@ def pack_signals(device: torch.device | None, **signals: Any) -> torch.Tensor:
     if device is None:
         tensors = [value for value in signals.values() if torch.is_tensor(value)]
         device = tensors[0].device if tensors else torch.device("cpu")
+    zero, one = torch.zeros((), device=device), torch.ones((), device=device)  # stack copies: one of each will do
     parts = []
     for name in SIGNAL_NAMES:
         value = signals.get(name)
         if value is None:
-            parts += [torch.zeros((), device=device), torch.zeros((), device=device)]
+            parts += [zero, zero]
         elif torch.is_tensor(value):
-            parts += [value.detach().reshape(()).to(device=device, dtype=torch.float32),
-                      torch.ones((), device=device)]
+            parts += [value.detach().reshape(()).to(device=device, dtype=torch.float32), one]
         else:
-            parts += [torch.tensor(float(value), device=device), torch.ones((), device=device)]
+            parts += [torch.tensor(float(value), device=device), one]
     return torch.stack(parts).float()
 
 
