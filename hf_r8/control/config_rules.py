@@ -49,6 +49,10 @@ class DecisionConfig(ValidatedConfig):
         "help": "Loss ratio (window mean over previous mean, or newest loss over EMA) that counts as a spike."})
     spike_z: float = field(default=3.0, metadata={
         "help": "A single-step spike also needs a z-score above this against the rolling window."})
+    spike_steps: int = field(default=2, metadata={
+        "help": "Losses in a row that must each be a single-step spike before the brake fires: one batch's loss says "
+                "how hard that batch is (a few mislabelled or rare examples), losses of different batches in a row "
+                "say where the weights are. 1 brakes on every outlying batch."})
     spike_min_setback: float = field(default=0.25, metadata={
         "help": "A spike (single loss or window) must also give back at least this share of the progress made since "
                 "the first loss; near zero, a loss that triples is one hard example, not a reason to brake."})
@@ -75,6 +79,7 @@ class DecisionConfig(ValidatedConfig):
         self._greater("plateau_threshold", 0.0, inclusive=True)
         self._greater("spike_threshold", 1.0)
         self._greater("spike_z", 0.0)
+        self._positive_int("spike_steps")
         self._between("spike_min_setback", 0.0, 1.0)
         if self.significant_fall_t is not None:
             self._greater("significant_fall_t", 0.0)
@@ -140,7 +145,11 @@ class GradNormConfig(ValidatedConfig):
     fast_beta: float = field(default=0.5, metadata={"help": "EMA smoothing of the fast grad-norm average."})
     slow_beta: float = field(default=0.95, metadata={
         "help": "EMA smoothing of the slow (reference) grad-norm average."})
-    jump_ratio: float = field(default=2.5, metadata={"help": "Newest norm above jump_ratio x slow EMA: shrink."})
+    jump_ratio: float = field(default=2.5, metadata={"help": "Newest norm above jump_ratio x slow EMA: a jump."})
+    jump_steps: int = field(default=2, metadata={
+        "help": "Jumps in a row before the rule shrinks: one batch's norm says how hard that batch is (heavy-tailed "
+                "once most examples are fit), norms of different batches in a row say the weights moved somewhere "
+                "steep. 1 shrinks on every outlying batch."})
     collapse_ratio: float = field(default=0.3, metadata={"help": "Fast EMA below collapse_ratio x slow EMA: grow."})
     shrink_factor: float = field(default=0.8, metadata={"help": "Gain multiplier on a jump."})
     grow_factor: float = field(default=1.1, metadata={"help": "Gain multiplier on a collapse."})
@@ -151,6 +160,7 @@ class GradNormConfig(ValidatedConfig):
         self._between("fast_beta", 0.0, 1.0, open_high=True)
         self._between("slow_beta", 0.0, 1.0, open_high=True)
         self._greater("jump_ratio", 1.0)
+        self._positive_int("jump_steps")
         self._between("collapse_ratio", 0.0, 1.0, open_low=True, open_high=True)
         self._between("shrink_factor", 0.0, 1.0, open_low=True, open_high=True)
         self._greater("grow_factor", 1.0)

@@ -13,9 +13,12 @@ scale when it is larger than the level (near zero, the level understates how muc
 4. DECREASE        if improvement_rate < plateau_threshold for `patience_windows` windows in a row
 5. HOLD            otherwise, and always within `cooldown_steps` of the last adjustment
 
-Between windows it watches every single loss for the emergency brake: a non-finite loss, or a
-loss above spike_threshold x EMA whose z-score exceeds spike_z, is a SPIKE_DECREASE at once
-(at most once per `spike_cooldown_steps`). Pure Python; one engine per parameter group.
+Between windows it watches every single loss for the emergency brake: a non-finite loss, or
+`spike_steps` losses in a row each above spike_threshold x EMA with a z-score above spike_z, is a
+SPIKE_DECREASE at once (at most once per `spike_cooldown_steps`). One outlying loss is one batch: a few
+mislabelled or rare examples make it, and the next batch's loss, on weights that took its update, says
+whether the weights are in trouble (braking on every outlier halved a tabular run's LR twice in 600 steps
+on batches with flipped labels, bench/README.md). Pure Python; one engine per parameter group.
 
 Both brakes also need the loss (window mean) to give back at least `spike_min_setback` of the progress
 made since the first loss: late in a classification run the loss sits near zero, where a batch with one
@@ -59,6 +62,7 @@ class DecisionEngine:
     # "Long ago": a fresh engine is in no cooldown (a large int rather than inf keeps the state JSON-safe).
     steps_since_adjustment: int = 1_000_000_000
     steps_since_brake: int = 1_000_000_000
+    spikes_in_row: int = 0
 
     def on_step(self, loss_step: LossStep | None, config: DecisionConfig) -> Verdict | None:
         """Advance one optimizer step; return a non-HOLD verdict, a HOLD at window close, or None."""
@@ -74,13 +78,16 @@ class DecisionEngine:
         return self._window_decision(loss_step.closed_window, config)
 
     def _single_step_spike(self, loss_step: LossStep, config: DecisionConfig) -> Verdict | None:
+        spiking = (loss_step.finite and loss_step.spike_ratio > config.spike_threshold
+                   and loss_step.z_score > config.spike_z and loss_step.setback >= config.spike_min_setback)
+        self.spikes_in_row = self.spikes_in_row + 1 if spiking else 0
         if self.steps_since_brake < config.spike_cooldown_steps:
             return None
         if not loss_step.finite:
             reason = "non-finite loss"
-        elif (loss_step.spike_ratio > config.spike_threshold and loss_step.z_score > config.spike_z
-              and loss_step.setback >= config.spike_min_setback):
-            reason = (f"loss spike: {loss_step.spike_ratio:.2f}x the EMA "
+        elif self.spikes_in_row >= config.spike_steps:
+            in_row = f" ({self.spikes_in_row} in a row)" if self.spikes_in_row > 1 else ""
+            reason = (f"loss spike{in_row}: {loss_step.spike_ratio:.2f}x the EMA "
                       f"(> {config.spike_threshold}), z={loss_step.z_score:.1f} (> {config.spike_z})")
         else:
             return None

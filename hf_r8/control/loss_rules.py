@@ -84,29 +84,42 @@ class TrendRule(Rule):
 
 
 class GradNormRule(Rule):
-    """x grad_norm.shrink_factor when the gradient norm jumps, x grow_factor when it collapses, then
-    grad_norm.cooldown_steps steps without acting."""
+    """x grad_norm.shrink_factor when the gradient norm jumps on grad_norm.jump_steps steps in a row, x grow_factor
+    when it collapses, then grad_norm.cooldown_steps steps without acting.
 
-    state_keys = ("steps_since_grad_rule",)
+    A single jump is one batch: once most examples are fit, a batch holding one that is not has a norm several
+    times the average, and shrinking on each such batch ratcheted the gain of a digits run at its best LR down to
+    x0.1 by mid-run (bench/README.md). Jumps on batches in a row are the weights'.
+    """
+
+    state_keys = ("steps_since_grad_rule", "jumps_in_row")
 
     def __init__(self, config: R8Config, router: bool = False) -> None:
         super().__init__(config, router)
         self.steps_since_grad_rule = 1_000_000_000  # "long ago": no cooldown at start
+        self.jumps_in_row = 0
 
     def propose(self, statistics: StepStatistics) -> Proposal | None:
         config = self.config.grad_norm
         self.steps_since_grad_rule += 1
+        self.jumps_in_row = self.jumps_in_row + 1 if statistics.grad_jump else 0
+        jumped = self.jumps_in_row >= config.jump_steps
         cooling_down = self.steps_since_grad_rule <= config.cooldown_steps
-        if not (statistics.grad_jump or statistics.grad_collapse) or cooling_down:
+        if not (jumped or statistics.grad_collapse) or cooling_down:
             return None
         self.steps_since_grad_rule = 0
         slow = statistics.grad_slow.value
-        if statistics.grad_jump:
+        if jumped:
+            in_row = f" on {self.jumps_in_row} steps in a row" if self.jumps_in_row > 1 else ""
             return self.proposal(config.shrink_factor, "grad_norm_jump",
-                                 f"norm > {config.jump_ratio} x EMA {slow:.4g}")
+                                 f"norm > {config.jump_ratio} x EMA {slow:.4g}{in_row}")
         fast = statistics.grad_fast.value
         return self.proposal(config.grow_factor, "grad_norm_collapse",
                              f"fast EMA {fast:.4g} < {config.collapse_ratio} x slow EMA {slow:.4g}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A state saved before jumps were counted in a row has no jump under way."""
+        super().load_state_dict({"jumps_in_row": 0, **state})
 
 
 class PlateauRule(Rule):
