@@ -49,10 +49,11 @@ class DecisionConfig(ValidatedConfig):
         "help": "Loss ratio (window mean over previous mean, or newest loss over EMA) that counts as a spike."})
     spike_z: float = field(default=3.0, metadata={
         "help": "A single-step spike also needs a z-score above this against the rolling window."})
-    spike_steps: int = field(default=2, metadata={
-        "help": "Losses in a row that must each be a single-step spike before the brake fires: one batch's loss says "
-                "how hard that batch is (a few mislabelled or rare examples), losses of different batches in a row "
-                "say where the weights are. 1 brakes on every outlying batch."})
+    spike_steps: int = field(default=1, metadata={
+        "help": "Losses in a row that must each be a single-step spike before the brake fires. 1 brakes on every "
+                "outlying batch, which at an LR a few times too high is the first sign of it (bench/README.md); 2 "
+                "waits for the next batch, on the weights after the outlier's update, where single batches spike "
+                "for their labels (many mislabelled or rare examples), not for the LR."})
     spike_min_setback: float = field(default=0.25, metadata={
         "help": "A spike (single loss or window) must also give back at least this share of the progress made since "
                 "the first loss; near zero, a loss that triples is one hard example, not a reason to brake."})
@@ -149,7 +150,7 @@ class GradNormConfig(ValidatedConfig):
     jump_steps: int = field(default=2, metadata={
         "help": "Jumps in a row before the rule shrinks: one batch's norm says how hard that batch is (heavy-tailed "
                 "once most examples are fit), norms of different batches in a row say the weights moved somewhere "
-                "steep. 1 shrinks on every outlying batch."})
+                "steep. 1 shrinks on every outlying batch: a ratchet down at a good LR (bench/README.md)."})
     collapse_ratio: float = field(default=0.3, metadata={"help": "Fast EMA below collapse_ratio x slow EMA: grow."})
     shrink_factor: float = field(default=0.8, metadata={"help": "Gain multiplier on a jump."})
     grow_factor: float = field(default=1.1, metadata={"help": "Gain multiplier on a collapse."})

@@ -15,10 +15,11 @@ scale when it is larger than the level (near zero, the level understates how muc
 
 Between windows it watches every single loss for the emergency brake: a non-finite loss, or
 `spike_steps` losses in a row each above spike_threshold x EMA with a z-score above spike_z, is a
-SPIKE_DECREASE at once (at most once per `spike_cooldown_steps`). One outlying loss is one batch: a few
-mislabelled or rare examples make it, and the next batch's loss, on weights that took its update, says
-whether the weights are in trouble (braking on every outlier halved a tabular run's LR twice in 600 steps
-on batches with flipped labels, bench/README.md). Pure Python; one engine per parameter group.
+SPIKE_DECREASE at once (at most once per `spike_cooldown_steps`). With `spike_steps` 1 (the default) every
+outlying batch brakes: at an LR a few times too high that is the first sign of it, and waiting for a second
+in a row cost tabular at 3x its best LR 8% (bench/README.md); where batches spike for their labels, 2 waits
+for the next batch's loss, on the weights after the outlier's update. Pure Python; one engine per parameter
+group.
 
 Both brakes also need the loss (window mean) to give back at least `spike_min_setback` of the progress
 made since the first loss: late in a classification run the loss sits near zero, where a batch with one

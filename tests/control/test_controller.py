@@ -164,8 +164,16 @@ def test_decision_engine_decreases_after_plateau_patience():
     assert gains[-1] == pytest.approx(0.7 ** 2, rel=1e-12)
 
 
-def test_decision_engine_brakes_on_spikes_in_a_row_not_on_one():
-    controller = make(["decision"], window=50)  # no window closes: the single-step brake alone
+def test_decision_engine_brakes_on_a_single_step_spike():
+    controller = make(["decision"])
+    gains, events = feed(controller, losses=[1.0, 1.02] * 10 + [3.0])
+    assert events[-1].action == "spike_decrease" and events[-1].step == 21
+    assert gains[-1] == pytest.approx(0.5 * gains[-2], rel=1e-12)
+
+
+def test_decision_engine_with_spike_steps_2_brakes_on_spikes_in_a_row_not_on_one():
+    controller = make(["decision"], window=50,  # no window closes: the single-step brake alone
+                      decision=DecisionConfig(spike_steps=2))
     gains, events = feed(controller, losses=[1.0, 1.02] * 10 + [3.0] + [1.0, 1.02] * 3 + [3.0, 6.0])
     brakes = [event for event in events if event.action == "spike_decrease"]
     assert [event.step for event in brakes] == [29]  # step 21 alone was one batch; 28 and 29 are the weights

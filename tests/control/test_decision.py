@@ -58,20 +58,17 @@ def test_steps_between_windows_return_nothing_unless_a_brake_fires():
     engine = DecisionEngine()
     assert engine.on_step(LossStep(True, 1.0, 1.0, 0.5, 1.01, None), CONFIG) is None
     assert engine.on_step(None, CONFIG) is None
-    spike = LossStep(True, 1.0, 1.3, 4.0, 1.5, None)
-    assert engine.on_step(spike, CONFIG) is None  # one outlying batch
-    assert engine.on_step(spike, CONFIG).decision is Decision.SPIKE_DECREASE  # a second in a row
+    assert engine.on_step(LossStep(True, 1.0, 1.3, 4.0, 1.5, None), CONFIG).decision is Decision.SPIKE_DECREASE
 
 
-def test_a_single_spike_brakes_when_spike_steps_is_1():
-    engine, spike = DecisionEngine(), LossStep(True, 1.0, 1.3, 4.0, 1.5, None)
-    assert engine.on_step(spike, DecisionConfig(spike_steps=1)).decision is Decision.SPIKE_DECREASE
-
-
-def test_a_normal_loss_between_two_spikes_resets_the_count():
+def test_spike_steps_2_brakes_on_the_second_spike_in_a_row_only():
+    config = DecisionConfig(cooldown_steps=0, spike_steps=2)
     engine, spike = DecisionEngine(), LossStep(True, 1.0, 1.3, 4.0, 1.5, None)
     normal = LossStep(True, 1.0, 1.0, 0.5, 1.01, None)
-    assert [engine.on_step(step, CONFIG) for step in (spike, normal, spike, normal)] == [None] * 4
+    assert [engine.on_step(step, config) for step in (spike, normal, spike, normal)] == [None] * 4
+    assert engine.on_step(spike, config) is None  # one outlying batch
+    verdict = engine.on_step(spike, config)  # and the next batch's loss, on the weights after its update
+    assert verdict.decision is Decision.SPIKE_DECREASE and verdict.reason.startswith("loss spike (2 in a row)")
 
 
 def test_near_zero_losses_late_in_a_classification_run_do_not_brake_or_decrease():
@@ -105,6 +102,5 @@ def test_a_real_spike_after_progress_still_brakes():
     statistics, engine = LossStatistics(window=10, ema_beta=0.9), DecisionEngine()
     for step in range(40):
         engine.on_step(statistics.update(2.3 * 0.95 ** step + 0.01 * (step % 3)), config)
-    assert engine.on_step(statistics.update(2.0), config) is None  # gives back most of the progress at once...
-    verdict = engine.on_step(statistics.update(2.2), config)  # ...and the next batch, on the weights after it, too
+    verdict = engine.on_step(statistics.update(2.0), config)  # gives back most of the progress at once
     assert verdict is not None and verdict.decision is Decision.SPIKE_DECREASE
