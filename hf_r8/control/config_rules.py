@@ -147,10 +147,11 @@ class GradNormConfig(ValidatedConfig):
     slow_beta: float = field(default=0.95, metadata={
         "help": "EMA smoothing of the slow (reference) grad-norm average."})
     jump_ratio: float = field(default=2.5, metadata={"help": "Newest norm above jump_ratio x slow EMA: a jump."})
-    jump_steps: int = field(default=2, metadata={
-        "help": "Jumps in a row before the rule shrinks: one batch's norm says how hard that batch is (heavy-tailed "
-                "once most examples are fit), norms of different batches in a row say the weights moved somewhere "
-                "steep. 1 shrinks on every outlying batch: a ratchet down at a good LR (bench/README.md)."})
+    jump_steps: int = field(default=1, metadata={
+        "help": "Jumps in a row before the rule shrinks. 1 shrinks on every outlying batch: at an LR a few times too "
+                "high those shrinks are its correction, at a good one they ratchet the gain down (digits at its best "
+                "LR: x0.1 by mid-run); 2 waits for the next batch's norm, on the weights after the outlier's "
+                "update, which fixed the second and lost the first (bench/README.md)."})
     collapse_ratio: float = field(default=0.3, metadata={"help": "Fast EMA below collapse_ratio x slow EMA: grow."})
     shrink_factor: float = field(default=0.8, metadata={"help": "Gain multiplier on a jump."})
     grow_factor: float = field(default=1.1, metadata={"help": "Gain multiplier on a collapse."})

@@ -88,8 +88,9 @@ class GradNormRule(Rule):
     when it collapses, then grad_norm.cooldown_steps steps without acting.
 
     A single jump is one batch: once most examples are fit, a batch holding one that is not has a norm several
-    times the average, and shrinking on each such batch ratcheted the gain of a digits run at its best LR down to
-    x0.1 by mid-run (bench/README.md). Jumps on batches in a row are the weights'.
+    times the average. Shrinking on each (`jump_steps` 1, the default) ratchets the gain down at a good LR, and is
+    the correction at an LR a few times too high; waiting for jumps on batches in a row (2) trades one for the
+    other (bench/README.md).
     """
 
     state_keys = ("steps_since_grad_rule", "jumps_in_row")
