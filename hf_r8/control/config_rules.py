@@ -151,7 +151,7 @@ class GradNormConfig(ValidatedConfig):
         "help": "Jumps in a row before the rule shrinks. 1 shrinks on every outlying batch: at an LR a few times too "
                 "high those shrinks are its correction, at a good one they ratchet the gain down (digits at its best "
                 "LR: x0.1 by mid-run); 2 waits for the next batch's norm, on the weights after the outlier's "
-                "update, which fixed the second and lost the first (bench/README.md)."})
+                "update: measured, it removed the ratchet and the correction with it (bench/README.md)."})
     collapse_ratio: float = field(default=0.3, metadata={"help": "Fast EMA below collapse_ratio x slow EMA: grow."})
     shrink_factor: float = field(default=0.8, metadata={"help": "Gain multiplier on a jump."})
     grow_factor: float = field(default=1.1, metadata={"help": "Gain multiplier on a collapse."})
