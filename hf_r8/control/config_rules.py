@@ -152,6 +152,10 @@ class GradNormConfig(ValidatedConfig):
                 "high those shrinks are its correction, at a good one they ratchet the gain down (digits at its best "
                 "LR: x0.1 by mid-run); 2 waits for the next batch's norm, on the weights after the outlier's "
                 "update: measured, it removed the ratchet and the correction with it (bench/README.md)."})
+    confirm_steps: int = field(default=30, metadata={
+        "help": "0 keeps every shrink. n > 0: a shrink is provisional, and undone unless another jump follows within "
+                "n steps: one outlying batch says nothing of the LR, jumps that recur do. With n > 0 the shrink and "
+                "its undo are exact (not blended with other rules), so an undo restores the gain."})
     collapse_ratio: float = field(default=0.3, metadata={"help": "Fast EMA below collapse_ratio x slow EMA: grow."})
     shrink_factor: float = field(default=0.8, metadata={"help": "Gain multiplier on a jump."})
     grow_factor: float = field(default=1.1, metadata={"help": "Gain multiplier on a collapse."})
@@ -163,6 +167,7 @@ class GradNormConfig(ValidatedConfig):
         self._between("slow_beta", 0.0, 1.0, open_high=True)
         self._greater("jump_ratio", 1.0)
         self._positive_int("jump_steps")
+        self._non_negative_int("confirm_steps")
         self._between("collapse_ratio", 0.0, 1.0, open_low=True, open_high=True)
         self._between("shrink_factor", 0.0, 1.0, open_low=True, open_high=True)
         self._greater("grow_factor", 1.0)

@@ -88,39 +88,63 @@ class GradNormRule(Rule):
     when it collapses, then grad_norm.cooldown_steps steps without acting.
 
     A single jump is one batch: once most examples are fit, a batch holding one that is not has a norm several
-    times the average. Shrinking on each (`jump_steps` 1, the default) ratchets the gain down at a good LR, and is
-    the correction at an LR a few times too high; waiting for jumps on batches in a row (2) trades one for the
-    other (bench/README.md).
+    times the average. At a good LR such batches are rare and far apart; at an LR a few times too high the jumps
+    come often, and the shrinks are the correction. Shrinking on each and keeping it (the default) ratchets the
+    gain down at a good LR; waiting for jumps on batches in a row (`jump_steps` 2) removes the correction too
+    (bench/README.md). With `confirm_steps` n > 0 each shrink acts at once and is undone unless another jump
+    follows within n steps: kept where jumps recur, given back where one batch was the cause.
     """
 
-    state_keys = ("steps_since_grad_rule", "jumps_in_row")
+    state_keys = ("steps_since_grad_rule", "jumps_in_row", "unconfirmed_for")
 
     def __init__(self, config: R8Config, router: bool = False) -> None:
         super().__init__(config, router)
         self.steps_since_grad_rule = 1_000_000_000  # "long ago": no cooldown at start
         self.jumps_in_row = 0
+        self.unconfirmed_for: int | None = None
+        """Steps since a shrink that no later jump has confirmed (`confirm_steps` > 0); None when none is pending."""
 
     def propose(self, statistics: StepStatistics) -> Proposal | None:
         config = self.config.grad_norm
         self.steps_since_grad_rule += 1
         self.jumps_in_row = self.jumps_in_row + 1 if statistics.grad_jump else 0
+        undo = self._settle_shrink(statistics.grad_jump)
         jumped = self.jumps_in_row >= config.jump_steps
         cooling_down = self.steps_since_grad_rule <= config.cooldown_steps
-        if not (jumped or statistics.grad_collapse) or cooling_down:
-            return None
+        if undo is not None or not (jumped or statistics.grad_collapse) or cooling_down:
+            return undo  # a collapse on the step of an undo waits a step: it is still there
         self.steps_since_grad_rule = 0
         slow = statistics.grad_slow.value
         if jumped:
             in_row = f" on {self.jumps_in_row} steps in a row" if self.jumps_in_row > 1 else ""
+            provisional = config.confirm_steps > 0
+            if provisional:
+                self.unconfirmed_for = 0
             return self.proposal(config.shrink_factor, "grad_norm_jump",
-                                 f"norm > {config.jump_ratio} x EMA {slow:.4g}{in_row}")
+                                 f"norm > {config.jump_ratio} x EMA {slow:.4g}{in_row}", blendable=not provisional)
         fast = statistics.grad_fast.value
         return self.proposal(config.grow_factor, "grad_norm_collapse",
                              f"fast EMA {fast:.4g} < {config.collapse_ratio} x slow EMA {slow:.4g}")
 
+    def _settle_shrink(self, jump: bool) -> Proposal | None:
+        """A pending shrink is kept on a new jump, and undone once `confirm_steps` steps have passed without one."""
+        if self.unconfirmed_for is None:
+            return None
+        if jump:
+            self.unconfirmed_for = None
+            return None
+        self.unconfirmed_for += 1
+        config = self.config.grad_norm
+        if self.unconfirmed_for < config.confirm_steps:
+            return None
+        self.unconfirmed_for = None
+        return self.proposal(1.0 / config.shrink_factor, "grad_norm_jump_undone",
+                             f"no other jump in the {config.confirm_steps} steps after the shrink: one outlying "
+                             "batch, not the LR", blendable=False)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A state saved before jumps were counted in a row has no jump under way."""
-        super().load_state_dict({"jumps_in_row": 0, **state})
+        """A state saved before jumps were counted in a row, or before shrinks were confirmed, has neither under way."""
+        super().load_state_dict({"jumps_in_row": 0, "unconfirmed_for": None, **state})
 
 
 class PlateauRule(Rule):

@@ -107,10 +107,49 @@ def test_grad_norm_rule_with_jump_steps_2_waits_for_jumps_in_a_row():
     assert events[0].reason.endswith("on 2 steps in a row")
 
 
-def test_a_grad_norm_rule_state_saved_before_jumps_were_counted_loads():
+def test_a_shrink_no_other_jump_confirms_is_undone_exactly():
+    """One outlying batch: the shrink acts at once, and comes back once confirm_steps steps pass without a jump."""
+    provisional = GradNormConfig(min_samples=3, jump_ratio=2.5, shrink_factor=0.8, cooldown_steps=0, confirm_steps=3)
+    gains, events = feed(make(["grad_norm"], grad_norm=provisional), grad_norms=[1.0, 1.0, 1.0, 5.0] + [1.0] * 4)
+    assert gains == pytest.approx([1.0, 1.0, 1.0, 0.8, 0.8, 0.8, 1.0, 1.0], rel=1e-12)
+    assert [(event.step, event.action) for event in events] == [(4, "grad_norm_jump"), (7, "grad_norm_jump_undone")]
+    assert "one outlying batch" in events[1].reason
+
+
+def test_a_shrink_another_jump_confirms_is_kept():
+    """Jumps that recur say the LR is too high: the first shrink stays, the last one, followed by none, is given
+    back; a jump inside the cooldown confirms without shrinking again."""
+    provisional = GradNormConfig(min_samples=3, jump_ratio=2.5, shrink_factor=0.8, cooldown_steps=1, confirm_steps=3)
+    norms = [1.0, 1.0, 1.0, 5.0, 6.0, 1.0, 1.0, 1.0, 1.0]
+    gains, events = feed(make(["grad_norm"], grad_norm=provisional), grad_norms=norms)
+    assert gains == pytest.approx([1.0, 1.0, 1.0, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], rel=1e-12)
+    assert [event.action for event in events] == ["grad_norm_jump"]
+    norms = [1.0, 1.0, 1.0, 5.0, 1.0, 1.0, 9.0, 1.0, 1.0, 1.0, 1.0]
+    gains, events = feed(make(["grad_norm"], grad_norm=provisional), grad_norms=norms)
+    assert gains[-1] == pytest.approx(0.8, rel=1e-12)
+    assert [(event.step, event.action) for event in events] == [
+        (4, "grad_norm_jump"), (7, "grad_norm_jump"), (10, "grad_norm_jump_undone")]
+
+
+def test_a_provisional_shrink_is_not_blended_so_its_undo_restores_the_gain():
+    """With the stability shift on, a blended shrink would weigh more in an unstable run than its undo does later."""
+    provisional = GradNormConfig(min_samples=3, jump_ratio=2.5, shrink_factor=0.8, cooldown_steps=0, confirm_steps=2)
+    controller = make(["grad_norm"], grad_norm=provisional, shift=0.5)
+    gains, _ = feed(controller, losses=[5.0, 1.0, 5.0, 1.0, 5.0, 1.0], grad_norms=[1.0, 1.0, 1.0, 5.0, 1.0, 1.0])
+    assert gains == pytest.approx([1.0, 1.0, 1.0, 0.8, 0.8, 1.0], rel=1e-12)
+
+
+def test_confirm_steps_0_keeps_every_shrink():
+    kept = GradNormConfig(min_samples=3, jump_ratio=2.5, shrink_factor=0.8, cooldown_steps=0, confirm_steps=0)
+    gains, events = feed(make(["grad_norm"], grad_norm=kept), grad_norms=[1.0, 1.0, 1.0, 5.0] + [1.0] * 40)
+    assert gains[-1] == pytest.approx(0.8, rel=1e-12) and len(events) == 1
+
+
+def test_a_grad_norm_rule_state_saved_before_jumps_were_counted_or_shrinks_confirmed_loads():
     controller = make(["grad_norm"])
     state = json.loads(json.dumps(controller.state_dict()))
     del state["groups"][0]["rules"]["grad_norm"]["jumps_in_row"]
+    del state["groups"][0]["rules"]["grad_norm"]["unconfirmed_for"]
     restored = make(["grad_norm"])
     restored.load_state_dict(state)
     assert restored.state_dict() == controller.state_dict()
@@ -497,7 +536,8 @@ def test_a_version_1_state_with_flat_rule_keys_resumes_exactly():
         flat["steps_since_aux_rule"] = 0  # every group had the router rule's cooldown then
         for rule_state in group["rules"].values():
             flat.update(rule_state)
-        flat.pop("jumps_in_row")  # the grad_norm rule's count of jumps in a row came after version 1
+        flat.pop("jumps_in_row")  # the grad_norm rule's count of jumps in a row came after version 1,
+        flat.pop("unconfirmed_for")  # and so did its pending shrink
         flat_groups.append(flat)
     assert set(flat_groups[0]) == VERSION_1_GROUP_KEYS  # else this is not the old layout
     restored = build()
