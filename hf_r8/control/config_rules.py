@@ -148,14 +148,16 @@ class GradNormConfig(ValidatedConfig):
         "help": "EMA smoothing of the slow (reference) grad-norm average."})
     jump_ratio: float = field(default=2.5, metadata={"help": "Newest norm above jump_ratio x slow EMA: a jump."})
     jump_steps: int = field(default=1, metadata={
-        "help": "Jumps in a row before the rule shrinks. 1 shrinks on every outlying batch: at an LR a few times too "
-                "high those shrinks are its correction, at a good one they ratchet the gain down (digits at its best "
-                "LR: x0.1 by mid-run); 2 waits for the next batch's norm, on the weights after the outlier's "
-                "update: measured, it removed the ratchet and the correction with it (bench/README.md)."})
+        "help": "Jumps in a row before the rule shrinks. 1 shrinks on every outlying batch (confirm_steps then decides "
+                "whether the shrink stays); 2 waits for the next batch's norm, on the weights after the outlier's "
+                "update: measured with every shrink kept, it removed a good LR's ratchet and a too-high LR's "
+                "correction with it (bench/README.md)."})
     confirm_steps: int = field(default=30, metadata={
-        "help": "0 keeps every shrink. n > 0: a shrink is provisional, and undone unless another jump follows within "
-                "n steps: one outlying batch says nothing of the LR, jumps that recur do. With n > 0 the shrink and "
-                "its undo are exact (not blended with other rules), so an undo restores the gain."})
+        "help": "0 keeps every shrink. n > 0: a shrink is provisional, kept when another jump follows within n steps "
+                "and undone when none does: one outlying batch says nothing of the LR, jumps that recur do. 30 is "
+                "three of the rule's cooldowns; on digits at its best LR outlying batches came 39-108 steps apart, "
+                "at 3-10x above it most within 30 (bench/README.md). The shrink and its undo are exact (not blended "
+                "with other rules), so an undo gives back what the shrink took."})
     collapse_ratio: float = field(default=0.3, metadata={"help": "Fast EMA below collapse_ratio x slow EMA: grow."})
     shrink_factor: float = field(default=0.8, metadata={"help": "Gain multiplier on a jump."})
     grow_factor: float = field(default=1.1, metadata={"help": "Gain multiplier on a collapse."})

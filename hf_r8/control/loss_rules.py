@@ -89,10 +89,10 @@ class GradNormRule(Rule):
 
     A single jump is one batch: once most examples are fit, a batch holding one that is not has a norm several
     times the average. At a good LR such batches are rare and far apart; at an LR a few times too high the jumps
-    come often, and the shrinks are the correction. Shrinking on each and keeping it (the default) ratchets the
-    gain down at a good LR; waiting for jumps on batches in a row (`jump_steps` 2) removes the correction too
-    (bench/README.md). With `confirm_steps` n > 0 each shrink acts at once and is undone unless another jump
-    follows within n steps: kept where jumps recur, given back where one batch was the cause.
+    come often, and the shrinks are the correction. Keeping every shrink (`confirm_steps` 0) ratchets the gain
+    down at a good LR; waiting for jumps on batches in a row (`jump_steps` 2) removes the correction too
+    (bench/README.md). So each shrink acts at once and is undone unless another jump follows within
+    `confirm_steps` steps: kept where jumps recur, given back where one batch was the cause.
     """
 
     state_keys = ("steps_since_grad_rule", "jumps_in_row", "unconfirmed_for")
