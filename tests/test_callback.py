@@ -82,9 +82,13 @@ def test_healthy_training_lr_rises_then_settles(model, lm_dataset, tmp_path):
     gains = logged(trainer, "r8/lr_gain")
     assert gains[0] == 1.0
     assert max(gains[:60]) > 1.2
-    assert len(set(gains[75:])) == 1, "the gain should have settled once improvement slowed"
-    # the decision engine only ever increased (the grad-norm rule may react to the real gradients)
+    # the decision engine only ever increased, and stopped once improvement slowed; the grad-norm rule reacts to
+    # the real gradients (a shrink is given back 30 steps later when no other jump follows), and only it moved the
+    # gain after that
     assert {event.action for event in r8.events if event.rule == "decision"} == {"increase"}
+    late = [event for event in r8.events if event.step > 75 and event.group == 0]
+    assert all(event.rule == "grad_norm" for event in late), "the gain should have settled once improvement slowed"
+    assert len(set(gains[75:])) <= 1 + len(late)
 
 
 def test_stuck_training_lr_falls_after_patience(model, lm_dataset, tmp_path):
