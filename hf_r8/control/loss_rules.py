@@ -112,7 +112,7 @@ class GradNormRule(Rule):
         jumped = self.jumps_in_row >= config.jump_steps
         cooling_down = self.steps_since_grad_rule <= config.cooldown_steps
         if undo is not None or not (jumped or statistics.grad_collapse) or cooling_down:
-            return undo  # a collapse on the step of an undo waits a step: it is still there
+            return undo  # an undo takes its step; a collapse seen on it is judged again at the next
         self.steps_since_grad_rule = 0
         slow = statistics.grad_slow.value
         if jumped:
