@@ -140,12 +140,14 @@ class LossDecayConfig(ValidatedConfig):
 
 @dataclass
 class GradNormConfig(ValidatedConfig):
-    """Gradient-norm rule: shrink when the norm jumps, grow when its EMA collapses."""
+    """Gradient-norm rule: shrink when the norm jumps, grow when its level collapses."""
 
     SECTION: ClassVar[str] = "grad_norm"
-    fast_beta: float = field(default=0.5, metadata={"help": "EMA smoothing of the fast grad-norm average."})
+    fast_beta: float = field(default=0.5, metadata={
+        "help": "EMA smoothing of the fast geometric mean of the grad norm (an EMA of its log), for collapses."})
     slow_beta: float = field(default=0.95, metadata={
-        "help": "EMA smoothing of the slow (reference) grad-norm average."})
+        "help": "EMA smoothing of the slow grad-norm averages: the plain one a jump is measured against, and the "
+                "geometric one a collapse is."})
     jump_ratio: float = field(default=2.5, metadata={"help": "Newest norm above jump_ratio x slow EMA: a jump."})
     jump_steps: int = field(default=1, metadata={
         "help": "Jumps in a row before the rule shrinks. 1 shrinks on every outlying batch (confirm_steps then decides "
@@ -158,7 +160,11 @@ class GradNormConfig(ValidatedConfig):
                 "three of the rule's cooldowns; on digits at its best LR outlying batches came 39-108 steps apart, "
                 "at 3-10x above it most within 30 (bench/README.md). The shrink and its undo are exact (not blended "
                 "with other rules), so an undo gives back what the shrink took."})
-    collapse_ratio: float = field(default=0.3, metadata={"help": "Fast EMA below collapse_ratio x slow EMA: grow."})
+    collapse_ratio: float = field(default=0.3, metadata={
+        "help": "Fast geometric mean below collapse_ratio x the slow one: a collapse. Geometric means, so a jump "
+                "does not lift the reference far above the typical batch (bench/README.md)."})
+    collapse_steps: int = field(default=3, metadata={
+        "help": "Collapses in a row before the rule grows: a level held for several batches, not a few small ones."})
     shrink_factor: float = field(default=0.8, metadata={"help": "Gain multiplier on a jump."})
     grow_factor: float = field(default=1.1, metadata={"help": "Gain multiplier on a collapse."})
     cooldown_steps: int = field(default=10, metadata={"help": "Steps between two firings of this rule."})
@@ -171,6 +177,7 @@ class GradNormConfig(ValidatedConfig):
         self._positive_int("jump_steps")
         self._non_negative_int("confirm_steps")
         self._between("collapse_ratio", 0.0, 1.0, open_low=True, open_high=True)
+        self._positive_int("collapse_steps")
         self._between("shrink_factor", 0.0, 1.0, open_low=True, open_high=True)
         self._greater("grow_factor", 1.0)
         self._non_negative_int("cooldown_steps")

@@ -85,7 +85,8 @@ class TrendRule(Rule):
 
 class GradNormRule(Rule):
     """x grad_norm.shrink_factor when the gradient norm jumps on grad_norm.jump_steps steps in a row, x grow_factor
-    when it collapses, then grad_norm.cooldown_steps steps without acting.
+    when its level collapses on grad_norm.collapse_steps steps in a row, then grad_norm.cooldown_steps steps
+    without acting.
 
     A single jump is one batch: once most examples are fit, a batch holding one that is not has a norm several
     times the average. At a good LR such batches are rare and far apart; at an LR a few times too high the jumps
@@ -93,14 +94,20 @@ class GradNormRule(Rule):
     down at a good LR; waiting for jumps on batches in a row (`jump_steps` 2) removes the correction too
     (bench/README.md). So each shrink acts at once and is undone unless another jump follows within
     `confirm_steps` steps: kept where jumps recur, given back where one batch was the cause.
+
+    A collapse compares geometric means (EMAs of the log norm): at an LR a few times too high the norms are
+    heavy-tailed, and a plain slow EMA that takes each jump at its size stood far above the typical batch, which
+    then read as a collapse and grew the gain after every jump. A collapse must also hold on `collapse_steps`
+    steps in a row: the fast average of two or three small batches is not a level.
     """
 
-    state_keys = ("steps_since_grad_rule", "jumps_in_row", "unconfirmed_for")
+    state_keys = ("steps_since_grad_rule", "jumps_in_row", "collapses_in_row", "unconfirmed_for")
 
     def __init__(self, config: R8Config, router: bool = False) -> None:
         super().__init__(config, router)
         self.steps_since_grad_rule = 1_000_000_000  # "long ago": no cooldown at start
         self.jumps_in_row = 0
+        self.collapses_in_row = 0
         self.unconfirmed_for: int | None = None
         """Steps since a shrink that no later jump has confirmed (`confirm_steps` > 0); None when none is pending."""
 
@@ -108,10 +115,12 @@ class GradNormRule(Rule):
         config = self.config.grad_norm
         self.steps_since_grad_rule += 1
         self.jumps_in_row = self.jumps_in_row + 1 if statistics.grad_jump else 0
+        self.collapses_in_row = self.collapses_in_row + 1 if statistics.grad_collapse else 0
         undo = self._settle_shrink(statistics.grad_jump)
         jumped = self.jumps_in_row >= config.jump_steps
+        collapsed = self.collapses_in_row >= config.collapse_steps
         cooling_down = self.steps_since_grad_rule <= config.cooldown_steps
-        if undo is not None or not (jumped or statistics.grad_collapse) or cooling_down:
+        if undo is not None or not (jumped or collapsed) or cooling_down:
             return undo  # an undo takes its step; a collapse seen on it is judged again at the next
         self.steps_since_grad_rule = 0
         slow = statistics.grad_slow.value
@@ -122,9 +131,10 @@ class GradNormRule(Rule):
                 self.unconfirmed_for = 0
             return self.proposal(config.shrink_factor, "grad_norm_jump",
                                  f"norm > {config.jump_ratio} x EMA {slow:.4g}{in_row}", blendable=not provisional)
-        fast = statistics.grad_fast.value
+        fast, level = math.exp(statistics.grad_log_fast.value), math.exp(statistics.grad_log_slow.value)
         return self.proposal(config.grow_factor, "grad_norm_collapse",
-                             f"fast EMA {fast:.4g} < {config.collapse_ratio} x slow EMA {slow:.4g}")
+                             f"fast geometric mean {fast:.4g} < {config.collapse_ratio} x slow {level:.4g} on "
+                             f"{self.collapses_in_row} steps in a row")
 
     def _settle_shrink(self, jump: bool) -> Proposal | None:
         """A pending shrink is kept on a new jump, and undone once `confirm_steps` steps have passed without one."""
@@ -143,8 +153,9 @@ class GradNormRule(Rule):
                              "batch, not the LR", blendable=False)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A state saved before jumps were counted in a row, or before shrinks were confirmed, has neither under way."""
-        super().load_state_dict({"jumps_in_row": 0, "unconfirmed_for": None, **state})
+        """A state saved before jumps or collapses were counted in a row, or before shrinks were confirmed, has none
+        under way."""
+        super().load_state_dict({"jumps_in_row": 0, "collapses_in_row": 0, "unconfirmed_for": None, **state})
 
 
 class PlateauRule(Rule):

@@ -60,12 +60,16 @@ class StepStatistics:
     reward: RewardStatistics
     reward_direction: int | None
     """1 / -1 while the recent rewards rise / fall significantly, else 0; None for a step without a new reward."""
-    grad_fast: Ema
     grad_slow: Ema
+    """The gradient norm's slow EMA: what a jump is measured against."""
+    grad_log_fast: Ema
+    grad_log_slow: Ema
+    """Fast and slow EMAs of the log of the gradient norm: the logs of geometric means, which one outlying batch
+    moves by its log, not by its size."""
     grad_jump: bool
     """This step's gradient norm is above grad_norm.jump_ratio x its slow EMA."""
     grad_collapse: bool
-    """The fast gradient-norm EMA fell below grad_norm.collapse_ratio x the slow one."""
+    """The fast geometric mean of the gradient norm is below grad_norm.collapse_ratio x the slow one."""
     kl: float | None
     """KL divergence to the reference model (RL fine-tuning), when the trainer logs it."""
     router_aux_rise: float | None = None

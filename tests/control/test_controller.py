@@ -149,19 +149,42 @@ def test_a_grad_norm_rule_state_saved_before_jumps_were_counted_or_shrinks_confi
     controller = make(["grad_norm"])
     state = json.loads(json.dumps(controller.state_dict()))
     del state["groups"][0]["rules"]["grad_norm"]["jumps_in_row"]
+    del state["groups"][0]["rules"]["grad_norm"]["collapses_in_row"]
     del state["groups"][0]["rules"]["grad_norm"]["unconfirmed_for"]
     restored = make(["grad_norm"])
     restored.load_state_dict(state)
     assert restored.state_dict() == controller.state_dict()
 
 
-def test_grad_norm_rule_grows_when_the_norm_collapses():
-    controller = make(["grad_norm"], grad_norm=GradNormConfig(min_samples=3, collapse_ratio=0.3, grow_factor=1.1,
-                                                              cooldown_steps=0))
-    gains, events = feed(controller, grad_norms=[1.0, 1.0, 1.0, 0.01, 0.01])
-    # fast EMA (beta .5) 0.2575 < 0.3 x slow EMA 0.903 only at step 5
-    assert gains == pytest.approx([1.0, 1.0, 1.0, 1.0, 1.1], rel=1e-12)
-    assert events[0].action == "grad_norm_collapse"
+def test_grad_norm_rule_grows_when_the_norm_level_collapses_for_collapse_steps_in_a_row():
+    config = GradNormConfig(min_samples=3, collapse_ratio=0.3, collapse_steps=3, grow_factor=1.1, cooldown_steps=0)
+    gains, events = feed(make(["grad_norm"], grad_norm=config), grad_norms=[1.0, 1.0, 1.0] + [0.01] * 3)
+    # logs: fast EMA (beta .5) -2.30, -3.45, -4.03; slow (beta .95) -0.23, -0.45, -0.63; ln 0.3 = -1.20:
+    # a collapse at steps 4, 5 and 6, the third in a row grows
+    assert gains == pytest.approx([1.0] * 5 + [1.1], rel=1e-12)
+    assert events[0].action == "grad_norm_collapse" and "on 3 steps in a row" in events[0].reason
+    one_small_batch = feed(make(["grad_norm"], grad_norm=config), grad_norms=[1.0, 1.0, 1.0, 0.01] + [1.0] * 20)
+    assert one_small_batch[1] == []
+
+
+def test_a_jump_does_not_make_the_typical_batches_after_it_a_collapse():
+    """A plain slow EMA takes a jump at its size: 200 lifted it to 10.95, and the norms of 1 after it read as a
+    collapse from step 18 on (fast EMA 1.78 < 0.3 x 7.95). The geometric mean takes it at its log: x1.30."""
+    config = GradNormConfig(min_samples=3, collapse_steps=1, cooldown_steps=0, confirm_steps=0)
+    _, events = feed(make(["grad_norm"], grad_norm=config), grad_norms=[1.0] * 10 + [200.0] + [1.0] * 30)
+    assert [event.action for event in events] == ["grad_norm_jump"]
+
+
+def test_a_controller_state_saved_before_geometric_means_loads_with_them_fresh():
+    controller = make(["grad_norm"])
+    feed(controller, grad_norms=[1.0, 2.0] * 10)
+    state = json.loads(json.dumps(controller.state_dict()))
+    state["grad_fast"] = state.pop("grad_log_fast")  # the plain fast EMA of then, which nothing reads now
+    del state["grad_log_slow"]
+    restored = make(["grad_norm"])
+    restored.load_state_dict(state)
+    assert restored.grad_log_fast.count == restored.grad_log_slow.count == 0
+    assert restored.grad_slow.state_dict() == controller.grad_slow.state_dict()
 
 
 def test_cyclical_rule_follows_cosine_warm_restarts():
@@ -536,7 +559,8 @@ def test_a_version_1_state_with_flat_rule_keys_resumes_exactly():
         flat["steps_since_aux_rule"] = 0  # every group had the router rule's cooldown then
         for rule_state in group["rules"].values():
             flat.update(rule_state)
-        flat.pop("jumps_in_row")  # the grad_norm rule's count of jumps in a row came after version 1,
+        flat.pop("jumps_in_row")  # the grad_norm rule's counts of jumps and collapses in a row came after
+        flat.pop("collapses_in_row")  # version 1,
         flat.pop("unconfirmed_for")  # and so did its pending shrink
         flat_groups.append(flat)
     assert set(flat_groups[0]) == VERSION_1_GROUP_KEYS  # else this is not the old layout
