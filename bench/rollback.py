@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hf_r8 import R8Callback, R8Trainer  # noqa: E402
 from hf_r8.demo.offline import build_tokenizer, language_modeling_dataset, tiny_gpt2  # noqa: E402
 from hf_r8.runtime.snapshot import StateSnapshot  # noqa: E402
-from tests.faults import FAULT_STEP, FaultyModel, LearningRateBlast  # noqa: E402
+from tests.faults import FAULT_STEP, FaultClock, FaultyModel, LearningRateBlast  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = {"5M": (256, 4), "29M": (512, 8), "91M": (768, 12)}  # name -> (width, layers), vocab 8192
@@ -98,7 +98,8 @@ def snapshot_vs_disk(name: str, width: int, layers: int) -> dict:
 
 
 class LossRecorder(FaultyModel):
-    """FaultyModel that also keeps every training forward's loss (NaN included)."""
+    """FaultyModel that also keeps the loss of every training forward of a counted step (NaN included; not the
+    range test's sweep, which runs before the first)."""
 
     def __init__(self, inner: torch.nn.Module, fault: str | None) -> None:
         super().__init__(inner, fault)
@@ -106,7 +107,7 @@ class LossRecorder(FaultyModel):
 
     def forward(self, input_ids, labels=None, attention_mask=None):
         output = super().forward(input_ids, labels=labels, attention_mask=attention_mask)
-        if self.training:
+        if self.training and self.step > 0:
             self.losses.append(float(output["loss"].detach()))
         return output
 
@@ -123,7 +124,7 @@ def fault_run(fault: str, trainer_kind: str, seed: int, steps: int) -> dict:
     dataset = language_modeling_dataset(tokenizer, seq_len=32, max_examples=576)
     model = LossRecorder(tiny_gpt2(len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, seed=seed),
                          None if fault in ("clean", "lr_blast") else fault)
-    callbacks = [R8Callback()] if trainer_kind == "callback" else []
+    callbacks = [R8Callback(), FaultClock(model)] if trainer_kind == "callback" else [FaultClock(model)]
     if fault == "lr_blast":
         callbacks.append(LearningRateBlast())
     trainer_class = R8Trainer if trainer_kind == "r8_trainer" else Trainer
@@ -137,10 +138,10 @@ def fault_run(fault: str, trainer_kind: str, seed: int, steps: int) -> dict:
         trainer.train()
         eval_loss = trainer.evaluate()["eval_loss"]
     r8 = next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, R8Callback)), None)
-    policy = r8._run.rollback.policy if r8 is not None else None
+    counts = r8.rollback_counts if r8 is not None else {}
     return {"fault": fault, "trainer": trainer_kind, "seed": seed, "eval_loss": eval_loss, "losses": model.losses,
-            "wasted": (policy.wasted_steps + policy.skipped_steps) if policy else 0,
-            "rollbacks": policy.rollbacks if policy else 0}
+            "wasted": counts.get("wasted_steps", 0) + counts.get("skipped_steps", 0),
+            "rollbacks": counts.get("rollbacks", 0)}
 
 
 def steps_to_recover(losses: list[float], beta: float = 0.9) -> int | None:

@@ -21,7 +21,7 @@ from hf_r8.control.rollback import RollbackPolicy
 from hf_r8.data.catalog import LossCatalog
 from hf_r8.demo.offline import tiny_gpt2
 from hf_r8.runtime.snapshot import StateSnapshot, model_tensors, trainable_parameter_names
-from tests.faults import FAULT_STEP, FaultyModel, LearningRateBlast
+from tests.faults import FAULT_STEP, FaultClock, FaultyModel, LearningRateBlast
 from tests.trainer_setup import ScriptedLossModel, training_args
 
 QUICK = dict(every_steps=10, healthy_steps=5, window=20, min_history=10)
@@ -88,6 +88,14 @@ def test_guard_names_the_non_finite_value_and_snapshots_wait_for_health():
     assert RollbackPolicy(RollbackConfig(guard_nonfinite=False)).guard(math.nan, None) is None
     policy.record_skip(12)
     assert not policy.should_snapshot(15) and policy.should_snapshot(17)
+
+
+def test_a_snapshot_of_the_weights_before_the_first_step_does_not_start_the_cadence():
+    policy = RollbackPolicy(RollbackConfig(every_steps=50, healthy_steps=10))
+    policy.snapshot_taken(0)  # the LR range test's return point
+    assert not policy.should_snapshot(9) and policy.should_snapshot(10)
+    policy.snapshot_taken(10)
+    assert not policy.should_snapshot(59) and policy.should_snapshot(60)
 
 
 def test_a_ratio_to_the_ema_is_a_spike_even_in_a_wide_window():
@@ -222,7 +230,7 @@ def _run(tokenizer, lm_dataset, tmp_path, fault, callbacks=(), save_strategy="no
                                                       learning_rate=3e-3, logging_steps=10,
                                                       save_strategy=save_strategy, save_steps=save_steps),
                       train_dataset=lm_dataset.select(range(64, 512)), eval_dataset=lm_dataset.select(range(64)),
-                      callbacks=[r8, *callbacks])
+                      callbacks=[r8, FaultClock(model), *callbacks])
     trainer.train()
     return trainer, r8
 
@@ -251,6 +259,25 @@ def test_the_run_survives_the_fault(tokenizer, lm_dataset, tmp_path, clean_eval_
     assert eval_loss == pytest.approx(clean_eval_loss, rel=0.02)
     logged = [entry for entry in trainer.state.log_history if "r8/rollbacks" in entry][-1]
     assert (logged["r8/skipped_steps"], logged["r8/rollbacks"] >= rolled_back) == (skipped, True)
+
+
+@pytest.mark.integration
+def test_damage_early_in_a_run_with_a_range_test_rolls_back_to_the_first_snapshot_of_training(tokenizer, lm_dataset,
+                                                                                           tmp_path):
+    """The range test snapshots the weights before the first step to return to after its sweep; rollback keeps that
+    snapshot, and the first one of training still comes after `healthy_steps` (step 9), not `every_steps` after step
+    0: the LR blast at step 35 loses the steps since step 9, not every step since the start (bench/rollback.py)."""
+    torch.manual_seed(0)
+    model = FaultyModel(_tiny_gpt2(tokenizer), None)
+    r8 = R8Callback()  # the default: a 150-step run has its range test; snapshots every 50 steps, after 10 healthy
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=150, per_device_train_batch_size=8,
+                                                      learning_rate=3e-3, logging_steps=50),
+                      train_dataset=lm_dataset.select(range(64, 512)), callbacks=[r8, LearningRateBlast()])
+    trainer.train()
+    assert any(event.action == "rebase" for event in r8.events)  # the range test ran
+    cuts = [event for event in r8.events if event.action == "cut" and event.group == 0]
+    assert len(cuts) == 1 and "restored the snapshot of step 9 " in cuts[0].reason
+    assert r8.rollback_counts["wasted_steps"] < FAULT_STEP  # back to step 0 it would be every step before the fault
 
 
 class RestoreProbe(TrainerCallback):

@@ -204,7 +204,11 @@ class RollbackPolicy:
                 and (self.last_snapshot_step is None or step - self.last_snapshot_step >= config.every_steps))
 
     def snapshot_taken(self, step: int) -> None:
-        self.last_snapshot_step = step
+        """A snapshot of the weights after `step` updates is the one to roll back to. One of the weights before the
+        first update (the LR range test's return point) does not start the cadence: the first snapshot of training
+        still comes once `healthy_steps` steps have passed, not `every_steps` after step 0, so damage early in a
+        run loses the steps since then, not every step since the start (bench/README.md, rollback)."""
+        self.last_snapshot_step = step if step > 0 else None
         if self.last_damage_step is None or step - self.last_damage_step >= 2 * self.config.every_steps:
             self.attempt = 0
 
