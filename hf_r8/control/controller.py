@@ -93,6 +93,7 @@ class Controller:
         self.window = config.signals.window or max(5, min(50, (total_steps or 1000) // 20))
         self.loss = LossStatistics(self.window, config.signals.ema_beta)
         self.reward = RewardStatistics(self.window, config.reward.ema_beta, config.reward.trend_window)
+        self.grad_fast = Ema(config.grad_norm.fast_beta)
         self.grad_slow = Ema(config.grad_norm.slow_beta)
         self.grad_log_fast = Ema(config.grad_norm.fast_beta)
         self.grad_log_slow = Ema(config.grad_norm.slow_beta)
@@ -152,9 +153,9 @@ class Controller:
         if observation.step <= self.warmup_steps:
             return []
         statistics = StepStatistics(observation.step, loss_step, self.loss, self.reward,
-                                    self._reward_direction() if reward_updated else None, self.grad_slow,
-                                    self.grad_log_fast, self.grad_log_slow, grad_jump, grad_collapse, observation.kl,
-                                    aux_rise, observation.update_alignment)
+                                    self._reward_direction() if reward_updated else None, self.grad_fast,
+                                    self.grad_slow, self.grad_log_fast, self.grad_log_slow, grad_jump, grad_collapse,
+                                    observation.kl, aux_rise, observation.update_alignment)
         instability = min(1.0, self.loss.rolling_cv() / self.config.decision.instability_threshold)
         events: list[Event] = []
         for index in range(len(self.groups)):
@@ -186,6 +187,7 @@ class Controller:
         config = self.config.grad_norm
         ready = self.grad_slow.count >= config.min_samples
         jump = ready and grad_norm > config.jump_ratio * self.grad_slow.value
+        self.grad_fast.update(grad_norm)
         self.grad_slow.update(grad_norm)
         if grad_norm == 0.0:
             return jump, False  # no level to compare in the log domain (and no LR moves a zero gradient)
@@ -289,6 +291,7 @@ class Controller:
             "last_window": asdict(self.last_window) if self.last_window else None,
             "loss": self.loss.state_dict(),
             "reward": self.reward.state_dict(),
+            "grad_fast": self.grad_fast.state_dict(),
             "grad_slow": self.grad_slow.state_dict(),
             "grad_log_fast": self.grad_log_fast.state_dict(),
             "grad_log_slow": self.grad_log_slow.state_dict(),
@@ -315,8 +318,9 @@ class Controller:
         self.loss.load_state_dict(state["loss"])
         self.reward = RewardStatistics(self.window, self.config.reward.ema_beta, self.config.reward.trend_window)
         self.reward.load_state_dict(state["reward"])
+        self.grad_fast.load_state_dict(state["grad_fast"])
         self.grad_slow.load_state_dict(state["grad_slow"])
-        if "grad_log_fast" in state:  # saved when the collapse test compared plain EMAs ("grad_fast"): fresh
+        if "grad_log_fast" in state:  # saved when the collapse test compared the plain EMAs: they start fresh
             self.grad_log_fast.load_state_dict(state["grad_log_fast"])
             self.grad_log_slow.load_state_dict(state["grad_log_slow"])
         if "aux_fast" in state:  # saved before the aux-loss rule existed: it starts fresh

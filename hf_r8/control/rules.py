@@ -60,12 +60,15 @@ class StepStatistics:
     reward: RewardStatistics
     reward_direction: int | None
     """1 / -1 while the recent rewards rise / fall significantly, else 0; None for a step without a new reward."""
+    grad_fast: Ema
+    """The gradient norm's fast EMA (grad_norm.fast_beta), for rules of your own; the built-in ones compare
+    geometric means for a collapse (`grad_log_fast`)."""
     grad_slow: Ema
     """The gradient norm's slow EMA: what a jump is measured against."""
     grad_log_fast: Ema
     grad_log_slow: Ema
-    """Fast and slow EMAs of the log of the gradient norm: the logs of geometric means, which one outlying batch
-    moves by its log, not by its size."""
+    """Fast and slow EMAs of the log of the gradient norm: logs of geometric means, which one outlying batch moves
+    by its log, not by its size."""
     grad_jump: bool
     """This step's gradient norm is above grad_norm.jump_ratio x its slow EMA."""
     grad_collapse: bool
