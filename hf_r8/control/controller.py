@@ -191,8 +191,9 @@ class Controller:
         self.grad_slow.update(grad_norm)
         if grad_norm == 0.0:
             return jump, False  # no level to compare in the log domain (and no LR moves a zero gradient)
-        self.grad_log_fast.update(math.log(grad_norm))
-        self.grad_log_slow.update(math.log(grad_norm))
+        log_norm = math.log(grad_norm)
+        self.grad_log_fast.update(log_norm)
+        self.grad_log_slow.update(log_norm)
         collapse = (self.grad_log_slow.count >= config.min_samples and not jump
                     and self.grad_log_fast.value - self.grad_log_slow.value < math.log(config.collapse_ratio))
         return jump, collapse
