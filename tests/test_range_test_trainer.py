@@ -130,11 +130,15 @@ class FaultAt(torch.nn.Module):
 def test_one_bad_batch_inside_the_sweep_is_skipped_and_the_choice_is_the_clean_one(tokenizer, lm_dataset,
                                                                                    tmp_path):
     def chosen(model, folder):
-        r8 = R8Callback(R8Config(dashboard=False, run_files=False, report=False))
+        r8 = R8Callback(R8Config(dashboard=False, report=False))
         Trainer(model=model, args=training_args(tmp_path / folder, max_steps=STEPS, logging_steps=50),
                 train_dataset=lm_dataset, callbacks=[r8]).train()
         (rebase,) = [event for event in r8.events if event.rule == "range_test"]
         return rebase
+
+    def curve_gains(folder):
+        record = json.loads((tmp_path / folder / "r8" / "r8_range_test.json").read_text())
+        return [gain for gain, _ in record["curve"]]
 
     def faults(rebase):
         found = re.search(r"(\d+) faulty losses left out", rebase.reason)
@@ -145,6 +149,10 @@ def test_one_bad_batch_inside_the_sweep_is_skipped_and_the_choice_is_the_clean_o
     assert faults(faulty) == faults(clean) + 1, (faulty.reason, clean.reason)  # the NaN, left out
     # Not x0.01 for "diverged after 4 steps": within one sweep step (x2.7) of the clean run's choice.
     assert clean.new_value / 3 <= faulty.new_value <= clean.new_value * 3
+    # Forward 4 is sweep step 3: its loss measures update 2's weights, and update 3 is skipped, so the next loss
+    # measures update 2's weights again and is credited to update 2's gain; update 3's gain is not on the curve.
+    clean_gains, faulty_gains = curve_gains("clean"), curve_gains("faulty")
+    assert faulty_gains[:4] == pytest.approx(clean_gains[:3] + clean_gains[4:5])
 
 
 def test_a_second_train_continues_at_the_gain_the_first_found(tokenizer, lm_dataset, tmp_path):

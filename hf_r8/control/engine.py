@@ -250,8 +250,11 @@ class Engine:
         self.record(Event(0, -1, "range_test", "reuse", 1.0, gains[0], reason))
         return reason
 
-    def start_range_test(self, steps: int) -> None:
-        self.range_test = LRRangeTest(self.config.range_test, steps)
+    def start_range_test(self, steps: int, skips_faults: bool = True) -> None:
+        """A test of `steps` steps starts; `skips_faults` says whether the host leaves out the update of a step
+        `range_test_loss` calls a fault (the Trainer's sweep does; a loop that reads the loss after its update
+        cannot)."""
+        self.range_test = LRRangeTest(self.config.range_test, steps, skips_faults)
 
     def range_test_loss(self, step_index: int, loss: float | None) -> bool:
         """The loss of the weights after `step_index` updates of the test; False when it is a fault whose update

@@ -10,6 +10,9 @@ times its minimum.
 A fault is not the curve: a non-finite loss, or one above `divergence_ratio` times the EMA's minimum, is
 left out of the curve and the EMA, and the host does not apply its update (the guard's skip, as after the
 test). Only `divergence_patience` such losses in a row are the blow-up; the first of them marks its gain.
+The loss after a skipped update is measured on the weights the skip left, so it is credited to the gain of
+the last update applied, not to the skipped one (a host that applies every update, such as a plain loop that
+reads the loss after its step, says so with `skips_faults=False`).
 
 The choice is made afterwards, on the whole curve, against its noise: the level and spread of the
 sweep's low-gain first third, where the LR is too small to change anything (a median and a scaled
@@ -84,13 +87,15 @@ class LRRangeTest:
     Args:
         config: the `range_test` section.
         steps: the test's length (`range_test_length`).
+        skips_faults: whether the host leaves out the update of a step whose loss `observe` calls a fault.
     """
 
-    def __init__(self, config: RangeTestConfig, steps: int) -> None:
+    def __init__(self, config: RangeTestConfig, steps: int, skips_faults: bool = True) -> None:
         if steps < 3:
             raise ValueError(f"steps={steps!r}: an LR range test needs at least 3 steps")
         self.config = config
         self.steps = steps
+        self.skips_faults = skips_faults
         self.average = 0.0
         """EMA started at 0; smoothed = average / (1 - beta ** observed) removes its bias."""
         self.observed = 0
@@ -115,11 +120,12 @@ class LRRangeTest:
 
     def observe(self, step_index: int, loss: float | None) -> bool:
         """The loss measured at test step `step_index` (on the weights after `step_index` updates), credited
-        to the gain of the step before. False when it is a fault (see the module docstring): the host must
-        not apply this step's update."""
+        to the gain of the last update applied. False when it is a fault (see the module docstring): the host
+        must not apply this step's update."""
         if self.finished:
             return True
-        credited = self.gain(step_index - 1) if step_index >= 1 else self.config.gain_min
+        skipped = self.faults_in_row if self.skips_faults else 0  # the updates of the faults just before
+        credited = self.gain(max(0, step_index - 1 - skipped))
         if step_index >= 1:
             self.measured += 1
         limit = self.config.divergence_ratio * self.best_smoothed

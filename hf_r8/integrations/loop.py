@@ -101,7 +101,7 @@ class R8Loop:
         """The decisions, rollbacks and the range test's choice so far (the last 10,000), oldest first."""
         length = self.engine.range_test_length() if save and load else None
         if length is not None:
-            self.engine.start_range_test(length)
+            self.engine.start_range_test(length, skips_faults=False)  # report() comes after the update
         self.save, self.load = save, load
         self.step = 0
         self.stopped = False

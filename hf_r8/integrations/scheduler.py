@@ -115,7 +115,7 @@ class AdaptiveScheduler(LRScheduler):
         self._closed = False
         length = self.engine.range_test_length() if last_epoch == -1 else None
         if length is not None:
-            self.engine.start_range_test(length)
+            self.engine.start_range_test(length, skips_faults=False)  # the loss is read after the update
         self._snapshot: StateSnapshot | None = None
         """The optimizer's parameters and state before the range test, taken at its first step."""
         super().__init__(optimizer, last_epoch)

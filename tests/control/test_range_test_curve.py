@@ -43,6 +43,20 @@ def test_one_fault_is_left_out_and_only_faults_in_a_row_are_the_blow_up():
     assert test.diverged and test.finished and test.divergence_gain == test.gain(5)  # the first fault's gain
 
 
+def test_the_loss_after_a_skipped_update_is_credited_to_the_last_update_applied():
+    # steps 2 and 4 are faults whose updates are not applied: the losses of steps 3 and 5 are measured on the
+    # weights of the updates of steps 1 and 3
+    test = LRRangeTest(RangeTestConfig(smoothing=0.0, divergence_ratio=4.0), steps=20)
+    for index, loss in enumerate([5.0, 4.0, float("nan"), 3.0, 90.0, 2.5]):
+        test.observe(index, loss)
+    assert [gain for gain, _ in test.history] == pytest.approx([test.gain(0), test.gain(1), test.gain(3)])
+    # a host that applies every update (a loop that reads the loss after its step) credits the step before
+    applied = LRRangeTest(RangeTestConfig(smoothing=0.0, divergence_ratio=4.0), steps=20, skips_faults=False)
+    for index, loss in enumerate([5.0, 4.0, float("nan"), 3.0, 90.0, 2.5]):
+        applied.observe(index, loss)
+    assert [gain for gain, _ in applied.history] == pytest.approx([test.gain(0), test.gain(2), test.gain(4)])
+
+
 def test_a_test_that_cannot_conclude_keeps_the_users_lr_and_says_so():
     test = LRRangeTest(RangeTestConfig(), steps=10)
     for index in range(4):
